@@ -1,0 +1,53 @@
+// The public C++ API: thin calls into the dispatcher (schemas in registration.cpp).
+#include <edkm/edkm.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace edkm {
+
+namespace {
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+using DkmSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, double, int64_t, double, c10::string_view);
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm(const at::Tensor& weight,
+                                                   const at::Tensor& centroids,
+                                                   double temperature, int64_t max_iter,
+                                                   double epsilon, const std::string& distance) {
+  static auto handle = op<DkmSignature>("edkm::dkm");
+  return handle.call(weight, centroids, temperature, max_iter, epsilon, distance);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
+    const at::Tensor& weight, const at::Tensor& centroids, double temperature, int64_t max_iter,
+    double epsilon, const std::string& distance) {
+  static auto handle = op<DkmSignature>("edkm::dkm_reference");
+  return handle.call(weight, centroids, temperature, max_iter, epsilon, distance);
+}
+
+at::Tensor assign(const at::Tensor& weight, const at::Tensor& centroids) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("edkm::assign");
+  return handle.call(weight, centroids);
+}
+
+at::Tensor dequantize(const at::Tensor& indices, const at::Tensor& centroids,
+                      c10::optional<at::ScalarType> dtype) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::optional<at::ScalarType>)>(
+          "edkm::dequantize");
+  return handle.call(indices, centroids, dtype);
+}
+
+bool cuda_compiled() {
+#ifdef EDKM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace edkm

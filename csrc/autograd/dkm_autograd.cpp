@@ -1,0 +1,69 @@
+// dkm's autograd: saves only the U-domain tables (and references the weight), and calls the
+// registered _dkm_backward op, so torch.compile sees both halves as ops.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace edkm {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class DkmFunction : public torch::autograd::Function<DkmFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight,
+                               const at::Tensor& centroids, double temperature, int64_t max_iter,
+                               double epsilon, c10::string_view distance) {
+    static auto forward_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("edkm::_dkm_forward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      double, int64_t, double,
+                                                      c10::string_view)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [clustered, centroids_out, iterations, lookup, values, counts, history] =
+        forward_op.call(weight, centroids, temperature, max_iter, epsilon, distance);
+    ctx->save_for_backward({weight, lookup, values, counts, history, iterations});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["distance"] = std::string(distance);
+    ctx->saved_data["centroids_dtype"] = static_cast<int64_t>(centroids.scalar_type());
+    ctx->mark_non_differentiable({iterations});
+    return {clustered, centroids_out, iterations};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto backward_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("edkm::_dkm_backward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(
+                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&, double, c10::string_view,
+                at::ScalarType)>();
+    auto saved = ctx->get_saved_variables();
+    auto distance = ctx->saved_data["distance"].toStringRef();
+    auto [grad_weight, grad_centroids] = backward_op.call(
+        grads[0], grads[1], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+        ctx->saved_data["temperature"].toDouble(), distance,
+        static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt()));
+    return {grad_weight, grad_centroids, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_autograd(const at::Tensor& weight,
+                                                            const at::Tensor& centroids,
+                                                            double temperature, int64_t max_iter,
+                                                            double epsilon,
+                                                            c10::string_view distance) {
+  auto out = DkmFunction::apply(weight, centroids, temperature, max_iter, epsilon, distance);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(edkm, Autograd, m) { m.impl("dkm", &dkm_autograd); }
+
+}  // namespace edkm

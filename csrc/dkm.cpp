@@ -1,0 +1,146 @@
+// dkm below autograd, for any device: the weight's distinct values and their counts, DKM over
+// them (udomain.cpp), and the N-element passes that map results back to every weight.
+// 16-bit weights go through the slot primitives and save nothing N-sized; 32/64-bit weights
+// take exact distinct values by sorting and save an int32 index.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "slot_ops.h"
+#include "udomain.h"
+
+namespace edkm {
+
+namespace {
+
+struct DistinctValues {
+  at::Tensor lookup;  // slots [G, Ucap] (16-bit) or int32 index [N]
+  at::Tensor values;  // [G, Ucap] in the compute dtype
+  at::Tensor counts;  // [G, Ucap] int32, 0 for padding
+};
+
+// Exact distinct values of each group by sorting: values/counts [G, M] padded, index [N].
+DistinctValues sorted_distinct(const at::Tensor& weight, int64_t groups) {
+  auto w = weight.reshape({groups, -1});
+  auto [sorted, order] = w.sort(1);
+  auto starts = at::ones_like(sorted, sorted.options().dtype(at::kBool));
+  const int64_t m = sorted.size(1);
+  if (m > 1) {
+    starts.narrow(1, 1, m - 1).copy_(sorted.narrow(1, 1, m - 1).ne(sorted.narrow(1, 0, m - 1)));
+  }
+  auto position = starts.to(at::kLong).cumsum(1) - 1;
+  auto values = at::zeros({groups, m}, sorted.options().dtype(compute_dtype(weight.scalar_type())));
+  values.scatter_(1, position, sorted.to(values.scalar_type()));
+  auto counts = at::zeros({groups, m}, sorted.options().dtype(at::kInt));
+  counts.scatter_add_(1, position, at::ones_like(position, position.options().dtype(at::kInt)));
+  auto index = at::empty({groups, m}, position.options().dtype(at::kInt));
+  index.scatter_(1, order, position.to(at::kInt));
+  return {index.view(-1), values, counts};
+}
+
+DistinctValues distinct_values(const at::Tensor& weight, int64_t groups) {
+  if (!is_16bit(weight.scalar_type())) return sorted_distinct(weight, groups);
+  auto [slots, counts] = slot_table(weight.contiguous(), groups);
+  // Back from bit patterns to values; padding (65536) wraps to +0.0 and has count 0.
+  auto values = slots.to(at::kShort).view(weight.scalar_type()).to(at::kFloat);
+  return {slots, values, counts};
+}
+
+void check_finite_values(const char* op, const at::Tensor& values, const at::Tensor& counts) {
+  auto bad = at::logical_and(at::logical_not(at::isfinite(values)), counts.gt(0));
+  TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": weight contains NaN or Inf");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dkm_forward(const at::Tensor& weight, const at::Tensor& centroids, double temperature,
+            int64_t max_iter, double epsilon, c10::string_view distance) {
+  const char* op = "dkm";
+  check_dkm_args(op, weight, centroids, temperature, max_iter, epsilon);
+  const Distance dist = parse_distance(op, distance);
+  check_finite_centroids(op, centroids);
+  const int64_t groups = centroids.size(0);
+  const auto ct = compute_dtype(weight.scalar_type());
+
+  auto distinct = distinct_values(weight, groups);
+  check_finite_values(op, distinct.values, distinct.counts);
+  auto fwd = udomain_forward(distinct.values, distinct.counts.to(ct), centroids.to(ct),
+                             temperature, max_iter, epsilon, dist);
+  at::Tensor clustered;
+  if (is_16bit(weight.scalar_type())) {
+    clustered = slot_gather(weight.contiguous(), distinct.lookup, fwd.soft);
+  } else {
+    clustered = fwd.soft.gather(1, distinct.lookup.view({groups, -1}).to(at::kLong))
+                    .to(weight.scalar_type())
+                    .view(weight.sizes());
+  }
+  auto iterations = at::scalar_tensor(fwd.iterations, weight.options().dtype(at::kLong));
+  return {clustered,     fwd.centroids.to(centroids.scalar_type()), iterations,
+          distinct.lookup, distinct.values, distinct.counts, fwd.history};
+}
+
+std::tuple<at::Tensor, at::Tensor> dkm_backward(
+    const c10::optional<at::Tensor>& grad_clustered, const c10::optional<at::Tensor>& grad_centroids,
+    const at::Tensor& weight, const at::Tensor& lookup, const at::Tensor& values,
+    const at::Tensor& counts, const at::Tensor& history, const at::Tensor& iterations,
+    double temperature, c10::string_view distance, at::ScalarType centroids_dtype) {
+  const char* op = "dkm backward";
+  const Distance dist = parse_distance(op, distance);
+  TORCH_CHECK_VALUE(history.dim() == 3 && values.dim() == 2 && counts.sizes() == values.sizes(),
+                    op, ": saved tables have unexpected shapes");
+  const int64_t groups = values.size(0);
+  const int64_t t = iterations.item<int64_t>();
+  TORCH_CHECK_VALUE(t >= 1 && t < history.size(0), op, ": iterations out of range: ", t);
+  const auto ct = values.scalar_type();
+  const bool half = is_16bit(weight.scalar_type());
+
+  at::Tensor grad = grad_clustered.has_value() && grad_clustered->defined()
+                        ? *grad_clustered
+                        : at::zeros(weight.sizes(), weight.options());
+  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), op, ": grad_clustered must have weight's shape ",
+                    weight.sizes(), ", got ", grad.sizes());
+  at::Tensor index;  // 32/64-bit path
+  at::Tensor grad_soft;
+  if (half) {
+    grad_soft = slot_scatter_add(weight.contiguous(), lookup, grad.contiguous()).to(ct);
+  } else {
+    index = lookup.view({groups, -1}).to(at::kLong);
+    grad_soft = at::zeros(values.sizes(), values.options())
+                    .scatter_add_(1, index, grad.reshape({groups, -1}).to(ct));
+  }
+  at::Tensor gc_final;
+  if (grad_centroids.has_value() && grad_centroids->defined()) gc_final = grad_centroids->to(ct);
+
+  auto countsf = counts.to(ct);
+  auto bwd = udomain_backward(values, countsf, history, t, temperature, dist, grad_soft, gc_final);
+  // Each weight of value v_u owns 1/n_u of the gradient that reaches v_u through the centroids.
+  auto shift = at::where(counts.gt(0), bwd.indirect / countsf.clamp_min(1), at::zeros_like(countsf));
+  at::Tensor grad_weight;
+  if (half) {
+    grad_weight = slot_grad(weight.contiguous(), lookup, grad.contiguous(), bwd.direct, shift);
+  } else {
+    auto g = grad.reshape({groups, -1}).to(ct);
+    grad_weight = (g * bwd.direct.gather(1, index) + shift.gather(1, index))
+                      .to(weight.scalar_type())
+                      .view(weight.sizes());
+  }
+  return {grad_weight, bwd.centroids.to(centroids_dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_no_grad(const at::Tensor& weight,
+                                                           const at::Tensor& centroids,
+                                                           double temperature, int64_t max_iter,
+                                                           double epsilon,
+                                                           c10::string_view distance) {
+  auto out = dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(edkm, CompositeExplicitAutograd, m) {
+  m.impl("dkm", &dkm_no_grad);
+  m.impl("_dkm_forward", &dkm_forward);
+  m.impl("_dkm_backward", &dkm_backward);
+}
+
+}  // namespace edkm

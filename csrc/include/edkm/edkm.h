@@ -1,0 +1,43 @@
+// edkm public C++ API: every function calls the PyTorch dispatcher, so C++ callers get the
+// same CPU/CUDA kernels and autograd as Python's torch.ops.edkm.*.
+#pragma once
+
+#include <string>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace edkm {
+
+// Soft clustering (Differentiable K-Means) of `weight` viewed as [G, M] with G = centroids.size(0)
+// tables of K = centroids.size(1) centroids each. Returns the soft-clustered weight (shape and
+// dtype of `weight`), the final centroids (shape and dtype of `centroids`) and the number of
+// iterations run (int64 scalar tensor). Differentiable w.r.t. weight and centroids.
+//   temperature > 0; max_iter >= 1; stops early when the largest centroid move <= epsilon;
+//   distance: "squared" (squared Euclidean) or "absolute".
+// Dtypes: weight bf16/fp16/fp32/fp64; centroids of weight's dtype, or fp32 for 16-bit weights.
+// Computed exactly over the weight's distinct values (DESIGN.md section 2).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm(const at::Tensor& weight,
+                                                   const at::Tensor& centroids,
+                                                   double temperature, int64_t max_iter = 3,
+                                                   double epsilon = 0.0,
+                                                   const std::string& distance = "squared");
+
+// The naive N x K DKM with plain ATen ops and autograd: the oracle and the baseline.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
+    const at::Tensor& weight, const at::Tensor& centroids, double temperature,
+    int64_t max_iter = 3, double epsilon = 0.0, const std::string& distance = "squared");
+
+// Index of the nearest centroid for every weight (shape of weight; uint8 when K <= 256, else
+// int32). Ties go to the lower index.
+at::Tensor assign(const at::Tensor& weight, const at::Tensor& centroids);
+
+// centroids[g, indices[i]] for every index, in `dtype` (default: centroids' dtype).
+at::Tensor dequantize(const at::Tensor& indices, const at::Tensor& centroids,
+                      c10::optional<at::ScalarType> dtype = c10::nullopt);
+
+// True when this build of libedkm has CUDA kernels.
+bool cuda_compiled();
+
+}  // namespace edkm

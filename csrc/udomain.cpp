@@ -1,0 +1,107 @@
+#include "udomain.h"
+
+#include <ATen/ATen.h>
+
+namespace edkm {
+
+namespace {
+// d dist(v, c) / dv, [G, U, K].
+at::Tensor distance_slope(const at::Tensor& diff, Distance distance) {
+  return distance == Distance::kSquared ? diff * 2 : at::sign(diff);
+}
+
+at::Tensor differences(const at::Tensor& values, const at::Tensor& centroids) {
+  return values.unsqueeze(2) - centroids.unsqueeze(1);
+}
+
+// Softmax backward: given a and dL/da, dL/ds.
+at::Tensor softmax_grad(const at::Tensor& a, const at::Tensor& grad_a) {
+  return a * (grad_a - (a * grad_a).sum(2, /*keepdim=*/true));
+}
+}  // namespace
+
+at::Tensor soft_attention(const at::Tensor& values, const at::Tensor& centroids,
+                          double temperature, Distance distance) {
+  auto diff = differences(values, centroids);
+  auto d = distance == Distance::kSquared ? diff * diff : diff.abs();
+  return at::softmax(d * (-1.0 / temperature), 2);
+}
+
+at::Tensor update_centroids(const at::Tensor& attention, const at::Tensor& values,
+                            const at::Tensor& counts, const at::Tensor& centroids) {
+  auto weighted = attention * counts.unsqueeze(2);                 // n_u a_uj
+  auto num = (weighted * values.unsqueeze(2)).sum(1);              // [G, K]
+  auto den = weighted.sum(1);
+  auto attended = den > 0;
+  auto safe_den = at::where(attended, den, at::ones_like(den));
+  return at::where(attended, num / safe_den, centroids);
+}
+
+UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& counts,
+                               const at::Tensor& centroids, double temperature,
+                               int64_t max_iter, double epsilon, Distance distance) {
+  auto history = at::empty({max_iter + 1, centroids.size(0), centroids.size(1)},
+                           centroids.options());
+  auto c = centroids;
+  history[0].copy_(c);
+  int64_t t = 0;
+  while (t < max_iter) {
+    auto a = soft_attention(values, c, temperature, distance);
+    auto next = update_centroids(a, values, counts, c);
+    const double move = (next - c).abs().max().item<double>();
+    c = next;
+    ++t;
+    history[t].copy_(c);
+    if (move <= epsilon) break;
+  }
+  if (t < max_iter) history.narrow(0, t + 1, max_iter - t).copy_(c.unsqueeze(0));
+  auto a = soft_attention(values, c, temperature, distance);
+  auto soft = (a * c.unsqueeze(1)).sum(2);
+  return {c, soft, history, t};
+}
+
+UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& counts,
+                                 const at::Tensor& history, int64_t iterations,
+                                 double temperature, Distance distance,
+                                 const at::Tensor& grad_soft, const at::Tensor& grad_centroids) {
+  const double inv_tau = 1.0 / temperature;
+  auto v = values.unsqueeze(2);
+  auto n = counts.unsqueeze(2);
+
+  // Final soft assignment F_u = sum_j a_uj c_j with c = c_T.
+  auto c = history[iterations];
+  auto a = soft_attention(values, c, temperature, distance);
+  auto slope = distance_slope(differences(values, c), distance);  // d dist / dv
+  // dF/dv at fixed c: sum_j c_j da_j/dv, with ds_j/dv = -slope_j / tau.
+  auto direct = -(softmax_grad(a, c.unsqueeze(1).expand_as(a)) * slope).sum(2) * inv_tau;
+  // dL/dc_T from F (the direct term of dL/dv is G_u * direct, applied per weight later).
+  auto grad_s = softmax_grad(a, grad_soft.unsqueeze(2) * c.unsqueeze(1));
+  auto gc = (grad_soft.unsqueeze(2) * a).sum(1) + (grad_s * slope).sum(1) * inv_tau;
+  if (grad_centroids.defined()) gc = gc + grad_centroids;
+
+  auto indirect = at::zeros_like(values);
+  for (int64_t t = iterations - 1; t >= 0; --t) {
+    c = history[t];
+    a = soft_attention(values, c, temperature, distance);
+    auto weighted = a * n;
+    auto num = (weighted * v).sum(1);
+    auto den = weighted.sum(1);
+    auto attended = den > 0;
+    auto safe_den = at::where(attended, den, at::ones_like(den));
+    auto next = num / safe_den;
+    auto zero = at::zeros_like(gc);
+    auto g_num = at::where(attended, gc / safe_den, zero);                 // [G, K]
+    auto g_den = at::where(attended, -gc * next / safe_den, zero);
+    auto g_keep = at::where(attended, zero, gc);                            // c_j carried over
+    // num_j = sum_u n_u a_uj v_u, den_j = sum_u n_u a_uj.
+    indirect = indirect + (weighted * g_num.unsqueeze(1)).sum(2);
+    auto grad_a = n * (v * g_num.unsqueeze(1) + g_den.unsqueeze(1));
+    grad_s = softmax_grad(a, grad_a);
+    slope = distance_slope(differences(values, c), distance);
+    indirect = indirect - (grad_s * slope).sum(2) * inv_tau;
+    gc = g_keep + (grad_s * slope).sum(1) * inv_tau;
+  }
+  return {direct, indirect, gc};
+}
+
+}  // namespace edkm

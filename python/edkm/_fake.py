@@ -1,0 +1,98 @@
+"""Fake (meta) kernels: output shapes without data, for torch.compile and torch.export.
+
+Each mirrors its C++ kernel's output shapes; opcheck tests that the two agree.
+"""
+from __future__ import annotations
+
+import torch
+
+from edkm import _native  # noqa: F401
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_16bit(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _capacity(weight: torch.Tensor, groups: int) -> int:
+    return min(weight.numel() // groups, 65536)
+
+
+@torch.library.register_fake("edkm::dkm")
+def _dkm_fake(weight, centroids, temperature, max_iter=3, epsilon=0.0, distance="squared"):
+    return (
+        torch.empty_like(weight),
+        torch.empty_like(centroids),
+        weight.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("edkm::_dkm_forward")
+def _dkm_forward_fake(weight, centroids, temperature, max_iter, epsilon, distance):
+    groups, k = centroids.shape
+    ct = _compute_dtype(weight.dtype)
+    if _is_16bit(weight.dtype):
+        cap = _capacity(weight, groups)
+        lookup = weight.new_empty((groups, cap), dtype=torch.int32)
+    else:
+        cap = weight.numel() // groups
+        lookup = weight.new_empty((weight.numel(),), dtype=torch.int32)
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(centroids),
+        weight.new_empty((), dtype=torch.int64),
+        lookup,
+        weight.new_empty((groups, cap), dtype=ct),
+        weight.new_empty((groups, cap), dtype=torch.int32),
+        weight.new_empty((max_iter + 1, groups, k), dtype=ct),
+    )
+
+
+@torch.library.register_fake("edkm::_dkm_backward")
+def _dkm_backward_fake(
+    grad_clustered, grad_centroids, weight, lookup, values, counts, history, iterations,
+    temperature, distance, centroids_dtype,
+):
+    groups, k = history.shape[1], history.shape[2]
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        weight.new_empty((groups, k), dtype=centroids_dtype),
+    )
+
+
+@torch.library.register_fake("edkm::_slot_table")
+def _slot_table_fake(weight, groups):
+    cap = _capacity(weight, groups)
+    return (
+        weight.new_empty((groups, cap), dtype=torch.int32),
+        weight.new_empty((groups, cap), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("edkm::_slot_gather")
+def _slot_gather_fake(weight, slots, table):
+    return torch.empty_like(weight)
+
+
+@torch.library.register_fake("edkm::_slot_scatter_add")
+def _slot_scatter_add_fake(weight, slots, grad):
+    return slots.new_empty(slots.shape, dtype=_compute_dtype(grad.dtype))
+
+
+@torch.library.register_fake("edkm::_slot_grad")
+def _slot_grad_fake(weight, slots, grad, scale, shift):
+    return torch.empty_like(weight)
+
+
+@torch.library.register_fake("edkm::assign")
+def _assign_fake(weight, centroids):
+    dtype = torch.uint8 if centroids.shape[1] <= 256 else torch.int32
+    return torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("edkm::dequantize")
+def _dequantize_fake(indices, centroids, dtype=None):
+    return indices.new_empty(indices.shape, dtype=dtype or centroids.dtype)
