@@ -19,11 +19,20 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    def run(self):
+        # setuptools clears `inplace` while building and copies the results afterwards; CMake
+        # writes the package's native files itself, so remember where they belong.
+        self._edkm_inplace = bool(self.inplace) or bool(getattr(self, "editable_mode", False))
+        super().run()
+
+    def copy_extensions_to_source(self):
+        pass  # CMake already wrote them into python/edkm
+
     def build_extension(self, ext):
         import torch
 
         source_package = os.path.join(ROOT, "python", "edkm")
-        inplace = bool(self.inplace) or bool(getattr(self, "editable_mode", False))
+        inplace = getattr(self, "_edkm_inplace", False)
         package_dir = (
             source_package if inplace else os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         )

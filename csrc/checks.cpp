@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include <ATen/ATen.h>
+#include <c10/core/SymBool.h>
 
 namespace edkm {
 
@@ -19,6 +20,11 @@ at::ScalarType compute_dtype(at::ScalarType weight_dtype) {
   return weight_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+namespace {
+// Symbolic-shape friendly: under torch.compile sizes may be SymInts; a check then becomes a guard.
+bool holds(const c10::SymBool& b) { return b.guard_bool(__FILE__, __LINE__); }
+}  // namespace
+
 void check_dkm_args(const char* op, const at::Tensor& weight, const at::Tensor& centroids,
                     double temperature, int64_t max_iter, double epsilon) {
   TORCH_CHECK_VALUE(weight.defined(), op, ": weight must be a tensor, got None");
@@ -26,17 +32,19 @@ void check_dkm_args(const char* op, const at::Tensor& weight, const at::Tensor& 
   const auto wt = weight.scalar_type();
   TORCH_CHECK_TYPE(wt == at::kBFloat16 || wt == at::kHalf || wt == at::kFloat || wt == at::kDouble,
                    op, ": weight must be bfloat16, float16, float32 or float64, got ", wt);
-  TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight must not be empty, got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(weight.numel() < (int64_t(1) << 31), op,
-                    ": weight must have fewer than 2^31 elements, got ", weight.numel());
+  const c10::SymInt n = weight.sym_numel();
+  TORCH_CHECK_VALUE(holds(n.sym_gt(0)), op, ": weight must not be empty, got shape ",
+                    weight.sym_sizes());
+  TORCH_CHECK_VALUE(holds(n.sym_lt(int64_t(1) << 31)), op,
+                    ": weight must have fewer than 2^31 elements, got ", n);
   TORCH_CHECK_VALUE(centroids.dim() == 2, op,
-                    ": centroids must be 2-D [groups, K], got shape ", centroids.sizes());
-  const int64_t groups = centroids.size(0), k = centroids.size(1);
-  TORCH_CHECK_VALUE(groups >= 1, op, ": centroids must have at least one group (row), got shape ",
-                    centroids.sizes());
-  TORCH_CHECK_VALUE(k >= 2, op, ": centroids must have K >= 2 columns, got K = ", k);
-  TORCH_CHECK_VALUE(weight.numel() % groups == 0, op, ": weight's ", weight.numel(),
+                    ": centroids must be 2-D [groups, K], got shape ", centroids.sym_sizes());
+  const c10::SymInt groups = centroids.sym_size(0), k = centroids.sym_size(1);
+  TORCH_CHECK_VALUE(holds(groups.sym_ge(1)), op,
+                    ": centroids must have at least one group (row), got shape ",
+                    centroids.sym_sizes());
+  TORCH_CHECK_VALUE(holds(k.sym_ge(2)), op, ": centroids must have K >= 2 columns, got K = ", k);
+  TORCH_CHECK_VALUE(holds((n % groups).sym_eq(0)), op, ": weight's ", n,
                     " elements do not split into centroids.size(0) = ", groups, " equal groups");
   const auto ct = centroids.scalar_type();
   const bool ok = ct == wt || (is_16bit(wt) && ct == at::kFloat);

@@ -18,9 +18,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
   const char* op = "dkm_reference";
   check_dkm_args(op, weight, centroids, temperature, max_iter, epsilon);
   const Distance dist = parse_distance(op, distance);
-  const int64_t groups = centroids.size(0);
   const auto ct = compute_dtype(weight.scalar_type());
-  auto w = weight.reshape({groups, -1}).to(ct);
+  // Symbolic sizes throughout: this composite op is traced by torch.compile.
+  auto w = weight.reshape_symint({centroids.sym_size(0), -1}).to(ct);
   auto c = centroids.to(ct);
   auto done = at::zeros({}, weight.options().dtype(at::kBool));
   auto iterations = at::zeros({}, weight.options().dtype(at::kLong));
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
   }
   auto a = soft_attention(w, c, temperature, dist);
   auto clustered = (a * c.unsqueeze(1)).sum(2);
-  return {clustered.to(weight.scalar_type()).view(weight.sizes()),
+  return {clustered.to(weight.scalar_type()).view_symint(weight.sym_sizes()),
           c.to(centroids.scalar_type()), iterations};
 }
 
