@@ -3,16 +3,23 @@
 // autograd/ (Autograd).
 #include <torch/library.h>
 
+namespace {
+// Ops whose kernels read device values on the host (input checks, the early stop) cannot be
+// captured in a CUDA graph; the tag lets torch.compile(mode="reduce-overhead") run them outside.
+const std::vector<at::Tag> kSyncing = {at::Tag::pt2_compliant_tag, at::Tag::cudagraph_unsafe};
+const std::vector<at::Tag> kPure = {at::Tag::pt2_compliant_tag};
+}  // namespace
+
 TORCH_LIBRARY(edkm, m) {
   // Public ops.
   m.def("dkm(Tensor weight, Tensor centroids, float temperature, int max_iter=3, "
         "float epsilon=0.0, str distance='squared') -> (Tensor clustered, Tensor centroids, "
-        "Tensor iterations)");
+        "Tensor iterations)", kSyncing);
   m.def("dkm_reference(Tensor weight, Tensor centroids, float temperature, int max_iter=3, "
         "float epsilon=0.0, str distance='squared') -> (Tensor clustered, Tensor centroids, "
-        "Tensor iterations)");
-  m.def("assign(Tensor weight, Tensor centroids) -> Tensor");
-  m.def("dequantize(Tensor indices, Tensor centroids, ScalarType? dtype=None) -> Tensor");
+        "Tensor iterations)", kPure);
+  m.def("assign(Tensor weight, Tensor centroids) -> Tensor", kSyncing);
+  m.def("dequantize(Tensor indices, Tensor centroids, ScalarType? dtype=None) -> Tensor", kSyncing);
 
   // dkm's forward and backward below autograd. `lookup` is the sorted slot table [G, Ucap] for
   // 16-bit weights (the index is rebuilt from the weight's bits) or the int32 index [N] for
@@ -20,18 +27,18 @@ TORCH_LIBRARY(edkm, m) {
   // history holds the centroids before each iteration [max_iter + 1, G, K].
   m.def("_dkm_forward(Tensor weight, Tensor centroids, float temperature, int max_iter, "
         "float epsilon, str distance) -> (Tensor clustered, Tensor centroids_out, "
-        "Tensor iterations, Tensor lookup, Tensor values, Tensor counts, Tensor history)");
+        "Tensor iterations, Tensor lookup, Tensor values, Tensor counts, Tensor history)", kSyncing);
   // The input centroids are not needed (history[0] holds them), so a caller may overwrite its
   // centroid buffer with the new centroids (warm start) before calling backward.
   m.def("_dkm_backward(Tensor? grad_clustered, Tensor? grad_centroids, Tensor weight, "
         "Tensor lookup, Tensor values, Tensor counts, Tensor history, Tensor iterations, "
         "float temperature, str distance, ScalarType centroids_dtype) -> (Tensor grad_weight, "
-        "Tensor grad_centroids)");
+        "Tensor grad_centroids)", kSyncing);
 
   // The N-element passes of the 16-bit path (weight viewed as [G, M], slot = bit pattern).
-  m.def("_slot_table(Tensor weight, int groups) -> (Tensor slots, Tensor counts)");
-  m.def("_slot_gather(Tensor weight, Tensor slots, Tensor table) -> Tensor");
-  m.def("_slot_scatter_add(Tensor weight, Tensor slots, Tensor grad) -> Tensor");
+  m.def("_slot_table(Tensor weight, int groups) -> (Tensor slots, Tensor counts)", kSyncing);
+  m.def("_slot_gather(Tensor weight, Tensor slots, Tensor table) -> Tensor", kSyncing);
+  m.def("_slot_scatter_add(Tensor weight, Tensor slots, Tensor grad) -> Tensor", kSyncing);
   m.def("_slot_grad(Tensor weight, Tensor slots, Tensor grad, Tensor scale, Tensor shift) -> "
-        "Tensor");
+        "Tensor", kSyncing);
 }

@@ -1,0 +1,56 @@
+"""Every bad argument gets one clear error that names it."""
+import math
+
+import pytest
+import torch
+
+import edkm
+
+W = torch.randn(8, 16)
+C = torch.linspace(-1, 1, 4).view(1, 4)
+
+
+def with_nan(t, value=math.nan):
+    t = t.clone()
+    t.view(-1)[3] = value
+    return t
+
+
+CASES = [
+    ("nan-weight", lambda: edkm.dkm(with_nan(W), C, 0.1), ValueError, "weight contains NaN or Inf"),
+    ("inf-weight", lambda: edkm.dkm(with_nan(W, math.inf), C, 0.1), ValueError, "weight contains NaN or Inf"),
+    ("nan-bf16-weight", lambda: edkm.dkm(with_nan(W).bfloat16(), C, 0.1), ValueError, "weight contains NaN"),
+    ("nan-centroids", lambda: edkm.dkm(W, with_nan(torch.zeros(1, 4)), 0.1), ValueError, "centroids contain NaN"),
+    ("empty-weight", lambda: edkm.dkm(torch.empty(0, 4), C, 0.1), ValueError, "weight must not be empty"),
+    ("centroids-1d", lambda: edkm.dkm(W, C.view(-1), 0.1), ValueError, "centroids must be 2-D"),
+    ("k-below-2", lambda: edkm.dkm(W, torch.zeros(1, 1), 0.1), ValueError, "K >= 2"),
+    ("groups-do-not-divide", lambda: edkm.dkm(W, torch.zeros(3, 4), 0.1), ValueError, "equal groups"),
+    ("centroids-dtype", lambda: edkm.dkm(W, C.double(), 0.1), TypeError, "centroids must have weight's dtype"),
+    ("centroids-int", lambda: edkm.dkm(W.bfloat16(), C.int(), 0.1), TypeError, "centroids must have weight's dtype"),
+    ("weight-dtype", lambda: edkm.dkm(W.int(), C, 0.1), TypeError, "weight must be bfloat16, float16"),
+    ("temperature-zero", lambda: edkm.dkm(W, C, 0.0), ValueError, "temperature must be"),
+    ("temperature-negative", lambda: edkm.dkm(W, C, -1.0), ValueError, "temperature must be"),
+    ("temperature-nan", lambda: edkm.dkm(W, C, math.nan), ValueError, "temperature must be"),
+    ("max-iter-zero", lambda: edkm.dkm(W, C, 0.1, 0), ValueError, "max_iter must be >= 1"),
+    ("epsilon-negative", lambda: edkm.dkm(W, C, 0.1, 3, -1.0), ValueError, "epsilon must be"),
+    ("distance-unknown", lambda: edkm.dkm(W, C, 0.1, 3, 0.0, "cosine"), ValueError, "distance must be 'squared' or 'absolute'"),
+    ("reference-bad-temperature", lambda: edkm.dkm_reference(W, C, 0.0), ValueError, "dkm_reference: temperature"),
+    ("assign-nan", lambda: edkm.assign(with_nan(W), C), ValueError, "assign: weight contains NaN"),
+    ("assign-groups", lambda: edkm.assign(W, torch.zeros(3, 4)), ValueError, "equal groups"),
+    ("assign-int-weight", lambda: edkm.assign(W.int(), C), TypeError, "assign: weight must be"),
+    ("dequantize-out-of-range", lambda: edkm.dequantize(torch.tensor([0, 4], dtype=torch.uint8), C), ValueError, "indices must lie in"),
+    ("dequantize-float-indices", lambda: edkm.dequantize(torch.zeros(4), C), TypeError, "indices must be"),
+    ("dequantize-int-dtype", lambda: edkm.dequantize(torch.zeros(4, dtype=torch.uint8), C, torch.int32), TypeError, "dtype must be floating"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_devices_must_match():
+    with pytest.raises(ValueError, match="centroids must be on weight's device"):
+        edkm.dkm(W.cuda(), C, 0.1)

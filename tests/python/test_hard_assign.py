@@ -1,0 +1,32 @@
+"""assign / dequantize against argmin over |w - c| in float64."""
+import pytest
+import torch
+
+import edkm
+from conftest import DEVICES
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 8, 256, 300])
+def test_assign_is_nearest_with_lowest_index_on_ties(device, dtype, k):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(4, 500, generator=g).to(device=device, dtype=dtype)
+    c = torch.randn(4, k, generator=g).to(device=device, dtype=torch.float32)
+    c[:, 1] = c[:, 0]  # duplicate centroid: ties go to the lower index
+    w.view(-1)[: min(k, 4)] = c[0, :4].to(dtype)  # exact hits
+    idx = edkm.assign(w, c)
+    assert idx.dtype == (torch.uint8 if k <= 256 else torch.int32)
+    assert idx.shape == w.shape
+    expected = (w.double().view(4, -1, 1) - c.double().view(4, 1, -1)).abs().argmin(2)
+    assert torch.equal(idx.long().view(4, -1), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dequantize_round_trip(device):
+    c = torch.randn(3, 8, device=device)
+    idx = torch.randint(0, 8, (3, 40), device=device, dtype=torch.uint8)
+    out = edkm.dequantize(idx, c)
+    assert torch.equal(out, c.gather(1, idx.long()))
+    assert edkm.dequantize(idx, c, torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(edkm.assign(out, c).long(), idx.long())
