@@ -46,6 +46,19 @@ DistinctValues distinct_values(const at::Tensor& weight, int64_t groups) {
   return {slots, values, counts};
 }
 
+// Tables are padded to a static capacity (so shapes never depend on data); the arithmetic
+// only needs the columns some group uses. Padding sits at the end of every row.
+int64_t used_columns(const at::Tensor& counts) {
+  return std::max<int64_t>(1, counts.gt(0).sum(1).max().item<int64_t>());
+}
+
+at::Tensor pad_columns(const at::Tensor& t, int64_t columns) {
+  if (t.size(1) == columns) return t;
+  auto out = at::zeros({t.size(0), columns}, t.options());
+  out.narrow(1, 0, t.size(1)).copy_(t);
+  return out;
+}
+
 void check_finite_values(const char* op, const at::Tensor& values, const at::Tensor& counts) {
   auto bad = at::logical_and(at::logical_not(at::isfinite(values)), counts.gt(0));
   TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": weight contains NaN or Inf");
@@ -63,8 +76,11 @@ dkm_forward(const at::Tensor& weight, const at::Tensor& centroids, double temper
 
   auto distinct = distinct_values(weight, groups);
   check_finite_values(op, distinct.values, distinct.counts);
-  auto fwd = udomain_forward(distinct.values, distinct.counts.to(ct), centroids.to(ct),
+  const int64_t used = used_columns(distinct.counts);
+  auto fwd = udomain_forward(distinct.values.narrow(1, 0, used),
+                             distinct.counts.narrow(1, 0, used).to(ct), centroids.to(ct),
                              temperature, max_iter, epsilon, dist);
+  fwd.soft = pad_columns(fwd.soft, distinct.values.size(1));
   at::Tensor clustered;
   if (is_16bit(weight.scalar_type())) {
     clustered = slot_gather(weight.contiguous(), distinct.lookup, fwd.soft);
@@ -110,10 +126,14 @@ std::tuple<at::Tensor, at::Tensor> dkm_backward(
   at::Tensor gc_final;
   if (grad_centroids.has_value() && grad_centroids->defined()) gc_final = grad_centroids->to(ct);
 
-  auto countsf = counts.to(ct);
-  auto bwd = udomain_backward(values, countsf, history, t, temperature, dist, grad_soft, gc_final);
+  const int64_t used = used_columns(counts);
+  auto countsf = counts.narrow(1, 0, used).to(ct);
+  auto bwd = udomain_backward(values.narrow(1, 0, used), countsf, history, t, temperature, dist,
+                              grad_soft.narrow(1, 0, used), gc_final);
   // Each weight of value v_u owns 1/n_u of the gradient that reaches v_u through the centroids.
-  auto shift = at::where(counts.gt(0), bwd.indirect / countsf.clamp_min(1), at::zeros_like(countsf));
+  auto shift = at::where(countsf.gt(0), bwd.indirect / countsf.clamp_min(1), at::zeros_like(countsf));
+  shift = pad_columns(shift, values.size(1));
+  bwd.direct = pad_columns(bwd.direct, values.size(1));
   at::Tensor grad_weight;
   if (half) {
     grad_weight = slot_grad(weight.contiguous(), lookup, grad.contiguous(), bwd.direct, shift);

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m edkm bench NAME` (or `edkm bench NAME`)."""

@@ -1,0 +1,31 @@
+"""The `edkm` command line: `edkm demo`, `edkm bench dkm`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edkm import demo
+    from edkm.bench import dkm as bench_dkm
+
+    parser = argparse.ArgumentParser(prog="edkm", description="Train-time weight clustering (eDKM).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="cluster one LLaMA-7B-shaped decoder layer to 3 bits")
+    demo.add_arguments(p)
+    p.set_defaults(run=demo.main)
+    bench = sub.add_parser("bench", help="run a benchmark")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True)
+    p = bench_sub.add_parser("dkm", help="dkm vs dkm_reference on one matrix, forward+backward")
+    bench_dkm.add_arguments(p)
+    p.set_defaults(run=bench_dkm.main)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
