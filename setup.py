@@ -49,6 +49,8 @@ class CMakeBuild(build_ext):
             f"-DEDKM_PYTHON_PACKAGE_DIR={package_dir}",
             f"-DEDKM_BUILD_TESTS={os.environ.get('EDKM_BUILD_TESTS', 'OFF')}",
         ]
+        if os.environ.get("EDKM_GTEST_SOURCE_DIR"):
+            configure.append(f"-DEDKM_GTEST_SOURCE_DIR={os.environ['EDKM_GTEST_SOURCE_DIR']}")
         if os.environ.get("EDKM_WITH_CUDA"):
             configure.append(f"-DEDKM_WITH_CUDA={os.environ['EDKM_WITH_CUDA']}")
         subprocess.check_call(configure)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU check, for a machine with one NVIDIA GPU and torch installed (no internet, no pip
+# index): build against the installed torch, run the C++ and Python tests (CUDA tests
+# included), compute-sanitizer on a small dkm, the GPU benchmarks; logs and results go to
+# $OUT (when set) and benchmarks/results/; a short table is printed last. Aim: < 8 minutes.
+#   scripts/gpu_check.sh            (from the repository root)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+out=${OUT:-$root/build-gpu/out}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+jobs=$(nproc)
+declare -A status
+step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember pass/fail and seconds
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  status[$name]="$([ $rc -eq 0 ] && echo ok || echo "FAILED rc=$rc") $((SECONDS - t0))s"
+  tail -n 25 "$out/$name.log"
+  return $rc
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "python", sys.version.split()[0])'
+  nvcc --version | tail -1
+} | tee "$out/machine.txt"
+
+# Python packages the tests need and the machine may lack: wheels carried in .gpu_deps/wheels.
+if ! $py -c 'import expecttest' 2>/dev/null && ls .gpu_deps/wheels/*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps .gpu_deps/wheels/*.whl
+fi
+
+gtest_src=""
+[ -d .gpu_deps/googletest ] && gtest_src=$root/.gpu_deps/googletest
+export EDKM_BUILD_DIR=$root/build-gpu/cmake EDKM_BUILD_TESTS=ON EDKM_BUILD_JOBS=$jobs
+export EDKM_GTEST_SOURCE_DIR=$gtest_src
+step build $py setup.py -q build_ext --inplace || { echo "build failed"; exit 1; }
+
+export PYTHONPATH=$root/python
+step ctest ctest --test-dir "$EDKM_BUILD_DIR" --output-on-failure -j 8
+step pytest $py -m pytest -q -p no:cacheprovider tests/python -rs
+# CUDA tests must have run, not skipped.
+grep -q "skipped.*no CUDA device" "$out/pytest.log" && status[pytest]+=" (CUDA tests SKIPPED)"
+
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 $py scripts/sanitize_dkm.py
+  step racecheck timeout 150 compute-sanitizer --tool racecheck --error-exitcode 1 $py scripts/sanitize_dkm.py
+fi
+
+results=$root/benchmarks/results
+step bench_dkm $py -m edkm bench dkm --device cuda --size 4096x4096 --repeats 10 --out "$results"
+step demo $py -m edkm demo
+cp "$results"/dkm_cuda_* "$out/" 2>/dev/null
+
+echo
+echo "=== gpu_check summary ($(head -2 "$out/machine.txt" | tail -1))"
+for s in build ctest pytest memcheck racecheck bench_dkm demo; do
+  [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
+done
+grep -E "passed|failed" "$out/pytest.log" | tail -1
+grep -E "tests passed|tests failed" "$out/ctest.log" | tail -1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/memcheck.log "$out"/racecheck.log 2>/dev/null
+grep -E "^\| (dkm|reference) |ratio" "$out/bench_dkm.log"
+grep -E "weights in|Peak" "$out/demo.log"

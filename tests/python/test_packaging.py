@@ -1,0 +1,56 @@
+"""`pip install --no-build-isolation -e .` works (into a scratch prefix, not the environment),
+and the command line answers."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+@pytest.mark.slow
+def test_pip_editable_install(tmp_path):
+    prefix = tmp_path / "prefix"
+    env = dict(os.environ, EDKM_BUILD_DIR=os.path.join(ROOT, "build"), EDKM_BUILD_TESTS="ON")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+         "--no-index", "--prefix", str(prefix), "-e", ROOT],
+        check=True, env=env, cwd=tmp_path,
+    )
+    (site_dir,) = glob.glob(str(prefix / "lib" / "python3*" / "site-packages"))
+    assert os.path.exists(prefix / "bin" / "edkm")
+    code = (
+        "import site, sys; site.addsitedir(sys.argv[1]); import edkm; print(edkm.__file__); "
+        "from edkm.cli import main; main(['demo', '--help'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code, site_dir], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == os.path.join(ROOT, "python", "edkm", "__init__.py")
+    assert "LLaMA-7B" in run.stdout or "--bits" in run.stdout
+
+
+def test_cli_bench_dkm_json(tmp_path):
+    import json
+
+    run = subprocess.run(
+        [sys.executable, "-m", "edkm", "bench", "dkm", "--size", "64x128", "--repeats", "1",
+         "--device", "cpu", "--json", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["time_ratio"] > 0 and report["saved_bytes_ratio"] > 1
+    assert set(report["variants"]) == {"dkm", "reference"}
+    assert os.path.exists(tmp_path / "dkm_cpu_64x128_bfloat16.json")
+    assert os.path.exists(tmp_path / "dkm_cpu_64x128_bfloat16.md")
+
+
+def test_cli_rejects_bad_size():
+    run = subprocess.run([sys.executable, "-m", "edkm", "bench", "dkm", "--size", "12"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    assert "--size must look like ROWSxCOLS" in run.stderr
