@@ -7,9 +7,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-out=${OUT:-$root/build-gpu/out}
-mkdir -p "$out"
+out=$root/build-gpu/logs   # every step's log; $OUT gets results, summary and a tarball of these
+rm -rf "$out"; mkdir -p "$out"
 py=${PYTHON:-python3}
+command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
 jobs=$(nproc)
 declare -A status
 step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember pass/fail and seconds
@@ -55,15 +56,22 @@ fi
 results=$root/benchmarks/results
 step bench_dkm $py -m edkm bench dkm --device cuda --size 4096x4096 --repeats 10 --out "$results"
 step demo $py -m edkm demo
-cp "$results"/dkm_cuda_* "$out/" 2>/dev/null
 
+summary() {
+  echo "=== gpu_check summary ($(sed -n 2p "$out/machine.txt"))"
+  for s in build ctest pytest memcheck racecheck bench_dkm demo; do
+    [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
+  done
+  grep -E "passed|failed" "$out/pytest.log" | tail -1
+  grep -E "tests passed|tests failed" "$out/ctest.log" | tail -1
+  grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/memcheck.log "$out"/racecheck.log 2>/dev/null
+  grep -E "^\| (dkm|reference) |ratio" "$out/bench_dkm.log"
+  grep -E "weights in|Peak" "$out/demo.log"
+}
 echo
-echo "=== gpu_check summary ($(head -2 "$out/machine.txt" | tail -1))"
-for s in build ctest pytest memcheck racecheck bench_dkm demo; do
-  [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
-done
-grep -E "passed|failed" "$out/pytest.log" | tail -1
-grep -E "tests passed|tests failed" "$out/ctest.log" | tail -1
-grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/memcheck.log "$out"/racecheck.log 2>/dev/null
-grep -E "^\| (dkm|reference) |ratio" "$out/bench_dkm.log"
-grep -E "weights in|Peak" "$out/demo.log"
+summary | tee "$out/summary.txt"
+if [ -n "${OUT:-}" ]; then
+  cp "$out/summary.txt" "$out/machine.txt" "$OUT/"
+  cp "$results"/dkm_cuda_* "$OUT/" 2>/dev/null
+  tar czf "$OUT/gpu_check_logs.tgz" -C "$out" .
+fi
