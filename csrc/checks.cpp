@@ -21,8 +21,31 @@ at::ScalarType compute_dtype(at::ScalarType weight_dtype) {
 }
 
 namespace {
-// Symbolic-shape friendly: under torch.compile sizes may be SymInts; a check then becomes a guard.
+
+bool holds(bool b) { return b; }
+// Under torch.compile sizes may be SymInts; a check on them becomes a guard.
 bool holds(const c10::SymBool& b) { return b.guard_bool(__FILE__, __LINE__); }
+
+std::string shape_of(const at::Tensor& t) {
+  if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return c10::str(t.sym_sizes());
+  return c10::str(t.sizes());
+}
+
+// The size checks of dkm for Int = int64_t (eager) or c10::SymInt (traced).
+template <typename Int>
+void check_dkm_sizes(const char* op, const at::Tensor& weight, const at::Tensor& centroids,
+                     const Int& n, const Int& groups, const Int& k) {
+  TORCH_CHECK_VALUE(holds(n > 0), op, ": weight must not be empty, got shape ", shape_of(weight));
+  TORCH_CHECK_VALUE(holds(n < (int64_t(1) << 31)), op,
+                    ": weight must have fewer than 2^31 elements, got ", n);
+  TORCH_CHECK_VALUE(holds(groups >= 1), op,
+                    ": centroids must have at least one group (row), got shape ",
+                    shape_of(centroids));
+  TORCH_CHECK_VALUE(holds(k >= 2), op, ": centroids must have K >= 2 columns, got K = ", k);
+  TORCH_CHECK_VALUE(holds(n % groups == 0), op, ": weight's ", n,
+                    " elements do not split into centroids.size(0) = ", groups, " equal groups");
+}
+
 }  // namespace
 
 void check_dkm_args(const char* op, const at::Tensor& weight, const at::Tensor& centroids,
@@ -32,20 +55,17 @@ void check_dkm_args(const char* op, const at::Tensor& weight, const at::Tensor& 
   const auto wt = weight.scalar_type();
   TORCH_CHECK_TYPE(wt == at::kBFloat16 || wt == at::kHalf || wt == at::kFloat || wt == at::kDouble,
                    op, ": weight must be bfloat16, float16, float32 or float64, got ", wt);
-  const c10::SymInt n = weight.sym_numel();
-  TORCH_CHECK_VALUE(holds(n.sym_gt(0)), op, ": weight must not be empty, got shape ",
-                    weight.sym_sizes());
-  TORCH_CHECK_VALUE(holds(n.sym_lt(int64_t(1) << 31)), op,
-                    ": weight must have fewer than 2^31 elements, got ", n);
   TORCH_CHECK_VALUE(centroids.dim() == 2, op,
-                    ": centroids must be 2-D [groups, K], got shape ", centroids.sym_sizes());
-  const c10::SymInt groups = centroids.sym_size(0), k = centroids.sym_size(1);
-  TORCH_CHECK_VALUE(holds(groups.sym_ge(1)), op,
-                    ": centroids must have at least one group (row), got shape ",
-                    centroids.sym_sizes());
-  TORCH_CHECK_VALUE(holds(k.sym_ge(2)), op, ": centroids must have K >= 2 columns, got K = ", k);
-  TORCH_CHECK_VALUE(holds((n % groups).sym_eq(0)), op, ": weight's ", n,
-                    " elements do not split into centroids.size(0) = ", groups, " equal groups");
+                    ": centroids must be 2-D [groups, K], got shape ", shape_of(centroids));
+  const bool symbolic = weight.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+                        centroids.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  if (symbolic) {
+    check_dkm_sizes<c10::SymInt>(op, weight, centroids, weight.sym_numel(),
+                                 centroids.sym_size(0), centroids.sym_size(1));
+  } else {
+    check_dkm_sizes<int64_t>(op, weight, centroids, weight.numel(), centroids.size(0),
+                             centroids.size(1));
+  }
   const auto ct = centroids.scalar_type();
   const bool ok = ct == wt || (is_16bit(wt) && ct == at::kFloat);
   TORCH_CHECK_TYPE(ok, op, ": centroids must have weight's dtype (", wt, ")",

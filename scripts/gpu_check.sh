@@ -13,8 +13,10 @@ py=${PYTHON:-python3}
 command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
 jobs=$(nproc)
 declare -A status
+only=${GPU_CHECK_ONLY:-}   # e.g. "build pytest": run just these steps
 step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember pass/fail and seconds
   local name=$1; shift
+  if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then return 0; fi
   local t0=$SECONDS
   echo "=== $name: $*"
   "$@" > "$out/$name.log" 2>&1
@@ -44,7 +46,20 @@ step build $py setup.py -q build_ext --inplace || { echo "build failed"; exit 1;
 
 export PYTHONPATH=$root/python
 step ctest ctest --test-dir "$EDKM_BUILD_DIR" --output-on-failure -j 8
-step pytest $py -m pytest -q -p no:cacheprovider tests/python -rs
+# pytest-xdist, where installed, runs the suite in parallel and survives a crashing test.
+parallel=""
+$py -c 'import xdist' 2>/dev/null && parallel="-n 8"
+step pytest $py -m pytest -q -p no:cacheprovider $parallel tests/python -rs
+# A crash (segfault) gets a native backtrace from cuda-gdb (the machine has no gdb).
+crashed=$(grep -oE "(worker '?[a-z0-9]+'? crashed while running|\[gw[0-9]+\] node down: ).*" "$out/pytest.log" \
+          | grep -oE "tests/python/[^ ']+" | head -3)
+if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
+  for t in $crashed; do
+    timeout 240 cuda-gdb -q -batch -ex run -ex bt --args $py -m pytest -q -p no:cacheprovider "$t" \
+      >> "$out/crash_backtrace.log" 2>&1
+  done
+  status[crash_bt]="$(grep -c '^#' "$out/crash_backtrace.log") frames in crash_backtrace.log"
+fi
 # CUDA tests must have run, not skipped.
 grep -q "skipped.*no CUDA device" "$out/pytest.log" && status[pytest]+=" (CUDA tests SKIPPED)"
 
@@ -59,7 +74,7 @@ step demo $py -m edkm demo
 
 summary() {
   echo "=== gpu_check summary ($(sed -n 2p "$out/machine.txt"))"
-  for s in build ctest pytest memcheck racecheck bench_dkm demo; do
+  for s in build ctest pytest crash_bt memcheck racecheck bench_dkm demo; do
     [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
   done
   grep -E "passed|failed" "$out/pytest.log" | tail -1
