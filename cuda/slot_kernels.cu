@@ -1,6 +1,7 @@
-// CUDA kernels of the slot primitives that write or read every weight (gather, scatter-add,
-// gradient). Each weight finds its slot by binary search in its group's sorted row (<= 16
-// probes, the row stays in L2). _slot_table uses the generic sort-based version for now.
+// CUDA kernels of the slot primitives of dkm's 16-bit path: the slot table (histogram of bit
+// patterns + compaction), and the three passes that read every weight: gather (forward),
+// scatter-add and gradient (backward). Bytes each must move, per weight: table 2 (read bits);
+// gather 2 + 2 (bits in, value out); scatter-add 2 + 2 (bits, grad); gradient 2 + 2 + 2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -8,28 +9,21 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "checks.h"
+#include "settings.h"
+#include "slot_lookup.cuh"
 #include "slot_ops.h"
 
 namespace edkm {
-
-namespace {
+namespace cuda {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ int64_t find_slot(const int32_t* row, int64_t cap, int32_t s) {
-  int64_t lo = 0, hi = cap;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (row[mid] < s) lo = mid + 1;
-    else hi = mid;
-  }
-  return (lo < cap && row[lo] == s) ? lo : -1;
-}
-
-int blocks_for(int64_t n) {
+int blocks_for(int64_t n, int threads) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 32));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, sms * 16)));
 }
 
 void raise_if_missing(const at::Tensor& missing) {
@@ -38,61 +32,127 @@ void raise_if_missing(const at::Tensor& missing) {
                     "modified after the forward pass?)");
 }
 
+namespace {
+
+#define EDKM_GRID_STRIDE(i, n)                                                 \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
+       i += int64_t(gridDim.x) * blockDim.x)
+
+const uint16_t* bits_of(const at::Tensor& weight) {
+  return reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
+}
+
+__global__ void fill_map_kernel(const int32_t* __restrict__ slots, int32_t* __restrict__ map,
+                                int64_t groups, int64_t cap) {
+  EDKM_GRID_STRIDE(j, groups * cap) {
+    const int32_t s = slots[j];
+    if (s < 65536) map[(j / cap) * 65536 + s] = static_cast<int32_t>(j % cap);
+  }
+}
+
+__global__ void histogram_kernel(const uint16_t* __restrict__ bits, int32_t* __restrict__ hist,
+                                 int64_t n, int64_t group_size) {
+  EDKM_GRID_STRIDE(i, n) { atomicAdd(hist + (i / group_size) * 65536 + bits[i], 1); }
+}
+
+__global__ void compact_kernel(const int32_t* __restrict__ hist, const int32_t* __restrict__ pos,
+                               int32_t* __restrict__ slots, int32_t* __restrict__ counts,
+                               int64_t groups, int64_t cap) {
+  EDKM_GRID_STRIDE(j, groups * 65536) {
+    const int32_t c = hist[j];
+    if (c > 0) {
+      const int64_t out = (j / 65536) * cap + pos[j] - 1;  // pos: inclusive prefix count
+      slots[out] = static_cast<int32_t>(j % 65536);
+      counts[out] = c;
+    }
+  }
+}
+
 template <typename table_t, typename out_t>
-__global__ void slot_gather_kernel(const uint16_t* __restrict__ bits,
-                                   const int32_t* __restrict__ slots,
-                                   const table_t* __restrict__ table, out_t* __restrict__ out,
-                                   int64_t n, int64_t m, int64_t cap, int32_t* missing) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t g = i / m;
-    const int64_t u = find_slot(slots + g * cap, cap, bits[i]);
+__global__ void gather_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
+                              const table_t* __restrict__ table, out_t* __restrict__ out,
+                              int64_t n, int32_t* missing) {
+  EDKM_GRID_STRIDE(i, n) {
+    const int64_t u = lookup(i, bits[i]);
     if (u < 0) {
       *missing = 1;
       continue;
     }
-    out[i] = static_cast<out_t>(table[g * cap + u]);
+    out[i] = static_cast<out_t>(table[u]);
+  }
+}
+
+// Deterministic: each term is rounded once to a fixed-point integer; integer addition is
+// associative, so the sums do not depend on the order the atomics land in.
+template <typename grad_t>
+__global__ void scatter_fixed_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
+                                     const grad_t* __restrict__ grad,
+                                     unsigned long long* __restrict__ sums, double scale,
+                                     int64_t n, int32_t* missing) {
+  EDKM_GRID_STRIDE(i, n) {
+    const int64_t u = lookup(i, bits[i]);
+    if (u < 0) {
+      *missing = 1;
+      continue;
+    }
+    const long long q = __double2ll_rn(static_cast<double>(grad[i]) * scale);
+    atomicAdd(sums + u, static_cast<unsigned long long>(q));
   }
 }
 
 template <typename grad_t>
-__global__ void slot_scatter_add_kernel(const uint16_t* __restrict__ bits,
-                                        const int32_t* __restrict__ slots,
-                                        const grad_t* __restrict__ grad, double* __restrict__ sums,
-                                        int64_t n, int64_t m, int64_t cap, int32_t* missing) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t g = i / m;
-    const int64_t u = find_slot(slots + g * cap, cap, bits[i]);
+__global__ void scatter_float_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
+                                     const grad_t* __restrict__ grad, double* __restrict__ sums,
+                                     int64_t n, int32_t* missing) {
+  EDKM_GRID_STRIDE(i, n) {
+    const int64_t u = lookup(i, bits[i]);
     if (u < 0) {
       *missing = 1;
       continue;
     }
-    atomicAdd(sums + g * cap + u, static_cast<double>(grad[i]));
+    atomicAdd(sums + u, static_cast<double>(grad[i]));
   }
 }
 
 template <typename acc_t, typename out_t>
-__global__ void slot_grad_kernel(const uint16_t* __restrict__ bits,
-                                 const int32_t* __restrict__ slots,
-                                 const out_t* __restrict__ grad, const acc_t* __restrict__ scale,
-                                 const acc_t* __restrict__ shift, out_t* __restrict__ out,
-                                 int64_t n, int64_t m, int64_t cap, int32_t* missing) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t g = i / m;
-    const int64_t u = find_slot(slots + g * cap, cap, bits[i]);
+__global__ void grad_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
+                            const out_t* __restrict__ grad, const acc_t* __restrict__ scale,
+                            const acc_t* __restrict__ shift, out_t* __restrict__ out, int64_t n,
+                            int32_t* missing) {
+  EDKM_GRID_STRIDE(i, n) {
+    const int64_t u = lookup(i, bits[i]);
     if (u < 0) {
       *missing = 1;
       continue;
     }
-    out[i] = static_cast<out_t>(static_cast<acc_t>(grad[i]) * scale[g * cap + u] +
-                                shift[g * cap + u]);
+    out[i] = static_cast<out_t>(static_cast<acc_t>(grad[i]) * scale[u] + shift[u]);
   }
 }
 
-const uint16_t* bits_of(const at::Tensor& weight) {
-  return reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
+std::tuple<at::Tensor, at::Tensor> slot_table_cuda(const at::Tensor& weight, int64_t groups) {
+  const char* op = "_slot_table";
+  TORCH_CHECK_TYPE(is_16bit(weight.scalar_type()), op,
+                   ": weight must be bfloat16 or float16, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(groups >= 1 && weight.numel() > 0 && weight.numel() % groups == 0, op,
+                    ": groups must be >= 1 and divide weight's ", weight.numel(),
+                    " elements, got ", groups);
+  if (groups > kDenseMapMaxGroups) return generic::slot_table(weight, groups);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  auto w = weight.contiguous();
+  const int64_t n = w.numel(), m = n / groups, cap = slot_capacity(m);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto hist = at::zeros({groups, 65536}, w.options().dtype(at::kInt));
+  histogram_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+      bits_of(w), hist.mutable_data_ptr<int32_t>(), n, m);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto pos = hist.gt(0).to(at::kInt).cumsum(1, at::kInt).contiguous();
+  auto slots = at::full({groups, cap}, kEmptySlot, hist.options());
+  auto counts = at::zeros({groups, cap}, hist.options());
+  compact_kernel<<<blocks_for(groups * 65536, kThreads), kThreads, 0, stream>>>(
+      hist.const_data_ptr<int32_t>(), pos.const_data_ptr<int32_t>(),
+      slots.mutable_data_ptr<int32_t>(), counts.mutable_data_ptr<int32_t>(), groups, cap);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {slots, counts};
 }
 
 at::Tensor slot_gather_cuda(const at::Tensor& weight, const at::Tensor& slots,
@@ -104,14 +164,16 @@ at::Tensor slot_gather_cuda(const at::Tensor& weight, const at::Tensor& slots,
   auto t = table.contiguous();
   auto out = at::empty_like(weight);
   auto missing = at::zeros({}, weight.options().dtype(at::kInt));
-  const int64_t n = weight.numel(), cap = slots.size(1), m = n / slots.size(0);
+  at::Tensor map;
+  const auto lookup = make_slot_lookup(weight, slots, map);
+  const int64_t n = weight.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "_slot_gather", [&] {
     using table_t = scalar_t;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(out.scalar_type(), "_slot_gather_out", [&] {
-      slot_gather_kernel<table_t, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          bits_of(weight), slots.const_data_ptr<int32_t>(), t.const_data_ptr<table_t>(),
-          out.mutable_data_ptr<scalar_t>(), n, m, cap, missing.mutable_data_ptr<int32_t>());
+      gather_kernel<table_t, scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+          bits_of(weight), lookup, t.const_data_ptr<table_t>(), out.mutable_data_ptr<scalar_t>(),
+          n, missing.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -126,18 +188,39 @@ at::Tensor slot_scatter_add_cuda(const at::Tensor& weight, const at::Tensor& slo
   check_slot_grad_input(op, weight, grad);
   const c10::cuda::CUDAGuard guard(weight.device());
   auto g = grad.contiguous();
-  auto sums = at::zeros(slots.sizes(), weight.options().dtype(at::kDouble));
   auto missing = at::zeros({}, weight.options().dtype(at::kInt));
-  const int64_t n = weight.numel(), cap = slots.size(1), m = n / slots.size(0);
+  at::Tensor map;
+  const auto lookup = make_slot_lookup(weight, slots, map);
+  const int64_t n = weight.numel(), m = n / slots.size(0);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
-    slot_scatter_add_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        bits_of(weight), slots.const_data_ptr<int32_t>(), g.const_data_ptr<scalar_t>(),
-        sums.mutable_data_ptr<double>(), n, m, cap, missing.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const auto ct = compute_dtype(grad.scalar_type());
+  const double amax = deterministic_scatter() ? g.abs().max().item<double>() : 0.0;
+  at::Tensor sums;
+  if (deterministic_scatter() && std::isfinite(amax)) {
+    // Largest |sum| of a slot is < m * amax <= 2^e; scale so it stays below 2^62.
+    int e = 0;
+    std::frexp(amax * static_cast<double>(m), &e);
+    const double scale = amax > 0 ? std::ldexp(1.0, 62 - e) : 1.0;
+    auto fixed = at::zeros(slots.sizes(), weight.options().dtype(at::kLong));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
+      scatter_fixed_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+          bits_of(weight), lookup, g.const_data_ptr<scalar_t>(),
+          reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()), scale, n,
+          missing.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    sums = fixed.to(at::kDouble).div_(scale);
+  } else {  // fast mode, or non-finite gradients (propagated as NaN/Inf like any sum)
+    sums = at::zeros(slots.sizes(), weight.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
+      scatter_float_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+          bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<double>(),
+          n, missing.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   raise_if_missing(missing);
-  return sums.to(compute_dtype(grad.scalar_type()));
+  return sums.to(ct);
 }
 
 at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots,
@@ -156,15 +239,17 @@ at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots,
   auto sc = scale.contiguous(), sh = shift.contiguous();
   auto out = at::empty_like(weight);
   auto missing = at::zeros({}, weight.options().dtype(at::kInt));
-  const int64_t n = weight.numel(), cap = slots.size(1), m = n / slots.size(0);
+  at::Tensor map;
+  const auto lookup = make_slot_lookup(weight, slots, map);
+  const int64_t n = weight.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(sc.scalar_type(), "_slot_grad", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(out.scalar_type(), "_slot_grad_out", [&] {
-      slot_grad_kernel<acc_t, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          bits_of(weight), slots.const_data_ptr<int32_t>(), g.const_data_ptr<scalar_t>(),
-          sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-          n, m, cap, missing.mutable_data_ptr<int32_t>());
+      grad_kernel<acc_t, scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+          bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(),
+          sh.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), n,
+          missing.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -174,10 +259,26 @@ at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots,
 
 }  // namespace
 
+SlotLookup make_slot_lookup(const at::Tensor& weight, const at::Tensor& slots, at::Tensor& storage) {
+  const int64_t groups = slots.size(0), cap = slots.size(1);
+  SlotLookup lookup{nullptr, slots.const_data_ptr<int32_t>(), cap, weight.numel() / groups};
+  if (groups <= kDenseMapMaxGroups) {
+    storage = at::full({groups, 65536}, -1, slots.options());
+    fill_map_kernel<<<blocks_for(groups * cap, kThreads), kThreads, 0,
+                      at::cuda::getCurrentCUDAStream()>>>(
+        slots.const_data_ptr<int32_t>(), storage.mutable_data_ptr<int32_t>(), groups, cap);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    lookup.map = storage.const_data_ptr<int32_t>();
+  }
+  return lookup;
+}
+
 TORCH_LIBRARY_IMPL(edkm, CUDA, m) {
+  m.impl("_slot_table", &slot_table_cuda);
   m.impl("_slot_gather", &slot_gather_cuda);
   m.impl("_slot_scatter_add", &slot_scatter_add_cuda);
   m.impl("_slot_grad", &slot_grad_cuda);
 }
 
+}  // namespace cuda
 }  // namespace edkm

@@ -81,23 +81,25 @@ fi
 
 results=$root/benchmarks/results
 step bench_dkm $py -m edkm bench dkm --device cuda --size 4096x4096 --repeats 10 --out "$results"
+step bench_gpu $py -m edkm bench gpu --out "$results"
 step demo $py -m edkm demo
 
 summary() {
   echo "=== gpu_check summary ($(sed -n 2p "$out/machine.txt"))"
-  for s in build ctest pytest crash_bt memcheck racecheck bench_dkm demo; do
+  for s in build ctest pytest crash_bt memcheck racecheck bench_dkm bench_gpu demo; do
     [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
   done
   grep -E "passed|failed" "$out/pytest.log" | tail -1
   grep -E "tests passed|tests failed" "$out/ctest.log" | tail -1
   grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/memcheck.log "$out"/racecheck.log 2>/dev/null
   grep -E "^\| (dkm|reference) |ratio" "$out/bench_dkm.log"
+  grep -E "^\| [a-z_]+ [0-9]+x|^Layer|copy bandwidth" "$out/bench_gpu.log"
   grep -E "weights in|Peak" "$out/demo.log"
 }
 echo
 summary | tee "$out/summary.txt"
 if [ -n "${OUT:-}" ]; then
   cp "$out/summary.txt" "$out/machine.txt" "$OUT/"
-  cp "$results"/dkm_cuda_* "$OUT/" 2>/dev/null
+  cp "$results"/dkm_cuda_* "$results"/gpu_layer_* "$OUT/" 2>/dev/null
   tar czf "$OUT/gpu_check_logs.tgz" -C "$out" .
 fi

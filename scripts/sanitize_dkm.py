@@ -2,8 +2,11 @@
 import torch
 
 import edkm
+from edkm import _C
 
-for dtype, groups in [(torch.bfloat16, 1), (torch.float16, 4), (torch.float32, 2), (torch.float64, 1)]:
+cases = [(torch.bfloat16, 1), (torch.float16, 4), (torch.bfloat16, 128), (torch.float32, 2),
+         (torch.float64, 1)]
+for dtype, groups in cases:
     w = (torch.randn(64, 96, device="cuda") * 0.02).to(dtype).requires_grad_()
     cdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     c = torch.linspace(-0.04, 0.04, 8, device="cuda").repeat(groups, 1).to(cdtype)
@@ -11,5 +14,8 @@ for dtype, groups in [(torch.bfloat16, 1), (torch.float16, 4), (torch.float32, 2
     out.clustered.float().sum().backward()
     idx = edkm.assign(w.detach(), out.centroids)
     edkm.dequantize(idx, out.centroids)
+_C.set_deterministic_scatter(False)  # the float64-atomic scatter too
+w = torch.randn(64, 96, device="cuda").bfloat16().requires_grad_()
+edkm.dkm(w, torch.linspace(-2, 2, 8, device="cuda").view(1, 8), 0.1).clustered.float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize_dkm: ok")

@@ -1,4 +1,4 @@
-"""The `edkm` command line: `edkm demo`, `edkm bench dkm`."""
+"""The `edkm` command line: `edkm demo`, `edkm bench dkm`, `edkm bench gpu`."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from edkm import demo
     from edkm.bench import dkm as bench_dkm
+    from edkm.bench import gpu as bench_gpu
 
     parser = argparse.ArgumentParser(prog="edkm", description="Train-time weight clustering (eDKM).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -19,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("dkm", help="dkm vs dkm_reference on one matrix, forward+backward")
     bench_dkm.add_arguments(p)
     p.set_defaults(run=bench_dkm.main)
+    p = bench_sub.add_parser("gpu", help="a LLaMA-7B layer's matrices on the GPU: dkm vs reference, bandwidth floor")
+    bench_gpu.add_arguments(p)
+    p.set_defaults(run=bench_gpu.main)
     return parser
 
 

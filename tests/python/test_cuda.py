@@ -15,7 +15,11 @@ def test_build_has_cuda_kernels():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape,groups", [((512, 1024), 1), ((64, 300), 64), ((8, 70000), 2)])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((512, 1024), 1), ((64, 300), 64), ((8, 70000), 2), ((100, 50), 100)],
+    ids=["one-table", "64-dense-maps", "large-groups", "binary-search"],
+)
 def test_slot_kernels_match_cpu(dtype, shape, groups):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=g).to(dtype)
@@ -83,3 +87,37 @@ def test_compile_reduce_overhead_matches_eager():
     (ge,) = torch.autograd.grad(le, we)
     assert rel_error(loss, le) <= 1e-6
     assert rel_error(gw, ge) <= 1e-2
+
+
+def test_deterministic_scatter_is_bitwise_repeatable_and_close_to_fast_mode():
+    from edkm import _C
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(2048, 2048, generator=g) * 0.02).bfloat16().cuda()
+    grad = torch.randn(w.shape, generator=g).bfloat16().cuda()
+    slots, _ = torch.ops.edkm._slot_table(w, 1)
+    assert _C.deterministic_scatter()
+    first = torch.ops.edkm._slot_scatter_add(w, slots, grad)
+    for _ in range(3):
+        assert torch.equal(torch.ops.edkm._slot_scatter_add(w, slots, grad), first)
+    _C.set_deterministic_scatter(False)
+    try:
+        fast = torch.ops.edkm._slot_scatter_add(w, slots, grad)
+    finally:
+        _C.set_deterministic_scatter(True)
+    exact = torch.ops.edkm._slot_scatter_add(w.cpu(), slots.cpu(), grad.cpu())  # float64 serial
+    assert rel_error(first, exact) <= 1e-6
+    assert rel_error(fast, exact) <= 1e-6
+
+
+@pytest.mark.parametrize("k", [8, 256, 300])
+@pytest.mark.parametrize("groups", [1, 8])
+def test_assign_dequantize_cuda_match_cpu(k, groups):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(groups * 4, 1000, generator=g).bfloat16()
+    c = torch.randn(groups, k, generator=g)
+    c[:, 1] = c[:, 0]
+    idx = edkm.assign(w, c)
+    idx_cuda = edkm.assign(w.cuda(), c.cuda())
+    assert idx_cuda.dtype == idx.dtype and torch.equal(idx_cuda.cpu(), idx)
+    assert torch.equal(edkm.dequantize(idx_cuda, c.cuda()).cpu(), edkm.dequantize(idx, c))

@@ -1,0 +1,19 @@
+#include "settings.h"
+
+#include <atomic>
+
+#include <ATen/Context.h>
+
+namespace edkm {
+
+namespace {
+std::atomic<bool> g_deterministic_scatter{true};
+}
+
+void set_deterministic_scatter(bool deterministic) { g_deterministic_scatter = deterministic; }
+
+bool deterministic_scatter() {
+  return g_deterministic_scatter || at::globalContext().deterministicAlgorithms();
+}
+
+}  // namespace edkm

@@ -1,0 +1,12 @@
+// Process-wide settings of the kernels (exposed to Python by edkm._C).
+#pragma once
+
+namespace edkm {
+
+// CUDA scatter-add of dkm's backward: deterministic (fixed-point integer atomics: the same bits
+// on every run) or fast (float64 atomics, order-dependent rounding). Default: deterministic.
+// torch.use_deterministic_algorithms(True) forces the deterministic kernel.
+void set_deterministic_scatter(bool deterministic);
+bool deterministic_scatter();
+
+}  // namespace edkm
