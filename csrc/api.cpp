@@ -29,6 +29,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
   return handle.call(weight, centroids, temperature, max_iter, epsilon, distance);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_linear(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& centroids,
+    const c10::optional<at::Tensor>& bias, double temperature, int64_t max_iter, double epsilon,
+    const std::string& distance) {
+  static auto handle = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+      double, int64_t, double, c10::string_view)>("edkm::dkm_linear");
+  return handle.call(input, weight, centroids, bias, temperature, max_iter, epsilon, distance);
+}
+
 at::Tensor assign(const at::Tensor& weight, const at::Tensor& centroids) {
   static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("edkm::assign");
   return handle.call(weight, centroids);

@@ -64,6 +64,14 @@ void check_finite_values(const char* op, const at::Tensor& values, const at::Ten
   TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": weight contains NaN or Inf");
 }
 
+// Every weight's soft value F[u(i)], in weight's dtype and shape.
+at::Tensor gather_soft(const at::Tensor& weight, const at::Tensor& lookup, const at::Tensor& soft) {
+  if (is_16bit(weight.scalar_type())) return slot_gather(weight.contiguous(), lookup, soft);
+  return soft.gather(1, lookup.view({soft.size(0), -1}).to(at::kLong))
+      .to(weight.scalar_type())
+      .view(weight.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dkm_forward(const at::Tensor& weight, const at::Tensor& centroids, double temperature,
             int64_t max_iter, double epsilon, c10::string_view distance) {
@@ -81,14 +89,7 @@ dkm_forward(const at::Tensor& weight, const at::Tensor& centroids, double temper
                              distinct.counts.narrow(1, 0, used).to(ct), centroids.to(ct),
                              temperature, max_iter, epsilon, dist);
   fwd.soft = pad_columns(fwd.soft, distinct.values.size(1));
-  at::Tensor clustered;
-  if (is_16bit(weight.scalar_type())) {
-    clustered = slot_gather(weight.contiguous(), distinct.lookup, fwd.soft);
-  } else {
-    clustered = fwd.soft.gather(1, distinct.lookup.view({groups, -1}).to(at::kLong))
-                    .to(weight.scalar_type())
-                    .view(weight.sizes());
-  }
+  auto clustered = gather_soft(weight, distinct.lookup, fwd.soft);
   auto iterations = at::scalar_tensor(fwd.iterations, weight.options().dtype(at::kLong));
   return {clustered,     fwd.centroids.to(centroids.scalar_type()), iterations,
           distinct.lookup, distinct.values, distinct.counts, fwd.history};
@@ -146,6 +147,24 @@ std::tuple<at::Tensor, at::Tensor> dkm_backward(
   return {grad_weight, bwd.centroids.to(centroids_dtype)};
 }
 
+// The clustered weight again from the saved tables (one U-domain step and one gather), for
+// layers that recompute it in backward instead of keeping it.
+at::Tensor dkm_recompute(const at::Tensor& weight, const at::Tensor& lookup, const at::Tensor& values,
+                         const at::Tensor& counts, const at::Tensor& history,
+                         const at::Tensor& iterations, double temperature,
+                         c10::string_view distance) {
+  const char* op = "dkm recompute";
+  const Distance dist = parse_distance(op, distance);
+  const int64_t t = iterations.item<int64_t>();
+  TORCH_CHECK_VALUE(history.dim() == 3 && t >= 1 && t < history.size(0), op,
+                    ": iterations out of range: ", t);
+  const int64_t used = used_columns(counts);
+  auto c = history[t];
+  auto a = soft_attention(values.narrow(1, 0, used), c, temperature, dist);
+  auto soft = pad_columns((a * c.unsqueeze(1)).sum(2), values.size(1));
+  return gather_soft(weight, lookup, soft);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_no_grad(const at::Tensor& weight,
                                                            const at::Tensor& centroids,
                                                            double temperature, int64_t max_iter,
@@ -161,6 +180,7 @@ TORCH_LIBRARY_IMPL(edkm, CompositeExplicitAutograd, m) {
   m.impl("dkm", &dkm_no_grad);
   m.impl("_dkm_forward", &dkm_forward);
   m.impl("_dkm_backward", &dkm_backward);
+  m.impl("_dkm_recompute", &dkm_recompute);
 }
 
 }  // namespace edkm

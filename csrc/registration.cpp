@@ -18,6 +18,11 @@ TORCH_LIBRARY(edkm, m) {
   m.def("dkm_reference(Tensor weight, Tensor centroids, float temperature, int max_iter=3, "
         "float epsilon=0.0, str distance='squared') -> (Tensor clustered, Tensor centroids, "
         "Tensor iterations)", kPure);
+  // linear(input, dkm(weight, centroids, ...).clustered, bias) that keeps no clustered weight
+  // for backward: it is recomputed there from the U-domain tables (one gather).
+  m.def("dkm_linear(Tensor input, Tensor weight, Tensor centroids, Tensor? bias, "
+        "float temperature, int max_iter=3, float epsilon=0.0, str distance='squared') -> "
+        "(Tensor output, Tensor centroids, Tensor iterations)", kSyncing);
   m.def("assign(Tensor weight, Tensor centroids) -> Tensor", kSyncing);
   m.def("dequantize(Tensor indices, Tensor centroids, ScalarType? dtype=None) -> Tensor", kSyncing);
 
@@ -34,6 +39,9 @@ TORCH_LIBRARY(edkm, m) {
         "Tensor lookup, Tensor values, Tensor counts, Tensor history, Tensor iterations, "
         "float temperature, str distance, ScalarType centroids_dtype) -> (Tensor grad_weight, "
         "Tensor grad_centroids)", kSyncing);
+
+  m.def("_dkm_recompute(Tensor weight, Tensor lookup, Tensor values, Tensor counts, "
+        "Tensor history, Tensor iterations, float temperature, str distance) -> Tensor", kSyncing);
 
   // The N-element passes of the 16-bit path (weight viewed as [G, M], slot = bit pattern).
   m.def("_slot_table(Tensor weight, int groups) -> (Tensor slots, Tensor counts)", kSyncing);

@@ -1,8 +1,9 @@
 // dkm's autograd: saves only the U-domain tables (and references the weight), and calls the
 // registered _dkm_backward op, so torch.compile sees both halves as ops.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "dkm_ops.h"
 
 namespace edkm {
 
@@ -16,16 +17,9 @@ class DkmFunction : public torch::autograd::Function<DkmFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight,
                                const at::Tensor& centroids, double temperature, int64_t max_iter,
                                double epsilon, c10::string_view distance) {
-    static auto forward_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("edkm::_dkm_forward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                              at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                      double, int64_t, double,
-                                                      c10::string_view)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [clustered, centroids_out, iterations, lookup, values, counts, history] =
-        forward_op.call(weight, centroids, temperature, max_iter, epsilon, distance);
+        ops::dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
     ctx->save_for_backward({weight, lookup, values, counts, history, iterations});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["distance"] = std::string(distance);
@@ -35,17 +29,9 @@ class DkmFunction : public torch::autograd::Function<DkmFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto backward_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("edkm::_dkm_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor>(
-                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, const at::Tensor&, double, c10::string_view,
-                at::ScalarType)>();
     auto saved = ctx->get_saved_variables();
     auto distance = ctx->saved_data["distance"].toStringRef();
-    auto [grad_weight, grad_centroids] = backward_op.call(
+    auto [grad_weight, grad_centroids] = ops::dkm_backward(
         grads[0], grads[1], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
         ctx->saved_data["temperature"].toDouble(), distance,
         static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt()));

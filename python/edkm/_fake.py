@@ -30,6 +30,20 @@ def _dkm_fake(weight, centroids, temperature, max_iter=3, epsilon=0.0, distance=
     )
 
 
+@torch.library.register_fake("edkm::dkm_linear")
+def _dkm_linear_fake(input, weight, centroids, bias, temperature, max_iter=3, epsilon=0.0, distance="squared"):
+    return (
+        input.new_empty((*input.shape[:-1], weight.shape[0])),
+        torch.empty_like(centroids),
+        weight.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("edkm::_dkm_recompute")
+def _dkm_recompute_fake(weight, lookup, values, counts, history, iterations, temperature, distance):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("edkm::_dkm_forward")
 def _dkm_forward_fake(weight, centroids, temperature, max_iter, epsilon, distance):
     groups, k = centroids.shape

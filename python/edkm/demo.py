@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def quantile_centroids(w: torch.Tensor, k: int) -> torch.Tensor:
     """K centroids at the weight's quantiles (from a strided sample): a simple warm start."""
-    sample = w.flatten()[:: max(1, w.numel() // (1 << 20))].float()
-    qs = torch.linspace(0.5 / k, 1 - 0.5 / k, k, device=sample.device)
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    sample = w.flatten()[:: max(1, w.numel() // (1 << 20))].to(dtype)
+    qs = torch.linspace(0.5 / k, 1 - 0.5 / k, k, device=sample.device, dtype=dtype)
     return torch.quantile(sample, qs).view(1, k)
 
 

@@ -32,6 +32,24 @@ def dkm(
     return DkmResult(*torch.ops.edkm.dkm(weight, centroids, temperature, max_iter, epsilon, distance))
 
 
+def dkm_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    temperature: float,
+    max_iter: int = 3,
+    epsilon: float = 0.0,
+    distance: str = "squared",
+) -> DkmResult:
+    """``F.linear(input, dkm(weight, centroids, ...).clustered, bias)`` without keeping the
+    clustered weight for backward (rebuilt there by one gather): a clustered layer costs about
+    what an unclustered one does. Returns (output, centroids, iterations)."""
+    return DkmResult(
+        *torch.ops.edkm.dkm_linear(input, weight, centroids, bias, temperature, max_iter, epsilon, distance)
+    )
+
+
 def dkm_reference(
     weight: torch.Tensor,
     centroids: torch.Tensor,

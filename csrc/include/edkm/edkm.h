@@ -24,6 +24,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm(const at::Tensor& weight,
                                                    double epsilon = 0.0,
                                                    const std::string& distance = "squared");
 
+// linear(input, dkm(weight, centroids, ...).clustered, bias) that keeps no clustered weight for
+// backward (it is rebuilt there from the U-domain tables), so a clustered layer's train-time
+// memory is that of a plain linear. weight: [out_features, in_features]. Returns
+// (output, final centroids, iterations).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_linear(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& centroids,
+    const c10::optional<at::Tensor>& bias, double temperature, int64_t max_iter = 3,
+    double epsilon = 0.0, const std::string& distance = "squared");
+
 // The naive N x K DKM with plain ATen ops and autograd: the oracle and the baseline.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
     const at::Tensor& weight, const at::Tensor& centroids, double temperature,

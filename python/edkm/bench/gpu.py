@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per matrix and variant")
     p.add_argument("--iters", type=int, default=3, help="DKM iterations")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-layer-step", action="store_true",
+                   help="skip the decoder-layer training step (plain vs clustered)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per training step (batch 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
 
@@ -115,6 +118,11 @@ def run(args) -> dict:
         report["time_ratio"] = report["layer_seconds"]["reference"] / total["dkm_deterministic"]
         report["peak_memory_ratio"] = max(r["reference"]["peak_bytes"] for r in rows) / max(
             max(r["dkm_deterministic"]["peak_bytes"] for r in rows), 1)
+    if not args.skip_layer_step:
+        from edkm.bench.llama_layer import training_step_report
+
+        report["training_step"] = training_step_report(tokens=args.tokens, repeats=args.repeats)
+        torch.cuda.empty_cache()
     out_dir = args.out or _results.default_results_dir()
     tag = "gpu_layer_" + report["device"].replace(" ", "_")
     _results.write_json(os.path.join(out_dir, tag + ".json"), report)
@@ -151,6 +159,16 @@ def table(report: dict) -> str:
     if "time_ratio" in report:
         lines[-1] += (f"; reference {ls['reference'] * 1e3:.1f} ms: time ratio **{report['time_ratio']:.1f}x**, "
                       f"peak-memory ratio (largest matrix) **{report['peak_memory_ratio']:.1f}x**")
+    if "training_step" in report:
+        ts = report["training_step"]
+        lines += ["", "Decoder-layer training step (batch 1 x tokens, bf16, attention + SwiGLU MLP, "
+                  "all seven projections clustered to K=8):", "",
+                  "| variant | step time | ratio | peak memory | ratio |", "|---|---|---|---|---|"]
+        for name, r in ts.items():
+            lines.append(f"| {name} | {r['seconds'] * 1e3:.1f} ms | {r.get('time_ratio', 1.0):.2f}x | "
+                         f"{r['peak_bytes'] / mib:,.0f} MiB | {r.get('memory_ratio', 1.0):.3f}x |")
+        lines += ["", "dkm_linear keeps no clustered weight for backward (rebuilt by one gather); "
+                  "dkm+linear is edkm.dkm followed by F.linear, which saves the clustered weight."]
     lines += ["", "Floor fraction = bandwidth-floor time / measured time (1.0 = at the floor); "
               "peaks are CUDA peak allocated above the inputs during one forward+backward."]
     return "\n".join(lines) + "\n"

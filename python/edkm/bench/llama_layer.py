@@ -1,0 +1,106 @@
+"""A LLaMA decoder layer (RMSNorm, causal multi-head attention through SDPA, SwiGLU MLP) whose
+seven projections go through a chosen linear, for measuring a training step with and without
+clustering. Rotary embeddings are left out: they cost the same in every variant."""
+from __future__ import annotations
+
+import statistics
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_weights(hidden: int, intermediate: int, device, dtype=torch.bfloat16, seed: int = 0) -> Dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
+        "o_proj": (hidden, hidden), "gate_proj": (intermediate, hidden),
+        "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate),
+    }
+    return {
+        name: (torch.randn(shape, generator=g) * 0.02).to(dtype).to(device).requires_grad_()
+        for name, shape in shapes.items()
+    }
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def decoder_layer(x: torch.Tensor, linear: Callable[[torch.Tensor, str], torch.Tensor], heads: int) -> torch.Tensor:
+    b, t, h = x.shape
+    y = rms_norm(x)
+    q, k, v = (linear(y, n).view(b, t, heads, h // heads).transpose(1, 2) for n in ("q_proj", "k_proj", "v_proj"))
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, h)
+    x = x + linear(attn, "o_proj")
+    y = rms_norm(x)
+    return x + linear(F.silu(linear(y, "gate_proj")) * linear(y, "up_proj"), "down_proj")
+
+
+def linear_variants(weights: Dict[str, torch.Tensor], k: int = 8, temperature: float = 1e-5, iters: int = 3):
+    """name -> linear(x, projection) for: plain, dkm_linear (fused), dkm then F.linear."""
+    import edkm
+    from edkm.demo import quantile_centroids
+
+    start = {n: quantile_centroids(w.detach(), k) for n, w in weights.items()}
+    fused_c, unfused_c = dict(start), dict(start)  # each variant warm-starts from its own
+
+    def plain(x, n):
+        return F.linear(x, weights[n])
+
+    def fused(x, n):
+        out, c, _ = edkm.dkm_linear(x, weights[n], fused_c[n], None, temperature, iters)
+        fused_c[n] = c.detach()
+        return out
+
+    def unfused(x, n):
+        clustered, c, _ = edkm.dkm(weights[n], unfused_c[n], temperature, iters)
+        unfused_c[n] = c.detach()
+        return F.linear(x, clustered)
+
+    return {"plain": plain, "dkm_linear": fused, "dkm+linear": unfused}
+
+
+def time_steps(step: Callable[[], None], repeats: int, device) -> tuple[float, int]:
+    """Median seconds of `step` and (CUDA) the peak memory allocated during one step, in total:
+    weights, gradients, activations and temporaries."""
+    cuda = str(device).startswith("cuda")
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    times = []
+    import time
+
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak
+
+
+def training_step_report(hidden=4096, intermediate=11008, heads=32, tokens=2048, repeats=5, device="cuda"):
+    weights = make_weights(hidden, intermediate, device)
+    x = (torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(1)) * 0.5).bfloat16().to(device)
+    out = {}
+    for name, linear in linear_variants(weights).items():
+        def step():
+            for w in weights.values():
+                w.grad = None
+            y = decoder_layer(x, linear, heads)
+            y.float().square().mean().backward()
+
+        seconds, peak = time_steps(step, repeats, device)
+        out[name] = {"seconds": seconds, "peak_bytes": peak}
+    for name in ("dkm_linear", "dkm+linear"):
+        out[name]["time_ratio"] = out[name]["seconds"] / out["plain"]["seconds"]
+        out[name]["memory_ratio"] = out[name]["peak_bytes"] / max(out["plain"]["peak_bytes"], 1)
+    return out
