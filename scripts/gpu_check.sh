@@ -13,6 +13,29 @@ py=${PYTHON:-python3}
 command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
 jobs=$(nproc)
 declare -A status
+summary() {
+  echo "=== gpu_check summary ($(sed -n 2p "$out/machine.txt"))"
+  for s in build ctest pytest crash_bt memcheck racecheck bench_dkm bench_gpu demo; do
+    [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
+  done
+  grep -sE "passed|failed" "$out/pytest.log" | tail -1
+  grep -sE "tests passed|tests failed" "$out/ctest.log" | tail -1
+  grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/memcheck.log "$out"/racecheck.log 2>/dev/null
+  grep -sE "^\| (dkm|reference) |ratio" "$out/bench_dkm.log"
+  grep -sE "^\| [a-z_+]+ [0-9]+x|^\| (plain|dkm_linear|dkm\+linear) |^Layer|copy bandwidth" "$out/bench_gpu.log"
+  grep -sE "weights in|Peak" "$out/demo.log"
+}
+
+# After every step: summary and logs to $OUT, so a run cut short still reports what it did.
+publish() {
+  summary > "$out/summary.txt"
+  if [ -n "${OUT:-}" ]; then
+    cp "$out/summary.txt" "$out/machine.txt" "$OUT/"
+    cp "$root"/benchmarks/results/dkm_cuda_* "$root"/benchmarks/results/gpu_layer_* "$OUT/" 2>/dev/null
+    tar czf "$OUT/gpu_check_logs.tgz" -C "$out" .
+  fi
+}
+
 only=${GPU_CHECK_ONLY:-}   # e.g. "build pytest": run just these steps
 step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember pass/fail and seconds
   local name=$1; shift
@@ -23,6 +46,7 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember pass/fail 
   local rc=$?
   status[$name]="$([ $rc -eq 0 ] && echo ok || echo "FAILED rc=$rc") $((SECONDS - t0))s"
   tail -n 25 "$out/$name.log"
+  publish
   return $rc
 }
 
@@ -84,22 +108,6 @@ step bench_dkm $py -m edkm bench dkm --device cuda --size 4096x4096 --repeats 10
 step bench_gpu $py -m edkm bench gpu --out "$results"
 step demo $py -m edkm demo
 
-summary() {
-  echo "=== gpu_check summary ($(sed -n 2p "$out/machine.txt"))"
-  for s in build ctest pytest crash_bt memcheck racecheck bench_dkm bench_gpu demo; do
-    [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
-  done
-  grep -E "passed|failed" "$out/pytest.log" | tail -1
-  grep -E "tests passed|tests failed" "$out/ctest.log" | tail -1
-  grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/memcheck.log "$out"/racecheck.log 2>/dev/null
-  grep -E "^\| (dkm|reference) |ratio" "$out/bench_dkm.log"
-  grep -E "^\| [a-z_]+ [0-9]+x|^Layer|copy bandwidth" "$out/bench_gpu.log"
-  grep -E "weights in|Peak" "$out/demo.log"
-}
 echo
-summary | tee "$out/summary.txt"
-if [ -n "${OUT:-}" ]; then
-  cp "$out/summary.txt" "$out/machine.txt" "$OUT/"
-  cp "$results"/dkm_cuda_* "$results"/gpu_layer_* "$OUT/" 2>/dev/null
-  tar czf "$OUT/gpu_check_logs.tgz" -C "$out" .
-fi
+publish
+cat "$out/summary.txt"
