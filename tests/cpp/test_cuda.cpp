@@ -42,7 +42,7 @@ TEST_F(Cuda, Bfloat16DkmLinearMatchesCpu) {
   auto c = torch::linspace(-0.04, 0.04, 8).view({1, 8});
   std::vector<at::Tensor> outs, grads;
   for (auto device : {torch::kCPU, torch::kCUDA}) {
-    auto wi = w.to(device).requires_grad_();
+    auto wi = w.to(device).detach().requires_grad_();  // a fresh leaf per device
     auto [y, cent, iters] = edkm::dkm_linear(x.to(device), wi, c.to(device), c10::nullopt, 1e-4, 3);
     y.to(torch::kFloat).square().sum().backward();
     outs.push_back(y);
