@@ -54,3 +54,17 @@ def test_cli_rejects_bad_size():
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2
     assert "--size must look like ROWSxCOLS" in run.stderr
+
+
+def test_libedkm_uses_the_shared_libstdcxx():
+    """A second, static libstdc++ inside libedkm garbles number formatting (seen on a GPU
+    machine whose g++ links it statically): libedkm must need the shared one."""
+    import shutil
+
+    from edkm import _native
+
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) is not installed")
+    dynamic = subprocess.run(["readelf", "-d", _native._library_path()], capture_output=True,
+                             text=True, check=True).stdout
+    assert any("NEEDED" in line and "libstdc++" in line for line in dynamic.splitlines())
