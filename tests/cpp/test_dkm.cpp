@@ -51,7 +51,12 @@ INSTANTIATE_TEST_SUITE_P(
     Cases, DkmVsReference,
     ::testing::Values(Case{2, 1, "squared", true}, Case{8, 1, "squared", false},
                       Case{8, 4, "squared", true}, Case{16, 4, "absolute", false},
-                      Case{4, 1, "absolute", true}, Case{256, 1, "squared", false}));
+                      Case{4, 1, "absolute", true}, Case{256, 1, "squared", false}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      const Case& c = info.param;
+      return "K" + std::to_string(c.k) + "_G" + std::to_string(c.groups) + "_" + c.distance +
+             (c.repeats ? "_repeated" : "_distinct");
+    });
 
 TEST(Dkm, EarlyStopMatchesReference) {
   torch::manual_seed(3);
