@@ -17,7 +17,7 @@ if [ ! -f "$env/.ready" ]; then
   $py -m venv "$env"
   "$env/bin/pip" install -q --upgrade pip >&2
   "$env/bin/pip" install -q -r "$here/requirements.txt" >&2
-  "$env/bin/python" -c 'import torch, pybind11, pytest, tqdm' >&2
+  "$env/bin/python" -c 'import torch, pytest, tqdm' >&2
   touch "$env/.ready"
 fi
 echo "$env"

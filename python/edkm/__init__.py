@@ -6,8 +6,12 @@ fake kernels (torch.compile / torch.export), the Python API and the benchmarks.
 from edkm import _native
 from edkm import _fake  # noqa: F401  (registers fake kernels)
 from edkm.ops import DkmResult, assign, dequantize, dkm, dkm_linear, dkm_reference
+from edkm.store import SavedTensorStore, saved_tensors
 
 __version__ = _native._C.__version__
 cuda_compiled = _native.cuda_compiled
 
-__all__ = ["DkmResult", "assign", "cuda_compiled", "dequantize", "dkm", "dkm_linear", "dkm_reference"]
+__all__ = [
+    "DkmResult", "SavedTensorStore", "assign", "cuda_compiled", "dequantize", "dkm", "dkm_linear",
+    "dkm_reference", "saved_tensors",
+]
