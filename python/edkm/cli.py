@@ -9,6 +9,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edkm import demo
     from edkm.bench import dkm as bench_dkm
     from edkm.bench import gpu as bench_gpu
+    from edkm.bench import memory as bench_memory
 
     parser = argparse.ArgumentParser(prog="edkm", description="Train-time weight clustering (eDKM).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -20,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("dkm", help="dkm vs dkm_reference on one matrix, forward+backward")
     bench_dkm.add_arguments(p)
     p.set_defaults(run=bench_dkm.main)
+    p = bench_sub.add_parser("memory", help="memory ablation: naive / +M / +M+U / dkm on a LLaMA-7B layer")
+    bench_memory.add_arguments(p)
+    p.set_defaults(run=bench_memory.main)
     p = bench_sub.add_parser("gpu", help="a LLaMA-7B layer's matrices on the GPU: dkm vs reference, bandwidth floor")
     bench_gpu.add_arguments(p)
     p.set_defaults(run=bench_gpu.main)

@@ -68,3 +68,23 @@ def test_libedkm_uses_the_shared_libstdcxx():
     dynamic = subprocess.run(["readelf", "-d", _native._library_path()], capture_output=True,
                              text=True, check=True).stdout
     assert any("NEEDED" in line and "libstdc++" in line for line in dynamic.splitlines())
+
+
+@pytest.mark.slow
+def test_cli_bench_memory_quick_json(tmp_path):
+    import json
+
+    run = subprocess.run(
+        [sys.executable, "-m", "edkm", "bench", "memory", "--quick", "--device", "cpu", "--json",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [r["variant"] for r in rows] == ["reference", "M", "M+U", "dkm"]
+    for r in rows:
+        assert set(r) == {"variant", "saved_device_bytes", "saved_host_bytes", "peak_bytes", "seconds"}
+    kept = {r["variant"]: r["saved_device_bytes"] + r["saved_host_bytes"] for r in rows}
+    assert rows[1]["saved_device_bytes"] == 0  # M moved everything to the host
+    assert kept["M+U"] < kept["M"] / 4 and kept["dkm"] < kept["M+U"]
+    assert (tmp_path / "memory_cpu_quick.png").stat().st_size > 0
