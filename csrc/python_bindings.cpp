@@ -54,6 +54,12 @@ PYBIND11_MODULE(_C, m) {
       .def("unpack", &edkm::SavedTensorStore::unpack, py::arg("handle"),
            py::call_guard<py::gil_scoped_release>())
       .def("release", &edkm::SavedTensorStore::release, py::arg("handle"))
+      .def("fingerprint", &edkm::SavedTensorStore::fingerprint, py::arg("handle"))
+      .def("shard", &edkm::SavedTensorStore::shard, py::arg("handle"), py::arg("rank"),
+           py::arg("world"))
+      .def("is_sharded", &edkm::SavedTensorStore::is_sharded, py::arg("handle"))
+      .def("shard_part", &edkm::SavedTensorStore::shard_part, py::arg("handle"))
+      .def("unshard", &edkm::SavedTensorStore::unshard, py::arg("handle"), py::arg("gathered"))
       .def("counters", [](const edkm::SavedTensorStore& s) { return counters_dict(s.counters()); })
       .def_property_readonly("live_handles", &edkm::SavedTensorStore::live_handles);
 #ifdef EDKM_VERSION

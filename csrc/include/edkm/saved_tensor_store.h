@@ -43,6 +43,17 @@ class SavedTensorStore {
   // Forgets a handle (its copy is freed when no other handle shares it).
   void release(int64_t handle);
 
+  // Sharding across L ranks that all saved the same tensor (the caller runs the collectives):
+  // fingerprint() describes the handle's payload (the index of a uniquified copy, else the raw
+  // bytes) as int64 [shardable, numel, element size, hash] so ranks can check they agree;
+  // shard() keeps this rank's 1/L of the payload; shard_part() is that part padded to the
+  // common chunk length; unshard() puts back the all-gathered payload before unpack.
+  at::Tensor fingerprint(int64_t handle);
+  void shard(int64_t handle, int64_t rank, int64_t world);
+  bool is_sharded(int64_t handle) const;
+  at::Tensor shard_part(int64_t handle);
+  void unshard(int64_t handle, const at::Tensor& gathered);
+
   StoreCounters counters() const;
   int64_t live_handles() const;
   const StoreOptions& options() const { return options_; }

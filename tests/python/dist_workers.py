@@ -1,0 +1,86 @@
+"""Bodies of the 2-rank gloo tests (run in spawned processes by test_distributed.py)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+import edkm
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    import datetime
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+def weight_and_centroids():
+    # About 160 distinct values: uint8 indices dominate what the store keeps, as at scale.
+    g = torch.Generator().manual_seed(0)
+    w = ((torch.randn(512, 256, generator=g) * 0.02 / 1e-3).round() * 1e-3).bfloat16()
+    c = torch.linspace(-0.05, 0.05, 8).view(1, 8)
+    return w, c
+
+
+def sharded_gradients(rank: int, world: int, port: int, out: str) -> None:
+    init(rank, world, port)
+    try:
+        w, c = weight_and_centroids()
+        w = w.requires_grad_()
+        with edkm.saved_tensors(offload=True, uniquify=True, shard_group=dist.group.WORLD) as store:
+            clustered = edkm.dkm_reference(w, c, 1e-4, 3).clustered
+        counters = store.counters()
+        clustered.float().square().sum().backward()
+        torch.save({"grad": w.grad, "clustered": clustered.detach(), "counters": counters}, out)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def disagreeing_ranks(rank: int, world: int, port: int, out: str) -> None:
+    init(rank, world, port)
+    try:
+        w, c = weight_and_centroids()
+        w = (w + rank * 0.01).requires_grad_()  # every rank a different weight
+        try:
+            with edkm.saved_tensors(offload=True, shard_group=dist.group.WORLD):
+                edkm.dkm_reference(w, c, 1e-4, 3)
+            message = "no error"
+        except RuntimeError as e:
+            message = str(e)
+        torch.save({"message": message}, out)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class ClusteredLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(16, 32, dtype=torch.float64) * 0.2)
+        self.register_buffer("centroids", torch.linspace(-0.3, 0.3, 8, dtype=torch.float64).view(1, 8))
+
+    def forward(self, x):
+        clustered = edkm.dkm(self.weight, self.centroids, 1e-3, 3).clustered
+        return x @ clustered.t(), clustered
+
+
+def batch():
+    return torch.randn(8, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def ddp_dkm(rank: int, world: int, port: int, path: str) -> None:
+    """DDP over a layer whose weight dkm clusters; each rank sees half the batch."""
+    init(rank, world, port)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(ClusteredLinear())
+        x = batch()
+        y, clustered = model(x.chunk(world)[rank])
+        # Mean over the full batch: DDP averages the ranks' gradients.
+        (y.square().sum() * world / x.shape[0]).backward()
+        torch.save({"grad": model.module.weight.grad, "clustered": clustered.detach()}, path)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
