@@ -81,10 +81,10 @@ def test_cli_bench_memory_quick_json(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout.strip().splitlines()[-1])
-    assert [r["variant"] for r in rows] == ["reference", "M", "M+U", "dkm"]
+    assert [r["variant"] for r in rows] == ["reference", "M", "M+U", "M+U+S", "dkm"]
     for r in rows:
         assert set(r) == {"variant", "saved_device_bytes", "saved_host_bytes", "peak_bytes", "seconds"}
     kept = {r["variant"]: r["saved_device_bytes"] + r["saved_host_bytes"] for r in rows}
     assert rows[1]["saved_device_bytes"] == 0  # M moved everything to the host
-    assert kept["M+U"] < kept["M"] / 4 and kept["dkm"] < kept["M+U"]
+    assert kept["M+U"] < kept["M"] / 4 and kept["M+U+S"] < kept["M+U"] and kept["dkm"] < kept["M+U+S"]
     assert (tmp_path / "memory_cpu_quick.png").stat().st_size > 0

@@ -4,11 +4,13 @@ weight matrices (bf16, K=8, 3 iterations) keeps for backward, per variant:
   reference  naive N x K DKM, autograd as is
   M          + the saved-tensor store offloading to host memory (dedup included)
   M+U        + uniquification (distinct values / rows + narrow index)
+  M+U+S      + sharding over 2 data-parallel ranks (gloo, both clustering the same weights):
+             each keeps half of every copy; rank 0's numbers are reported
   dkm        edkm's U-domain op (no store)
 
 Each variant runs in a fresh process: its peak memory is its own (CPU: peak RSS above a process
 that only built the weights; CUDA: peak allocated above the weights). M+U+S (sharding across
-data-parallel ranks) is not implemented yet and is not reported.
+data-parallel ranks) runs 2 ranks on this machine.
 
 The naive reference needs ~260 bytes per weight (49 GiB for the full layer), more than a 24 GB
 machine has: by default every matrix keeps 1/16 of its rows, and full-layer numbers are
@@ -25,7 +27,8 @@ import time
 
 import torch
 
-VARIANTS = ("reference", "M", "M+U", "dkm")
+VARIANTS = ("reference", "M", "M+U", "M+U+S", "dkm")
+SHARD_RANKS = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,8 +59,18 @@ def _peak(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _worker(variant: str, scale: float, device: str, queue) -> None:
+def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port: int = 0) -> None:
     try:
+        group = None
+        if variant == "M+U+S":
+            import datetime
+
+            import torch.distributed as dist
+
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+            dist.init_process_group("gloo", rank=rank, world_size=SHARD_RANKS,
+                                    timeout=datetime.timedelta(seconds=300))
+            group = dist.group.WORLD
         import edkm
         from edkm.demo import quantile_centroids
 
@@ -88,7 +101,8 @@ def _worker(variant: str, scale: float, device: str, queue) -> None:
                 outs = [fn(w, c, 1e-5, 3).clustered for w, c in zip(params, centroids)]
             device_bytes = sum(saved.values())
         else:
-            with edkm.saved_tensors(offload=True, uniquify=(variant == "M+U")) as store:
+            with edkm.saved_tensors(offload=True, uniquify=variant != "M",
+                                    shard_group=group) as store:
                 outs = [edkm.dkm_reference(w, c, 1e-5, 3).clustered for w, c in zip(params, centroids)]
             counters = store.counters()
             device_bytes, host_bytes = counters["device_bytes"], counters["host_bytes"]
@@ -97,6 +111,13 @@ def _worker(variant: str, scale: float, device: str, queue) -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+            if rank != 0:
+                return
         queue.put({"variant": variant, "saved_device_bytes": device_bytes,
                    "saved_host_bytes": host_bytes, "peak_bytes": _peak(device) - base,
                    "seconds": seconds})
@@ -109,13 +130,24 @@ def _baseline(scale: float, device: str, queue) -> None:
     queue.put(_peak(device) if not device.startswith("cuda") else 0)
 
 
-def _fresh(target, *args):
+def _fresh(target, *args, ranks: int = 1):
+    """Run target(*args, queue[, rank, port]) in fresh processes; rank 0's answer."""
+    import socket
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, q))
-    p.start()
+    port = 0
+    if ranks > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    extra = (lambda r: (r, port)) if ranks > 1 else (lambda r: ())
+    procs = [ctx.Process(target=target, args=(*args, q, *extra(r))) for r in range(ranks)]
+    for p in procs:
+        p.start()
     result = q.get()
-    p.join()
+    for p in procs:
+        p.join()
     return result
 
 
@@ -134,7 +166,7 @@ def run(args) -> dict:
     base_rss_full = base_rss if dkm_scale == scale else _fresh(_baseline, dkm_scale, args.device)
     for v in tqdm(VARIANTS, desc="bench memory", disable=args.json):
         vscale = dkm_scale if v == "dkm" else scale
-        r = _fresh(_worker, v, vscale, args.device)
+        r = _fresh(_worker, v, vscale, args.device, ranks=SHARD_RANKS if v == "M+U+S" else 1)
         if "error" in r:
             raise SystemExit(f"edkm bench memory: variant {v} failed: {r['error']}")
         if not args.device.startswith("cuda"):
@@ -187,8 +219,8 @@ def table(report: dict) -> str:
               "excluded). Naive variants are measured on a fraction of the layer and extrapolated "
               "linearly (their bytes grow with the weights); dkm's tables do not grow with the weights "
               "and are measured at full size. On a CPU the 'host' copies share memory with everything "
-              "else: M shows what offloading moves off a GPU, U what uniquification removes. "
-              "M+U+S (sharding) is not implemented yet."]
+              "else: M shows what offloading moves off a GPU, U what uniquification removes, S what "
+              "each of 2 ranks keeps when they shard (rank 0 shown; its peak includes the all-gather)."]
     return "\n".join(lines) + "\n"
 
 
