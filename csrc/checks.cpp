@@ -80,6 +80,14 @@ void check_dkm_args(const char* op, const at::Tensor& weight, const at::Tensor& 
                     ": epsilon must be a finite number >= 0, got ", epsilon);
 }
 
+void check_slot_table_args(const char* op, const at::Tensor& weight, int64_t groups) {
+  TORCH_CHECK_TYPE(is_16bit(weight.scalar_type()), op,
+                   ": weight must be bfloat16 or float16, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(groups >= 1 && weight.numel() > 0 && weight.numel() % groups == 0, op,
+                    ": groups must be >= 1 and divide weight's ", weight.numel(),
+                    " elements, got ", groups);
+}
+
 void check_slot_args(const char* op, const at::Tensor& weight, const at::Tensor& slots) {
   TORCH_CHECK_TYPE(is_16bit(weight.scalar_type()), op,
                    ": weight must be bfloat16 or float16, got ", weight.scalar_type());

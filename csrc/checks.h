@@ -25,6 +25,9 @@ at::ScalarType compute_dtype(at::ScalarType weight_dtype);
 void check_dkm_args(const char* op, const at::Tensor& weight, const at::Tensor& centroids,
                     double temperature, int64_t max_iter, double epsilon);
 
+// _slot_table's checks: a 16-bit weight whose numel `groups` divides.
+void check_slot_table_args(const char* op, const at::Tensor& weight, int64_t groups);
+
 // Checks for the slot primitives: a contiguous 16-bit weight, int32 slots [G, Ucap] on the
 // weight's device with G dividing numel.
 void check_slot_args(const char* op, const at::Tensor& weight, const at::Tensor& slots);

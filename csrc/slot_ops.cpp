@@ -79,11 +79,7 @@ namespace generic {
 
 std::tuple<at::Tensor, at::Tensor> slot_table(const at::Tensor& weight, int64_t groups) {
   const char* op = "_slot_table";
-  TORCH_CHECK_TYPE(is_16bit(weight.scalar_type()), op,
-                   ": weight must be bfloat16 or float16, got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(groups >= 1 && weight.numel() > 0 && weight.numel() % groups == 0, op,
-                    ": groups must be >= 1 and divide weight's ", weight.numel(),
-                    " elements, got ", groups);
+  check_slot_table_args(op, weight, groups);
   auto w = weight.contiguous();
   const int64_t cap = slot_capacity(w.numel() / groups);
   auto sorted = std::get<0>(slots_of(w, groups).sort(1));

@@ -131,11 +131,7 @@ __global__ void grad_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup
 
 std::tuple<at::Tensor, at::Tensor> slot_table_cuda(const at::Tensor& weight, int64_t groups) {
   const char* op = "_slot_table";
-  TORCH_CHECK_TYPE(is_16bit(weight.scalar_type()), op,
-                   ": weight must be bfloat16 or float16, got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(groups >= 1 && weight.numel() > 0 && weight.numel() % groups == 0, op,
-                    ": groups must be >= 1 and divide weight's ", weight.numel(),
-                    " elements, got ", groups);
+  check_slot_table_args(op, weight, groups);
   if (groups > kDenseMapMaxGroups) return generic::slot_table(weight, groups);
   const c10::cuda::CUDAGuard guard(weight.device());
   auto w = weight.contiguous();

@@ -77,11 +77,7 @@ void for_each_slot(const at::Tensor& weight, const at::Tensor& slots, const Body
 
 std::tuple<at::Tensor, at::Tensor> slot_table_cpu(const at::Tensor& weight, int64_t groups) {
   const char* op = "_slot_table";
-  TORCH_CHECK_TYPE(is_16bit(weight.scalar_type()), op,
-                   ": weight must be bfloat16 or float16, got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(groups >= 1 && weight.numel() > 0 && weight.numel() % groups == 0, op,
-                    ": groups must be >= 1 and divide weight's ", weight.numel(),
-                    " elements, got ", groups);
+  check_slot_table_args(op, weight, groups);
   auto w = weight.contiguous();
   const int64_t m = w.numel() / groups, cap = slot_capacity(m);
   auto slots = at::empty({groups, cap}, w.options().dtype(at::kInt));

@@ -46,6 +46,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     import edkm
+    from edkm.measure import SavedBytes
 
     if not 1 <= args.bits <= 8:
         raise SystemExit(f"edkm demo: --bits must be in 1..8, got {args.bits}")
@@ -63,16 +64,10 @@ def main(args) -> int:
         w = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).to(device)
         w.requires_grad_()
         c = quantile_centroids(w.detach(), k)
-        saved = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            if s.data_ptr() != w.untyped_storage().data_ptr():
-                saved[s.data_ptr()] = s.nbytes()
-            return t
+        saved = SavedBytes(w)
 
         t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved.hooks():
             out = edkm.dkm(w, c, temperature=1e-5, max_iter=args.iters)
         out.clustered.backward(torch.ones_like(out.clustered))
         if device == "cuda":
@@ -83,9 +78,9 @@ def main(args) -> int:
         err = ((hard.float() - w.detach().float()).norm() / w.detach().float().norm()).item()
         n = w.numel()
         rows_out.append((name, f"{rows}x{cols}", torch.unique(w.detach()).numel(),
-                         torch.unique(hard).numel(), seconds, sum(saved.values()), err))
+                         torch.unique(hard).numel(), seconds, saved.bytes, err))
         total_n += n
-        total_saved += sum(saved.values())
+        total_saved += saved.bytes
         del w, out, hard, indices
     elapsed = time.perf_counter() - t_start
 

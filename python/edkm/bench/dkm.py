@@ -61,6 +61,7 @@ def _sync(device):
 def _worker(variant: str, args, queue) -> None:
     try:
         import edkm
+        from edkm.measure import SavedBytes
 
         torch.manual_seed(0)
         w, c = _inputs(args)
@@ -68,18 +69,12 @@ def _worker(variant: str, args, queue) -> None:
         tau = 1e-5
         grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(1)).to(w.dtype).to(w.device)
         cuda = str(args.device).startswith("cuda")
-        saved = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            if s.data_ptr() != w.untyped_storage().data_ptr():
-                saved[s.data_ptr()] = s.nbytes()
-            return t
+        saved = SavedBytes(w)
 
         def step(count_saved: bool):
             wi = w.detach().requires_grad_()
             if count_saved:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with saved.hooks():
                     out = fn(wi, c, tau, args.iters, 0.0, "squared")
             else:
                 out = fn(wi, c, tau, args.iters, 0.0, "squared")
@@ -104,7 +99,7 @@ def _worker(variant: str, args, queue) -> None:
             "variant": variant,
             "median_seconds": statistics.median(times),
             "seconds": times,
-            "saved_bytes": sum(saved.values()),
+            "saved_bytes": saved.bytes,
             "peak_rss_bytes": rss,
             "peak_cuda_bytes": peak,
         })

@@ -73,6 +73,7 @@ def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port:
             group = dist.group.WORLD
         import edkm
         from edkm.demo import quantile_centroids
+        from edkm.measure import SavedBytes
 
         weights = _weights(scale, device)
         params = [w.requires_grad_() for _, w in weights]
@@ -83,13 +84,7 @@ def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port:
             base = torch.cuda.memory_allocated()
         else:
             base = 0
-        saved = {}
-
-        def count(t):
-            s = t.untyped_storage()
-            if not any(s.data_ptr() == p.untyped_storage().data_ptr() for p in params):
-                saved[s.data_ptr()] = s.nbytes()
-            return t
+        saved = SavedBytes(*params)
 
         # The whole layer's forward first, then one backward: everything a decoder layer's
         # backward needs is alive at once, as in training.
@@ -97,9 +92,9 @@ def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port:
         device_bytes = host_bytes = 0
         if variant in ("reference", "dkm"):
             fn = edkm.dkm_reference if variant == "reference" else edkm.dkm
-            with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            with saved.hooks():
                 outs = [fn(w, c, 1e-5, 3).clustered for w, c in zip(params, centroids)]
-            device_bytes = sum(saved.values())
+            device_bytes = saved.bytes
         else:
             with edkm.saved_tensors(offload=True, uniquify=variant != "M",
                                     shard_group=group) as store:
