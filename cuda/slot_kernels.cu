@@ -46,7 +46,8 @@ __global__ void fill_map_kernel(const int32_t* __restrict__ slots, int32_t* __re
                                 int64_t groups, int64_t cap) {
   EDKM_GRID_STRIDE(j, groups * cap) {
     const int32_t s = slots[j];
-    if (s < 65536) map[(j / cap) * 65536 + s] = static_cast<int32_t>(j % cap);
+    // Padding (65536) and any out-of-range value stay unmapped: look-ups then report them.
+    if (s >= 0 && s < 65536) map[(j / cap) * 65536 + s] = static_cast<int32_t>(j % cap);
   }
 }
 
@@ -190,9 +191,10 @@ at::Tensor slot_scatter_add_cuda(const at::Tensor& weight, const at::Tensor& slo
   const int64_t n = weight.numel(), m = n / slots.size(0);
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto ct = compute_dtype(grad.scalar_type());
-  const double amax = deterministic_scatter() ? g.abs().max().item<double>() : 0.0;
+  const bool deterministic = deterministic_scatter();  // read once: another thread may flip it
+  const double amax = deterministic ? g.abs().max().item<double>() : 0.0;
   at::Tensor sums;
-  if (deterministic_scatter() && std::isfinite(amax)) {
+  if (deterministic && std::isfinite(amax)) {
     // Largest |sum| of a slot is < m * amax <= 2^e; scale so it stays below 2^62.
     int e = 0;
     std::frexp(amax * static_cast<double>(m), &e);

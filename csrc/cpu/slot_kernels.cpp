@@ -44,7 +44,11 @@ void for_each_slot(const at::Tensor& weight, const at::Tensor& slots, const Body
     for (int64_t g = 0; g < groups; ++g) {
       std::fill(map.begin(), map.end(), -1);
       const int32_t* row = table + g * cap;
-      for (int64_t u = 0; u < cap && row[u] != kEmptySlot; ++u) map[row[u]] = static_cast<int32_t>(u);
+      for (int64_t u = 0; u < cap && row[u] != kEmptySlot; ++u) {
+        TORCH_CHECK_VALUE(row[u] >= 0 && row[u] < 65536, "edkm: slots hold ", row[u],
+                          ", outside the 16-bit range [0, 65535]");
+        map[row[u]] = static_cast<int32_t>(u);
+      }
       const int64_t base = g * m;
       at::parallel_for(0, m, kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = base + begin; i < base + end; ++i) {
@@ -169,7 +173,13 @@ at::Tensor slot_scatter_add_cpu(const at::Tensor& weight, const at::Tensor& slot
         const scalar_t* x = src + gi * m;
         if (m >= kDenseMapMinGroup) {
           map.assign(65536, -1);
-          for (int64_t u = 0; u < cap && row[u] != kEmptySlot; ++u) map[row[u]] = static_cast<int32_t>(u);
+          for (int64_t u = 0; u < cap && row[u] != kEmptySlot; ++u) {
+            if (row[u] < 0 || row[u] >= 65536) {  // not a bit pattern: report, never index
+              missing = true;
+              return;
+            }
+            map[row[u]] = static_cast<int32_t>(u);
+          }
           for (int64_t i = 0; i < m; ++i) {
             const int32_t u = map[b[i]];
             if (u < 0) {

@@ -3,7 +3,9 @@
 #include <optional>
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
 #include <c10/core/StorageImpl.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 namespace edkm {
 
@@ -30,13 +32,6 @@ at::Tensor storage_bytes(const at::Tensor& t) {
       .set_(t.storage(), 0, {static_cast<int64_t>(t.storage().nbytes())}, {1});
 }
 
-at::Tensor to_host(const at::Tensor& t) {
-  if (!t.is_cuda()) return t.clone();
-  auto host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
-  host.copy_(t, /*non_blocking=*/true);
-  return host;
-}
-
 }  // namespace
 
 struct SavedTensorStore::Blob {
@@ -52,7 +47,29 @@ struct SavedTensorStore::Blob {
   bool sharded = false;
   int64_t full_len = 0, shard_start = 0, shard_chunk = 0;
 
+  // Set while an asynchronous device-to-host copy into this blob may still be running.
+  std::shared_ptr<c10::Event> copying;
+
   at::Tensor& payload() { return bytes.defined() ? bytes : index; }
+
+  // Host copy of t: pinned + non-blocking from a GPU (an event marks its end), a clone on CPU.
+  at::Tensor to_host(const at::Tensor& t) {
+    if (t.device().is_cpu()) return t.clone();
+    auto host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+    host.copy_(t, /*non_blocking=*/true);
+    c10::impl::VirtualGuardImpl impl(t.device().type());
+    copying = std::make_shared<c10::Event>(t.device().type());
+    copying->record(impl.getStream(t.device()));
+    return host;
+  }
+
+  // Before the host reads a host copy.
+  void wait_for_copy() {
+    if (copying) {
+      copying->synchronize();
+      copying.reset();
+    }
+  }
 
   int64_t held_bytes() const {
     if (bytes.defined()) return bytes.nbytes();
@@ -65,9 +82,13 @@ struct SavedTensorStore::Blob {
     if (restored) {
       if (auto alive = restored->lock()) return c10::Storage(std::move(alive));
     }
+    wait_for_copy();
     at::Tensor flat;
     if (bytes.defined()) {
       flat = bytes.to(device, /*non_blocking=*/true);
+      // Never hand out the store's own buffer: a caller writing into what it unpacked
+      // would change every later unpack.
+      if (flat.is_alias_of(bytes)) flat = flat.clone();
     } else {
       auto rows = table.index_select(0, index.to(table.device(), at::kLong));
       flat = rows.view(dtype).reshape({-1}).to(device, /*non_blocking=*/true);
@@ -88,6 +109,7 @@ struct SavedTensorStore::Entry {
   int64_t offset = 0;
   c10::Device device{at::kCPU};
   bool requires_grad = false;
+  bool parameter = false;  // referenced because it is (a view of) a parameter
 };
 
 size_t SavedTensorStore::KeyHash::operator()(const std::pair<const void*, uint32_t>& k) const {
@@ -127,8 +149,8 @@ bool uniquify_into(const at::Tensor& t, SavedTensorStore::Blob& blob, bool offlo
   const int64_t packed = table.nbytes() + n * static_cast<int64_t>(c10::elementSize(idx_dtype));
   if (packed >= t.nbytes()) return false;
   auto index = inverse.to(idx_dtype);
-  blob.table = offload ? to_host(table) : table;
-  blob.index = offload ? to_host(index) : index;
+  blob.table = offload ? blob.to_host(table) : table;
+  blob.index = offload ? blob.to_host(index) : index;
   blob.dtype = t.scalar_type();
   blob.numel = t.numel();
   return true;
@@ -150,14 +172,17 @@ int64_t SavedTensorStore::pack(const at::Tensor& tensor) {
   const int64_t handle = next_handle_++;
 
   const bool inference = tensor.is_inference();
-  const bool parameter = tensor.is_leaf() && tensor.requires_grad();
+  // A parameter, or a view of one (F.linear saves weight.t()): kept alive by its module anyway.
+  const at::TensorBase& root =
+      tensor.is_view() ? tensor._base() : static_cast<const at::TensorBase&>(tensor);
+  const bool parameter = root.is_leaf() && root.requires_grad();
   const bool copy = options_.offload || options_.uniquify;
   if ((parameter && options_.keep_parameters) || !copy || !tensor.has_storage()) {
     // Kept as autograd would keep it; versions checked at unpack as autograd does.
     entry->referenced = tensor;
     entry->check_version = !inference;
     if (!inference) entry->version = tensor._version();
-    if (parameter && options_.keep_parameters) counters_.referenced_bytes += tensor.nbytes();
+    entry->parameter = parameter && options_.keep_parameters;
     entries_.emplace(handle, std::move(entry));
     return handle;
   }
@@ -192,13 +217,13 @@ int64_t SavedTensorStore::pack(const at::Tensor& tensor) {
   } else if (2 * tensor.nbytes() >= static_cast<size_t>(blob->nbytes)) {
     // The whole storage once; this tensor and any other view of it are geometry on top.
     auto bytes = storage_bytes(tensor);
-    blob->bytes = options_.offload ? to_host(bytes) : bytes.clone();
+    blob->bytes = options_.offload ? blob->to_host(bytes) : bytes.clone();
     registered = true;
   } else {
     // A small view of a large storage: copy just the view.
     auto compact = tensor.contiguous();
     if (compact.is_same(tensor)) compact = tensor.clone();
-    blob->bytes = options_.offload ? to_host(storage_bytes(compact)) : storage_bytes(compact);
+    blob->bytes = options_.offload ? blob->to_host(storage_bytes(compact)) : storage_bytes(compact);
     blob->nbytes = static_cast<int64_t>(compact.storage().nbytes());
     entry->strides = compact.strides().vec();
     entry->offset = 0;
@@ -252,6 +277,7 @@ at::Tensor SavedTensorStore::fingerprint(int64_t handle) {
   auto out = at::zeros({4}, at::kLong);
   if (!e.blob) return out;  // referenced: nothing to shard
   Blob& b = *e.blob;
+  b.wait_for_copy();
   const at::Tensor& p = b.sharded ? at::Tensor() : b.payload();
   if (!p.defined()) {
     out[0] = 1;
@@ -274,6 +300,7 @@ void SavedTensorStore::shard(int64_t handle, int64_t rank, int64_t world) {
   Entry& e = find_entry(entries_, handle);
   if (!e.blob || e.blob->sharded) return;  // referenced, or a dedup hit on a sharded copy
   Blob& b = *e.blob;
+  b.wait_for_copy();
   at::Tensor& p = b.payload();
   b.full_len = p.numel();
   b.shard_chunk = (b.full_len + world - 1) / world;
@@ -322,9 +349,12 @@ StoreCounters SavedTensorStore::counters() const {
     if (entry->blob) {
       if (!seen.emplace(entry->blob.get(), true).second) continue;
       (entry->blob->on_host() ? c.host_bytes : c.device_bytes) += entry->blob->held_bytes();
-    } else if (entry->referenced.defined() && !(entry->referenced.is_leaf() &&
-                                                entry->referenced.requires_grad())) {
-      (entry->referenced.is_cpu() ? c.host_bytes : c.device_bytes) += entry->referenced.nbytes();
+    } else if (entry->referenced.defined()) {
+      if (entry->parameter) {
+        c.referenced_bytes += entry->referenced.nbytes();
+      } else {
+        (entry->referenced.is_cpu() ? c.host_bytes : c.device_bytes) += entry->referenced.nbytes();
+      }
     }
   }
   return c;

@@ -35,11 +35,16 @@ class _Handle:
 
 
 def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """all_gather on the device the group's backend wants (NCCL: the current GPU), results
+    back where `t` was."""
     import torch.distributed as dist
 
+    home = t.device
+    if dist.get_backend(group) == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t, group=group)
-    return parts
+    return [p.to(home) for p in parts]
 
 
 def _shard_after_pack(store: SavedTensorStore, handle: int, group) -> None:

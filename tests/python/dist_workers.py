@@ -84,3 +84,22 @@ def ddp_dkm(rank: int, world: int, port: int, path: str) -> None:
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def fsdp2_dkm(rank: int, world: int, port: int, path: str) -> None:
+    """FSDP2 (fully_shard) over the same layer: the weight is sharded between steps and
+    all-gathered for the forward, where dkm clusters it."""
+    init(rank, world, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = ClusteredLinear()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        x = batch()
+        y, clustered = model(x.chunk(world)[rank])
+        (y.square().sum() * world / x.shape[0]).backward()
+        torch.save({"grad": model.weight.grad.full_tensor(), "clustered": clustered.detach()}, path)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -54,3 +54,14 @@ def test_bad_input(call, error, message):
 def test_devices_must_match():
     with pytest.raises(ValueError, match="centroids must be on weight's device"):
         edkm.dkm(W.cuda(), C, 0.1)
+
+
+@pytest.mark.parametrize("bad_slot", [-5, 70000], ids=["negative", "above-65535"])
+def test_slot_tables_outside_the_16bit_range_are_refused(bad_slot):
+    w = torch.randn(4, 30000).bfloat16()  # groups large enough for the dense-map path
+    slots, counts = torch.ops.edkm._slot_table(w, 4)
+    slots = slots.clone()
+    slots[0, 0] = bad_slot
+    table = torch.zeros(slots.shape)
+    with pytest.raises(ValueError, match="slot"):
+        torch.ops.edkm._slot_gather(w, slots, table)

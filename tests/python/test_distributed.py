@@ -1,6 +1,6 @@
 """2 ranks with gloo on CPU (spawned processes, bounded time): the sharded store gives the
-single-process gradients, disagreeing ranks get a clear error, and DDP over dkm matches a
-single-process run."""
+single-process gradients, disagreeing ranks get a clear error, and DDP and FSDP2 over dkm
+match a single-process run."""
 import os
 import socket
 import sys
@@ -81,6 +81,18 @@ def test_ddp_over_dkm_matches_single_process(tmp_path):
     (y.square().sum() / x.shape[0]).backward()
     for r in results:
         # Float64: only the order of the all-reduce's sums differs.
+        assert rel_error(r["grad"], model.weight.grad) <= 1e-12
+        assert torch.equal(r["clustered"], clustered.detach())
+
+
+@pytest.mark.slow
+def test_fsdp2_over_dkm_matches_single_process(tmp_path):
+    results = run_ranks(dist_workers.fsdp2_dkm, tmp_path)
+    model = dist_workers.ClusteredLinear()
+    x = dist_workers.batch()
+    y, clustered = model(x)
+    (y.square().sum() / x.shape[0]).backward()
+    for r in results:
         assert rel_error(r["grad"], model.weight.grad) <= 1e-12
         assert torch.equal(r["clustered"], clustered.detach())
 

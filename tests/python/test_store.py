@@ -148,3 +148,26 @@ def test_unknown_handle_is_a_clear_error():
     store = edkm.SavedTensorStore()
     with pytest.raises(ValueError, match="unknown or released handle"):
         store.unpack(12345)
+
+
+def test_writing_into_an_unpacked_tensor_does_not_change_the_store():
+    store = edkm.SavedTensorStore(offload=True)
+    t = torch.arange(10.0)
+    h = store.pack(t)
+    store.unpack(h).mul_(100)
+    assert torch.equal(store.unpack(h), torch.arange(10.0))
+
+
+def test_views_of_parameters_are_referenced_too():
+    # F.linear saves weight.t(): a view of the parameter, alive in its module anyway.
+    w = torch.nn.Parameter(torch.randn(32, 64))
+    leaf = torch.randn(4, 64, requires_grad=True)
+    with edkm.saved_tensors(offload=True) as store:
+        x = leaf * 2  # an activation: needs grad, not a leaf
+        y = torch.nn.functional.linear(x, w)
+    c = store.counters()
+    assert c["referenced_bytes"] == w.nbytes
+    assert c["host_bytes"] == x.nbytes  # only the activation was copied
+    y.sum().backward()
+    assert torch.equal(w.grad, x.detach().sum(0).expand(32, 64))
+    assert torch.allclose(leaf.grad, 2 * w.detach().sum(0).expand(4, 64), rtol=1e-5, atol=1e-5)

@@ -17,14 +17,14 @@ struct StoreOptions {
   bool offload = true;            // copy to host at pack (pinned, non-blocking from CUDA)
   bool dedup = true;              // one copy per (storage, version); views are geometry only
   bool uniquify = false;          // distinct values / rows + index, when that is smaller
-  bool keep_parameters = true;    // leaves that require grad are referenced, not copied
+  bool keep_parameters = true;    // leaves that require grad (and views of them) are referenced
 };
 
 struct StoreCounters {
   int64_t packed = 0;                  // tensors packed
   int64_t device_bytes = 0;            // bytes held on a device by live entries
   int64_t host_bytes = 0;              // bytes held in host memory by live entries
-  int64_t referenced_bytes = 0;        // parameters kept by reference (not copied)
+  int64_t referenced_bytes = 0;        // parameters (or views of them) kept by reference
   int64_t dedup_hits = 0;              // packs served by an existing copy
   int64_t dedup_bytes_avoided = 0;     // bytes those hits did not copy
   int64_t uniquify_bytes_avoided = 0;  // raw bytes minus table + index bytes

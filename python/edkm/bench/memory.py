@@ -201,16 +201,23 @@ def table(report: dict) -> str:
         f"- full layer: {report['full_layer_numel']:,} weights; each variant ran on the weights shown "
         "(every matrix keeps that fraction of its rows)",
         "",
-        "| variant | weights measured | kept on device | kept on host | peak memory | time | kept, full layer | vs reference |",
+        "| variant | weights measured | kept where autograd put it | kept in the store's host copies | peak memory | time | kept, full layer | vs reference |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["variants"]:
-        label = " (extrapolated)" if r["full_layer_kept_extrapolated"] else " (as measured: does not grow with N)"
+        if not r["full_layer_kept_extrapolated"]:
+            label = " (as measured: does not grow with N)"
+        elif "U" in r["variant"]:
+            label = " (extrapolated linearly: an upper bound, its tables do not grow)"
+        else:
+            label = " (extrapolated)"
         lines.append(
             f"| {r['variant']} | {r['numel']:,} | {r['saved_device_bytes'] / mib:,.1f} MiB | "
             f"{r['saved_host_bytes'] / mib:,.1f} MiB | {r['peak_bytes'] / mib:,.0f} MiB | {r['seconds']:.2f} s | "
             f"{r['full_layer_kept_bytes'] / 2**30:,.3f} GiB{label} | {r['saved_ratio_to_reference']:,.0f}x less |")
-    lines += ["", "Kept = bytes held for backward after the whole layer's forward (weights themselves "
+    lines += ["", "JSON keys: saved_device_bytes = kept where autograd put it (on a CPU run that is CPU "
+              "memory), saved_host_bytes = the store's host copies.",
+              "", "Kept = bytes held for backward after the whole layer's forward (weights themselves "
               "excluded). Naive variants are measured on a fraction of the layer and extrapolated "
               "linearly (their bytes grow with the weights); dkm's tables do not grow with the weights "
               "and are measured at full size. On a CPU the 'host' copies share memory with everything "
