@@ -73,26 +73,15 @@ def test_disagreeing_ranks_get_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_over_dkm_matches_single_process(tmp_path):
-    results = run_ranks(dist_workers.ddp_dkm, tmp_path)
+@pytest.mark.parametrize("worker", ["ddp_dkm", "fsdp2_dkm"], ids=["DDP", "FSDP2"])
+def test_data_parallel_dkm_matches_single_process(worker, tmp_path):
+    results = run_ranks(getattr(dist_workers, worker), tmp_path)
     model = dist_workers.ClusteredLinear()
     x = dist_workers.batch()
     y, clustered = model(x)
     (y.square().sum() / x.shape[0]).backward()
     for r in results:
         # Float64: only the order of the all-reduce's sums differs.
-        assert rel_error(r["grad"], model.weight.grad) <= 1e-12
-        assert torch.equal(r["clustered"], clustered.detach())
-
-
-@pytest.mark.slow
-def test_fsdp2_over_dkm_matches_single_process(tmp_path):
-    results = run_ranks(dist_workers.fsdp2_dkm, tmp_path)
-    model = dist_workers.ClusteredLinear()
-    x = dist_workers.batch()
-    y, clustered = model(x)
-    (y.square().sum() / x.shape[0]).backward()
-    for r in results:
         assert rel_error(r["grad"], model.weight.grad) <= 1e-12
         assert torch.equal(r["clustered"], clustered.detach())
 
