@@ -7,7 +7,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${EDKM_CACHE:-$HOME/.cache/edkm}
 py=${EDKM_PYTHON:-python3}
-key=$(sha256sum < "$here/requirements.txt" | cut -c1-12)
+key=$(cat "$here/requirements.txt" "$here/requirements-nodeps.txt" | sha256sum | cut -c1-12)
 tag=$($py -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
 env="$cache/env-$tag-$key"
 if [ ! -f "$env/.ready" ]; then
@@ -17,7 +17,8 @@ if [ ! -f "$env/.ready" ]; then
   $py -m venv "$env"
   "$env/bin/pip" install -q --upgrade pip >&2
   "$env/bin/pip" install -q -r "$here/requirements.txt" >&2
-  "$env/bin/python" -c 'import torch, pytest, tqdm' >&2
+  "$env/bin/pip" install -q --no-deps -r "$here/requirements-nodeps.txt" >&2
+  "$env/bin/python" -c 'import torch, pytest, tqdm, transformers, gguf' >&2
   touch "$env/.ready"
 fi
 echo "$env"
