@@ -1,0 +1,153 @@
+"""Centroid initialization over a weight's distinct values: exact 1-D k-means and k-means++.
+
+Both work on the weight's distinct values (vectors when cluster_dim > 1) with their counts, so a
+16-bit weight of any size costs one slot histogram plus work on at most 65536 values per group.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Tuple
+
+import torch
+
+from edkm import ops
+
+_16BIT = (torch.bfloat16, torch.float16)
+
+
+class Init(NamedTuple):
+    centroids: torch.Tensor  # [G, K] (or [G, K, d]), float64, sorted ascending when d == 1
+    cost: torch.Tensor  # [G] float64: within-cluster sum of squared errors per group
+    method: str  # "optimal" or "kmeans++"
+    variance: float  # of the whole weight (weighted by counts), for the relative temperature
+
+
+def distinct_values(weight: torch.Tensor, groups: int, name: str = "weight") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per group (``groups`` equal contiguous chunks of the flattened weight): sorted distinct
+    values (float64) and their counts (float64). +0 and -0 count as one value."""
+    w = weight.detach()
+    if w.numel() == 0:
+        raise ValueError(f"edkm: {name} is empty; nothing to cluster")
+    if w.numel() % groups:
+        raise ValueError(f"edkm: {name} with {w.numel()} elements cannot be cut into {groups} groups")
+    out = []
+    if w.dtype in _16BIT:
+        slots, counts = torch.ops.edkm._slot_table(w.contiguous(), groups)
+        slots, counts = slots.cpu(), counts.cpu()
+        for g in range(groups):
+            present = counts[g] > 0
+            vals = slots[g][present].to(torch.int16).view(w.dtype).double()
+            out.append(_merge_sorted(vals, counts[g][present].double(), name))
+    else:
+        flat = w.reshape(groups, -1).cpu()
+        for g in range(groups):
+            vals, cnt = torch.unique(flat[g], sorted=True, return_counts=True)
+            out.append(_merge_sorted(vals.double(), cnt.double(), name))
+    return out
+
+
+def _merge_sorted(vals: torch.Tensor, counts: torch.Tensor, name: str):
+    if not torch.isfinite(vals).all():
+        raise ValueError(f"edkm: {name} has NaN or Inf values; cannot cluster it")
+    order = torch.argsort(vals)
+    vals, counts = vals[order], counts[order]
+    uniq, inverse = torch.unique_consecutive(vals, return_inverse=True)
+    if uniq.numel() != vals.numel():
+        counts = torch.zeros(uniq.numel(), dtype=counts.dtype).index_add_(0, inverse, counts)
+    return uniq, counts
+
+
+def distinct_vectors(weight: torch.Tensor, groups: int, d: int, name: str = "weight"):
+    """Per group: distinct d-vectors (float64 [U, d]) and counts, vectors along the last axis."""
+    w = weight.detach()
+    if w.shape[-1] % d:
+        raise ValueError(f"edkm: cluster_dim {d} must divide {name}'s last dimension {w.shape[-1]}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"edkm: {name} has NaN or Inf values; cannot cluster it")
+    vecs = w.reshape(groups, -1, d).cpu()
+    out = []
+    for g in range(groups):
+        v, cnt = torch.unique(vecs[g].double(), dim=0, return_counts=True)
+        out.append((v, cnt.double()))
+    return out
+
+
+def _weighted_cost(values: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    v = values if values.dim() == 2 else values[:, None]
+    c = centroids if centroids.dim() == 2 else centroids[:, None]
+    d2 = torch.cdist(v, c).square().min(dim=1).values
+    return (counts * d2).sum()
+
+
+def kmeans_plus_plus(values: torch.Tensor, counts: torch.Tensor, k: int, seed: int = 0,
+                     max_lloyd: int = 100) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weighted k-means++ seeding (fixed seed) then Lloyd iterations, over distinct values
+    [U] or vectors [U, d] with counts. Returns (centroids [k] or [k, d], cost)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = values if values.dim() == 2 else values[:, None]
+    u = v.shape[0]
+    chosen = [int(torch.multinomial(counts, 1, generator=gen))]
+    d2 = (v - v[chosen[0]]).square().sum(1)
+    while len(chosen) < min(k, u):
+        p = counts * d2
+        if not p.sum() > 0:
+            break
+        j = int(torch.multinomial(p, 1, generator=gen))
+        chosen.append(j)
+        d2 = torch.minimum(d2, (v - v[j]).square().sum(1))
+    c = v[chosen].clone()
+    assign = None
+    for _ in range(max_lloyd):
+        new_assign = torch.cdist(v, c).argmin(dim=1)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        mass = torch.zeros(c.shape[0], dtype=v.dtype).index_add_(0, assign, counts)
+        sums = torch.zeros_like(c).index_add_(0, assign, v * counts[:, None])
+        keep = mass > 0
+        c[keep] = sums[keep] / mass[keep, None]
+    if c.shape[0] < k:  # fewer distinct values than centroids: repeat the last one
+        c = torch.cat([c, c[-1:].expand(k - c.shape[0], -1)])
+    if values.dim() == 1:
+        c = c[:, 0].sort().values
+    return c, _weighted_cost(values, counts, c)
+
+
+def optimal_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact weighted 1-D k-means (dynamic programming, in the C++ library)."""
+    c, cost = ops.optimal_kmeans_1d(values, counts, k)
+    return c, cost
+
+
+def init_centroids(weight: torch.Tensor, groups: int, k: int, cluster_dim: int = 1,
+                   method: str = "auto", seed: int = 0, name: str = "weight") -> Init:
+    """Centroids for ``weight`` cut into ``groups`` LUT groups, by ``method``
+    ("optimal", "kmeans++" or "auto" = the lower total within-cluster error)."""
+    if cluster_dim == 1:
+        per_group = distinct_values(weight, groups, name)
+    else:
+        per_group = distinct_vectors(weight, groups, cluster_dim, name)
+    methods = {"auto": ("optimal", "kmeans++") if cluster_dim == 1 else ("kmeans++",),
+               "optimal": ("optimal",), "kmeans++": ("kmeans++",)}[method]
+    best = None
+    for m in methods:
+        cs, costs = [], []
+        for g, (vals, cnt) in enumerate(per_group):
+            c, cost = (optimal_1d(vals, cnt, k) if m == "optimal"
+                       else kmeans_plus_plus(vals, cnt, k, seed=seed + g))
+            cs.append(c)
+            costs.append(cost)
+        total = float(torch.stack(costs).sum())
+        if best is None or total < best[0]:
+            best = (total, torch.stack(cs), torch.stack(costs), m)
+    mass = sum(float(cnt.sum()) for _, cnt in per_group)
+    mean = sum(float((cnt[:, None] * (v if v.dim() == 2 else v[:, None])).sum()) for v, cnt in per_group) / mass
+    sq = sum(float((cnt[:, None] * (v if v.dim() == 2 else v[:, None]).square()).sum()) for v, cnt in per_group)
+    d = cluster_dim
+    variance = max(sq / mass - d * mean * mean if d == 1 else _vector_variance(per_group, mass), 0.0)
+    return Init(best[1], best[2], best[3], variance)
+
+
+def _vector_variance(per_group, mass: float) -> float:
+    """Mean squared distance of the vectors to their mean (the trace of the covariance)."""
+    total = sum((cnt[:, None] * v).sum(0) for v, cnt in per_group) / mass
+    return float(sum((cnt * (v - total).square().sum(1)).sum() for v, cnt in per_group) / mass)

@@ -1,0 +1,297 @@
+"""Clustered versions of nn.Linear and nn.Embedding, made by :func:`edkm.palettize_`.
+
+A clustered module keeps its original ``weight`` Parameter as the trainable one (optimizers,
+FSDP and ``state_dict`` see it unchanged) and adds a ``edkm_centroids`` buffer plus a small
+extra state (step, temperature, flags) so training stops and resumes exactly. Its forward:
+
+* before the milestone: the plain module (the weight trains unclustered);
+* training: DKM soft clustering every step, warm-started from the previous centroids. Linear
+  layers use :func:`edkm.dkm_linear`, which rebuilds the clustered weight in backward instead of
+  keeping it, so a clustered layer costs about what a plain one does;
+* eval: the hard assignment to the current centroids (what :func:`edkm.finalize` and the
+  exported file give), cached until the weight or the centroids change;
+* finalized: the weight holds its look-up-table values; the plain module's forward.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edkm import ops
+from edkm.config import Config
+from edkm.init import init_centroids
+from edkm.vector_dkm import vector_assign, vector_dequantize, vector_dkm
+
+_16BIT = (torch.bfloat16, torch.float16)
+
+
+class ClusteredMixin:
+    """Shared machinery; combined with nn.Linear / nn.Embedding (or a subclass of them)."""
+
+    edkm_config: Config
+    edkm_name: str
+
+    # ---- set-up (called by palettize_) ------------------------------------------------------
+    def _edkm_setup(self, name: str, config: Config, leader: Optional["ClusteredMixin"] = None):
+        self.edkm_config = config
+        self.edkm_name = name
+        # A tied follower shares its leader's weight Parameter and centroids (e.g. lm_head tied
+        # to the input embedding); it is kept out of the module tree to avoid a cycle.
+        object.__setattr__(self, "_edkm_leader", leader)
+        self._edkm_state: Dict[str, Any] = {"step": 0, "tau": 0.0, "initialized": False,
+                                            "finalized": False}
+        self._edkm_cache = None
+        self._edkm_indices = None
+        w = self.weight
+        if w.dim() != 2:
+            raise ValueError(f"edkm: {name}.weight must be 2-D, got shape {tuple(w.shape)}")
+        if not w.is_floating_point():
+            raise ValueError(f"edkm: {name}.weight must be floating point, got {w.dtype}")
+        rows, cols = w.shape
+        gs = config.group_size
+        if gs is not None and rows % gs:
+            raise ValueError(f"edkm: group_size {gs} must divide {name}'s {rows} output channels (rows)")
+        if cols % config.cluster_dim:
+            raise ValueError(f"edkm: cluster_dim {config.cluster_dim} must divide {name}'s "
+                             f"{cols} input channels (columns)")
+        groups = rows // gs if gs else 1
+        shape = (groups, config.k) if config.cluster_dim == 1 else (groups, config.k, config.cluster_dim)
+        cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+        if leader is None:
+            self.register_buffer("edkm_centroids", torch.zeros(shape, dtype=cdt, device=w.device))
+        if config.milestone == 0 and leader is None:
+            self.edkm_initialize()
+
+    @property
+    def edkm_leader(self) -> Optional["ClusteredMixin"]:
+        return self.__dict__.get("_edkm_leader")
+
+    @property
+    def edkm_groups(self) -> int:
+        gs = self.edkm_config.group_size
+        return self.weight.shape[0] // gs if gs else 1
+
+    @property
+    def edkm_step(self) -> int:
+        return self._owner._edkm_state["step"]
+
+    @property
+    def edkm_initialized(self) -> bool:
+        return self._owner._edkm_state["initialized"]
+
+    @property
+    def edkm_finalized(self) -> bool:
+        return self._owner._edkm_state["finalized"]
+
+    @property
+    def edkm_temperature(self) -> float:
+        """The absolute temperature tau used in the softmax (temperature * var(w) at init)."""
+        return self._owner._edkm_state["tau"]
+
+    @property
+    def _owner(self) -> "ClusteredMixin":
+        return self.edkm_leader or self
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self._owner.edkm_centroids
+
+    # ---- state_dict: step, tau and flags travel with the centroids --------------------------
+    def get_extra_state(self):
+        if self.edkm_leader is not None:
+            return {"leader": self.edkm_leader.edkm_name}
+        return dict(self._edkm_state, config=self.edkm_config.to_dict())
+
+    def set_extra_state(self, state):
+        if self.edkm_leader is not None:
+            return
+        if not isinstance(state, dict) or not {"step", "tau", "initialized", "finalized"} <= set(state):
+            raise ValueError(f"edkm: {self.edkm_name}: the state_dict's edkm state is not one edkm wrote")
+        saved = state.get("config")
+        if saved is not None and saved != self.edkm_config.to_dict():
+            raise ValueError(f"edkm: {self.edkm_name}: the state_dict was saved with config {saved}, "
+                             f"this module has {self.edkm_config.to_dict()}")
+        self._edkm_state = {k: state[k] for k in ("step", "tau", "initialized", "finalized")}
+        self._edkm_cache = None
+        self._edkm_indices = None
+
+    # ---- the weight that gets clustered ----------------------------------------------------
+    def edkm_source(self) -> torch.Tensor:
+        """The weight as clustered: rounded to cluster_dtype when it is wider (differentiably)."""
+        w = self.weight
+        cd = self.edkm_config.cluster_dtype
+        if cd is not None and w.dtype not in _16BIT:
+            w = w.to(cd)
+        return w
+
+    @torch.no_grad()
+    def edkm_initialize(self) -> None:
+        """Initialize the centroids from the current weight (config.init) and fix tau."""
+        owner = self._owner
+        cfg = owner.edkm_config
+        init = init_centroids(owner.edkm_source(), owner.edkm_groups, cfg.k, cfg.cluster_dim,
+                              cfg.init, cfg.seed, name=f"{owner.edkm_name}.weight")
+        owner.edkm_centroids.copy_(init.centroids.to(owner.edkm_centroids))
+        owner._edkm_state["tau"] = cfg.temperature * (init.variance if init.variance > 0 else 1.0)
+        owner._edkm_state["initialized"] = True
+        owner._edkm_state["init_method"] = init.method
+        owner._edkm_cache = None
+
+    def _soft_weight(self) -> torch.Tensor:
+        """DKM-clustered weight (differentiable); moves the centroids (warm start)."""
+        cfg = self.edkm_config
+        src = self.edkm_source()
+        c = self.edkm_centroids
+        tau = self._edkm_state["tau"]
+        if cfg.cluster_dim == 1:
+            clustered, new_c, _ = ops.dkm(src, c.detach(), tau, cfg.max_iter, cfg.epsilon, cfg.distance)
+        else:
+            clustered, new_c = vector_dkm(src, c.detach(), tau, cfg.max_iter, cfg.epsilon)
+        with torch.no_grad():
+            c.copy_(new_c.detach().to(c.dtype))
+        return clustered.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def edkm_indices(self, centroids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Index of each weight's (or d-vector's) nearest centroid, flattened."""
+        owner = self._owner
+        c = owner.edkm_centroids if centroids is None else centroids
+        src = owner.edkm_source().detach()
+        if owner.edkm_config.cluster_dim == 1:
+            return ops.assign(src, c).reshape(-1)
+        return vector_assign(src, c)
+
+    @torch.no_grad()
+    def _hard_weight(self) -> torch.Tensor:
+        owner = self._owner
+        key = (owner.weight._version, owner.weight.data_ptr(), owner.edkm_centroids._version)
+        if owner._edkm_cache is not None and owner._edkm_cache[0] == key:
+            return owner._edkm_cache[1]
+        idx = owner.edkm_indices()
+        w = owner.weight
+        if owner.edkm_config.cluster_dim == 1:
+            hard = ops.dequantize(idx.reshape(w.shape), owner.edkm_centroids, w.dtype)
+        else:
+            hard = vector_dequantize(idx, owner.edkm_centroids, w.shape, w.dtype)
+        owner._edkm_cache = (key, hard)
+        return hard
+
+    def clustered_weight(self) -> torch.Tensor:
+        """The weight this module computes with now (see the module docstring)."""
+        owner = self._owner
+        st = owner._edkm_state
+        if st["finalized"] or not st["initialized"]:
+            return self.weight
+        if not self.training:
+            return self._hard_weight()
+        if self.edkm_leader is not None:
+            cached = owner._edkm_cache
+            key = ("soft", st["step"], owner.weight._version)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            return owner._soft_weight()
+        return self._soft_weight()
+
+    def _edkm_advance(self) -> bool:
+        """Count a training step; True when clustering is active for it."""
+        owner = self._owner
+        st = owner._edkm_state
+        if st["finalized"]:
+            return False
+        if self.edkm_leader is None and self.training:
+            st["step"] += 1
+            if not st["initialized"] and st["step"] > self.edkm_config.milestone:
+                self.edkm_initialize()
+        return st["initialized"]
+
+    def _edkm_remember(self, soft: torch.Tensor) -> torch.Tensor:
+        """Keep this step's soft weight for a tied follower."""
+        self._edkm_cache = (("soft", self._edkm_state["step"], self.weight._version), soft)
+        return soft
+
+    @torch.no_grad()
+    def edkm_finalize(self) -> None:
+        """Hard-assign the weight to its nearest centroid, with the LUT rounded to fp16 (the
+        exported precision), so the exported file reproduces this module exactly."""
+        if self.edkm_leader is not None:
+            return
+        if self._edkm_state["finalized"]:
+            return
+        if not self._edkm_state["initialized"]:
+            self.edkm_initialize()
+        c = self.edkm_centroids
+        if not torch.isfinite(c).all():
+            raise ValueError(f"edkm: {self.edkm_name} has non-finite centroids; cannot finalize")
+        lut = c.to(torch.float16)
+        if not torch.isfinite(lut).all():
+            raise ValueError(f"edkm: {self.edkm_name}: a centroid exceeds float16's range (65504); "
+                             f"the file format stores LUTs in float16")
+        c.copy_(lut.to(c.dtype))
+        idx = self.edkm_indices()
+        w = self.weight
+        if self.edkm_config.cluster_dim == 1:
+            hard = ops.dequantize(idx.reshape(w.shape), c, w.dtype)
+        else:
+            hard = vector_dequantize(idx, c, w.shape, w.dtype)
+        w.copy_(hard)
+        self._edkm_indices = idx
+        self._edkm_state["finalized"] = True
+        self._edkm_cache = None
+
+    def extra_repr(self) -> str:
+        cfg = self.edkm_config
+        tied = f", tied to {self.edkm_leader.edkm_name}" if self.edkm_leader is not None else ""
+        return (f"{super().extra_repr()}, bits={cfg.bits}, groups={self.edkm_groups}, "
+                f"cluster_dim={cfg.cluster_dim}{tied}")
+
+
+class ClusteredLinear(ClusteredMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._edkm_advance():
+            return F.linear(x, self.weight, self.bias)
+        if not self.training:
+            return F.linear(x, self._hard_weight(), self.bias)
+        cfg = self.edkm_config
+        fused = (self.edkm_leader is None and cfg.cluster_dim == 1 and x.dtype == self.weight.dtype
+                 and self.edkm_source() is self.weight)
+        if fused:
+            out, new_c, _ = ops.dkm_linear(x, self.weight, self.edkm_centroids.detach(), self.bias,
+                                           self._edkm_state["tau"], cfg.max_iter, cfg.epsilon, cfg.distance)
+            with torch.no_grad():
+                self.edkm_centroids.copy_(new_c.detach().to(self.edkm_centroids.dtype))
+            return out
+        w = self.clustered_weight()
+        if self.edkm_leader is None:
+            self._edkm_remember(w)
+        return F.linear(x, w, self.bias)
+
+
+class ClusteredEmbedding(ClusteredMixin, nn.Embedding):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._edkm_advance():
+            w = self.clustered_weight()
+            if self.training and self.edkm_leader is None:
+                self._edkm_remember(w)
+        else:
+            w = self.weight
+        return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+_CLASSES: Dict[type, type] = {nn.Linear: ClusteredLinear, nn.Embedding: ClusteredEmbedding}
+
+
+def clustered_class(cls: type) -> Optional[type]:
+    """The clustered class for a module class (subclasses of Linear/Embedding get their own)."""
+    if cls in _CLASSES:
+        return _CLASSES[cls]
+    if issubclass(cls, ClusteredMixin):
+        return None
+    for base, mixed in ((nn.Linear, ClusteredLinear), (nn.Embedding, ClusteredEmbedding)):
+        if issubclass(cls, base):
+            _CLASSES[cls] = type(f"Clustered{cls.__name__}", (mixed, cls), {"forward": mixed.forward})
+            return _CLASSES[cls]
+    return None
