@@ -52,6 +52,25 @@ at::Tensor dequantize(const at::Tensor& indices, const at::Tensor& centroids,
   return handle.call(indices, centroids, dtype);
 }
 
+at::Tensor pack_indices(const at::Tensor& indices, int64_t bits) {
+  static auto handle = op<at::Tensor(const at::Tensor&, int64_t)>("edkm::pack_indices");
+  return handle.call(indices, bits);
+}
+
+at::Tensor unpack_indices(const at::Tensor& packed, int64_t bits, int64_t count) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, int64_t, int64_t)>("edkm::unpack_indices");
+  return handle.call(packed, bits, count);
+}
+
+std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d(const at::Tensor& values,
+                                                     const at::Tensor& counts, int64_t k) {
+  static auto handle =
+      op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>(
+          "edkm::optimal_kmeans_1d");
+  return handle.call(values, counts, k);
+}
+
 bool cuda_compiled() {
 #ifdef EDKM_WITH_CUDA
   return true;

@@ -25,6 +25,14 @@ TORCH_LIBRARY(edkm, m) {
         "(Tensor output, Tensor centroids, Tensor iterations)", kSyncing);
   m.def("assign(Tensor weight, Tensor centroids) -> Tensor", kSyncing);
   m.def("dequantize(Tensor indices, Tensor centroids, ScalarType? dtype=None) -> Tensor", kSyncing);
+  // Bit packing of the file format (docs/FORMAT.md): index j at bits [j*bits, (j+1)*bits) of a
+  // little-endian bit stream; uint8 [ceil(n * bits / 8)] out, uint8 [count] back.
+  m.def("pack_indices(Tensor indices, int bits) -> Tensor", kSyncing);
+  m.def("unpack_indices(Tensor packed, int bits, int count) -> Tensor", kSyncing);
+  // Exact optimal weighted 1-D k-means over sorted distinct values: float64 centroids [k]
+  // (ascending) and the optimal cost (0-d float64). Runs on the CPU (other devices copy).
+  m.def("optimal_kmeans_1d(Tensor values, Tensor counts, int k) -> (Tensor centroids, "
+        "Tensor cost)", kSyncing);
 
   // dkm's forward and backward below autograd. `lookup` is the sorted slot table [G, Ucap] for
   // 16-bit weights (the index is rebuilt from the weight's bits) or the int32 index [N] for

@@ -5,13 +5,17 @@ fake kernels (torch.compile / torch.export), the Python API and the benchmarks.
 """
 from edkm import _native
 from edkm import _fake  # noqa: F401  (registers fake kernels)
-from edkm.ops import DkmResult, assign, dequantize, dkm, dkm_linear, dkm_reference
+from edkm.ops import (
+    DkmResult, KMeans1dResult, assign, dequantize, dkm, dkm_linear, dkm_reference,
+    optimal_kmeans_1d, pack_indices, unpack_indices,
+)
 from edkm.store import SavedTensorStore, saved_tensors
 
 __version__ = _native._C.__version__
 cuda_compiled = _native.cuda_compiled
 
 __all__ = [
-    "DkmResult", "SavedTensorStore", "assign", "cuda_compiled", "dequantize", "dkm", "dkm_linear",
-    "dkm_reference", "saved_tensors",
+    "DkmResult", "KMeans1dResult", "SavedTensorStore", "assign", "cuda_compiled", "dequantize",
+    "dkm", "dkm_linear", "dkm_reference", "optimal_kmeans_1d", "pack_indices", "saved_tensors",
+    "unpack_indices",
 ]

@@ -110,3 +110,25 @@ def _assign_fake(weight, centroids):
 @torch.library.register_fake("edkm::dequantize")
 def _dequantize_fake(indices, centroids, dtype=None):
     return indices.new_empty(indices.shape, dtype=dtype or centroids.dtype)
+
+
+def _check_bits(op: str, bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"{op}: bits must be in 1..8, got {bits}")
+
+
+@torch.library.register_fake("edkm::pack_indices")
+def _pack_indices_fake(indices, bits):
+    _check_bits("pack_indices", bits)
+    return indices.new_empty(((indices.numel() * bits + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("edkm::unpack_indices")
+def _unpack_indices_fake(packed, bits, count):
+    _check_bits("unpack_indices", bits)
+    return packed.new_empty((count,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("edkm::optimal_kmeans_1d")
+def _optimal_kmeans_1d_fake(values, counts, k):
+    return values.new_empty((k,), dtype=torch.float64), values.new_empty((), dtype=torch.float64)

@@ -74,3 +74,29 @@ def dequantize(
 ) -> torch.Tensor:
     """``centroids[g, indices]`` for every index, in ``dtype`` (default: the centroids' dtype)."""
     return torch.ops.edkm.dequantize(indices, centroids, dtype)
+
+
+class KMeans1dResult(NamedTuple):
+    centroids: torch.Tensor
+    cost: torch.Tensor
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-pack ``indices`` (any shape, integer, values in [0, 2**bits)) as docs/FORMAT.md says:
+    index j at bits [j*bits, (j+1)*bits) of a little-endian bit stream, unused high bits of the
+    last byte zero. Returns uint8 of shape [ceil(numel * bits / 8)]. ``bits`` in 1..8."""
+    return torch.ops.edkm.pack_indices(indices, bits)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: uint8 [count] from ``packed`` (uint8 1-D of exactly
+    ceil(count * bits / 8) bytes)."""
+    return torch.ops.edkm.unpack_indices(packed, bits, count)
+
+
+def optimal_kmeans_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> KMeans1dResult:
+    """Exact optimal weighted 1-D k-means over sorted, strictly increasing, finite ``values`` [U]
+    with positive ``counts`` [U]. Returns float64 ``centroids`` [k] (ascending) and the optimal
+    ``cost`` = sum counts * (values - nearest centroid)**2 (0-d float64). When k >= U the
+    centroids are the values padded by repeating the last one (cost 0). O(k U log U)."""
+    return KMeans1dResult(*torch.ops.edkm.optimal_kmeans_1d(values, counts, k))

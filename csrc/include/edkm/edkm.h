@@ -46,6 +46,26 @@ at::Tensor assign(const at::Tensor& weight, const at::Tensor& centroids);
 at::Tensor dequantize(const at::Tensor& indices, const at::Tensor& centroids,
                       c10::optional<at::ScalarType> dtype = c10::nullopt);
 
+// Bit packing of cluster indices as the file format stores them (docs/FORMAT.md): index j takes
+// bits [j*bits, (j+1)*bits) of a little-endian bit stream (bit k is bit k % 8 of byte k / 8);
+// the unused high bits of the last byte are zero. `indices`: any shape, uint8/int8/int16/int32/
+// int64, values in [0, 2^bits); bits in 1..8. Returns uint8 [ceil(numel * bits / 8)] (row-major
+// order of `indices`). CPU has a dedicated kernel; other devices run a generic ATen version.
+at::Tensor pack_indices(const at::Tensor& indices, int64_t bits);
+
+// The inverse: uint8 [count] from `packed` (uint8 1-D of exactly ceil(count * bits / 8) bytes,
+// unused high bits of the last byte zero).
+at::Tensor unpack_indices(const at::Tensor& packed, int64_t bits, int64_t count);
+
+// Exact optimal weighted 1-D k-means: minimizes sum_i counts[i] * (values[i] - c(i))^2 over k
+// centroids. values: 1-D, finite, sorted strictly increasing (floating, computed in float64);
+// counts: same length, finite and > 0 (floating or integer); k >= 1. Returns (centroids, cost):
+// float64 [k] ascending and the optimal cost (0-d float64). When k >= U the centroids are the
+// values padded by repeating the last one (cost 0). O(k U log U) time (divide-and-conquer DP)
+// and (k - 1) * (U - k + 1) int32 of memory; runs on the CPU (other devices copy there and back).
+std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d(const at::Tensor& values,
+                                                     const at::Tensor& counts, int64_t k);
+
 // True when this build of libedkm has CUDA kernels.
 bool cuda_compiled();
 
