@@ -10,11 +10,17 @@ from edkm.ops import (
     optimal_kmeans_1d, pack_indices, unpack_indices,
 )
 from edkm.store import SavedTensorStore, saved_tensors
+from edkm.config import Config
+from edkm.modules import ClusteredEmbedding, ClusteredLinear
+from edkm.palettize import clustered_modules, clustered_weight, finalize, palettize_
+from edkm.format import FormatError, info, load, load_state_dict, save
 
 __version__ = _native._C.__version__
 cuda_compiled = _native.cuda_compiled
 
 __all__ = [
+    "ClusteredEmbedding", "ClusteredLinear", "Config", "FormatError", "clustered_modules",
+    "clustered_weight", "finalize", "info", "load", "load_state_dict", "palettize_", "save",
     "DkmResult", "KMeans1dResult", "SavedTensorStore", "assign", "cuda_compiled", "dequantize",
     "dkm", "dkm_linear", "dkm_reference", "optimal_kmeans_1d", "pack_indices", "saved_tensors",
     "unpack_indices",

@@ -114,7 +114,8 @@ class ClusteredMixin:
         if saved is not None and saved != self.edkm_config.to_dict():
             raise ValueError(f"edkm: {self.edkm_name}: the state_dict was saved with config {saved}, "
                              f"this module has {self.edkm_config.to_dict()}")
-        self._edkm_state = {k: state[k] for k in ("step", "tau", "initialized", "finalized")}
+        self._edkm_state = {k: state[k] for k in ("step", "tau", "initialized", "finalized", "init_method")
+                            if k in state}
         self._edkm_cache = None
         self._edkm_indices = None
 
