@@ -1,8 +1,10 @@
-// CPU kernels of assign (binary search in the sorted centroids: O(log K) per weight) and
-// dequantize (one look-up per weight).
+// CPU kernels of assign (binary search in the sorted centroids: O(log K) per weight; for
+// 16-bit weights in large groups, one table look-up per weight: every one of the 65536 bit
+// patterns is assigned once per group) and dequantize (one look-up per weight).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -18,6 +20,8 @@ namespace edkm {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
+constexpr int64_t kPatterns = 1 << 16;
+constexpr int32_t kNotFinite = -1;
 
 // One group's centroids sorted by value, each with the lowest original index among equal values.
 struct SortedCentroids {
@@ -59,6 +63,39 @@ at::Tensor assign_cpu(const at::Tensor& weight, const at::Tensor& centroids) {
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "assign", [&] {
     const scalar_t* x = w.const_data_ptr<scalar_t>();
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (m >= kPatterns) {
+        // Index of every bit pattern, per group (kNotFinite for NaN/Inf patterns).
+        std::vector<int32_t> lut(static_cast<size_t>(groups * kPatterns));
+        at::parallel_for(0, groups * kPatterns, kGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) {
+            const auto bits = static_cast<uint16_t>(p % kPatterns);
+            scalar_t value;
+            std::memcpy(&value, &bits, sizeof(bits));
+            const double v = static_cast<double>(value);
+            lut[p] = std::isfinite(v) ? static_cast<int32_t>(tables[p / kPatterns].nearest(v)) : kNotFinite;
+          }
+        });
+        auto run16 = [&](auto* dst) {
+          using index_t = std::remove_pointer_t<decltype(dst)>;
+          at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              uint16_t bits;
+              std::memcpy(&bits, x + i, sizeof(bits));
+              const int32_t j = lut[(i / m) * kPatterns + bits];
+              if (j == kNotFinite) {
+                bad = true;
+                return;
+              }
+              dst[i] = static_cast<index_t>(j);
+            }
+          });
+        };
+        if (index_dtype == at::kByte) run16(out.mutable_data_ptr<uint8_t>());
+        else run16(out.mutable_data_ptr<int32_t>());
+        return;
+      }
+    }
     auto run = [&](auto* dst) {
       using index_t = std::remove_pointer_t<decltype(dst)>;
       at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {

@@ -95,21 +95,41 @@ def kmeans_plus_plus(values: torch.Tensor, counts: torch.Tensor, k: int, seed: i
         chosen.append(j)
         d2 = torch.minimum(d2, (v - v[j]).square().sum(1))
     c = v[chosen].clone()
-    assign = None
-    for _ in range(max_lloyd):
-        new_assign = torch.cdist(v, c).argmin(dim=1)
-        if assign is not None and torch.equal(new_assign, assign):
-            break
-        assign = new_assign
-        mass = torch.zeros(c.shape[0], dtype=v.dtype).index_add_(0, assign, counts)
-        sums = torch.zeros_like(c).index_add_(0, assign, v * counts[:, None])
-        keep = mass > 0
-        c[keep] = sums[keep] / mass[keep, None]
+    if values.dim() == 1:
+        c = _lloyd_1d(values, counts, c[:, 0].sort().values, max_lloyd)[:, None]
+    else:
+        assign = None
+        for _ in range(max_lloyd):
+            new_assign = torch.cdist(v, c).argmin(dim=1)
+            if assign is not None and torch.equal(new_assign, assign):
+                break
+            assign = new_assign
+            mass = torch.zeros(c.shape[0], dtype=v.dtype).index_add_(0, assign, counts)
+            sums = torch.zeros_like(c).index_add_(0, assign, v * counts[:, None])
+            keep = mass > 0
+            c[keep] = sums[keep] / mass[keep, None]
     if c.shape[0] < k:  # fewer distinct values than centroids: repeat the last one
         c = torch.cat([c, c[-1:].expand(k - c.shape[0], -1)])
     if values.dim() == 1:
         c = c[:, 0].sort().values
     return c, _weighted_cost(values, counts, c)
+
+
+def _lloyd_1d(values: torch.Tensor, counts: torch.Tensor, c: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """Weighted Lloyd iterations over sorted distinct values: each cluster is a run of values
+    between midpoints of sorted centroids, so one step is a binary search and prefix sums."""
+    mass = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    moment = torch.cat([counts.new_zeros(1), (counts * values).cumsum(0)])
+    for _ in range(max_iter):
+        bounds = torch.searchsorted(values, (c[1:] + c[:-1]) / 2)  # first index of clusters 1..
+        lo = torch.cat([bounds.new_zeros(1), bounds])
+        hi = torch.cat([bounds, bounds.new_full((1,), values.numel())])
+        m = mass[hi] - mass[lo]
+        new_c = torch.where(m > 0, (moment[hi] - moment[lo]) / m.clamp_min(1e-300), c).sort().values
+        if torch.equal(new_c, c):
+            break
+        c = new_c
+    return c
 
 
 def optimal_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -30,3 +30,21 @@ def test_dequantize_round_trip(device):
     assert torch.equal(out, c.gather(1, idx.long()))
     assert edkm.dequantize(idx, c, torch.bfloat16).dtype == torch.bfloat16
     assert torch.equal(edkm.assign(out, c).long(), idx.long())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [8, 300])
+def test_assign_16bit_large_groups_table_path(dtype, k):
+    """Groups of >= 65536 16-bit weights use a per-group table over all bit patterns."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(2, 70000, generator=g).to(dtype)
+    c = torch.randn(2, k, generator=g)
+    c[:, 1] = c[:, 0]
+    w.view(-1)[:4] = c[0, :4].to(dtype)
+    w[1, :3] = torch.tensor([0.0, -0.0, 65000.0 if dtype == torch.float16 else 1e30]).to(dtype)
+    idx = edkm.assign(w, c)
+    expected = (w.double().view(2, -1, 1) - c.double().view(2, 1, -1)).abs().argmin(2)
+    assert torch.equal(idx.long(), expected)
+    w[1, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        edkm.assign(w, c)
