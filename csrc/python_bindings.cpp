@@ -4,7 +4,9 @@
 
 #include <ATen/Parallel.h>
 #include <edkm/edkm.h>
+#include <edkm/format.h>
 #include <edkm/saved_tensor_store.h>
+#include <pybind11/stl.h>
 
 #include "settings.h"
 
@@ -23,6 +25,39 @@ py::dict counters_dict(const edkm::StoreCounters& c) {
   d["uniquify_bytes_avoided"] = c.uniquify_bytes_avoided;
   d["shard_bytes_avoided"] = c.shard_bytes_avoided;
   return d;
+}
+
+py::dict clustered_dict(const edkm::ClusteredTensor& c) {
+  py::dict d;
+  d["lut"] = c.lut;
+  d["packed"] = c.packed;
+  d["bits"] = c.bits;
+  d["shape"] = c.shape;
+  d["dtype"] = c.dtype;
+  d["groups"] = c.groups;
+  d["cluster_dim"] = c.cluster_dim;
+  return d;
+}
+
+edkm::ClusteredTensor clustered_from(const std::string& name, const py::handle& h) {
+  if (!py::isinstance<py::dict>(h)) {
+    throw py::type_error("_save_compressed: clustered[" + name + "] must be a dict");
+  }
+  auto d = py::reinterpret_borrow<py::dict>(h);
+  for (const char* key : {"lut", "packed", "bits", "shape", "dtype", "groups", "cluster_dim"}) {
+    if (!d.contains(key)) {
+      throw py::value_error("_save_compressed: clustered[" + name + "] has no '" + key + "'");
+    }
+  }
+  edkm::ClusteredTensor c;
+  c.lut = d["lut"].cast<at::Tensor>();
+  c.packed = d["packed"].cast<at::Tensor>();
+  c.bits = d["bits"].cast<int64_t>();
+  c.shape = d["shape"].cast<std::vector<int64_t>>();
+  c.dtype = d["dtype"].cast<at::ScalarType>();
+  c.groups = d["groups"].cast<int64_t>();
+  c.cluster_dim = d["cluster_dim"].cast<int64_t>();
+  return c;
 }
 
 }  // namespace
@@ -62,6 +97,54 @@ PYBIND11_MODULE(_C, m) {
       .def("unshard", &edkm::SavedTensorStore::unshard, py::arg("handle"), py::arg("gathered"))
       .def("counters", [](const edkm::SavedTensorStore& s) { return counters_dict(s.counters()); })
       .def_property_readonly("live_handles", &edkm::SavedTensorStore::live_handles);
+  // The C++ reader/writer of the compressed-model file (docs/FORMAT.md), for cross-checks
+  // against the Python one and the safetensors package.
+  m.def(
+      "_load_compressed",
+      [](const std::string& path) {
+        edkm::CompressedFile f;
+        {
+          py::gil_scoped_release release;
+          f = edkm::load_compressed(path);
+        }
+        py::dict clustered;
+        for (const auto& [name, c] : f.clustered) clustered[py::str(name)] = clustered_dict(c);
+        py::dict out;
+        out["tensors"] = f.tensors;
+        out["clustered"] = clustered;
+        out["aliases"] = f.aliases;
+        out["metadata"] = f.metadata;
+        return out;
+      },
+      py::arg("path"),
+      "edkm::load_compressed: {tensors, clustered: {name: {lut, packed, bits, shape, dtype, "
+      "groups, cluster_dim}}, aliases, metadata}");
+  m.def(
+      "_load_compressed_state_dict",
+      [](const std::string& path) { return edkm::load_compressed(path).state_dict(); },
+      py::arg("path"), py::call_guard<py::gil_scoped_release>(),
+      "edkm::load_compressed(path).state_dict(): every tensor, clustered ones rebuilt");
+  m.def(
+      "_save_compressed",
+      [](const std::string& path, std::map<std::string, at::Tensor> tensors,
+         const py::dict& clustered, std::map<std::string, std::string> aliases,
+         std::map<std::string, std::string> metadata) {
+        edkm::CompressedFile f;
+        f.tensors = std::move(tensors);
+        f.aliases = std::move(aliases);
+        f.metadata = std::move(metadata);
+        for (const auto& item : clustered) {
+          const auto name = item.first.cast<std::string>();
+          f.clustered.emplace(name, clustered_from(name, item.second));
+        }
+        py::gil_scoped_release release;
+        edkm::save_compressed(path, f);
+      },
+      py::arg("path"), py::arg("tensors"), py::arg("clustered") = py::dict(),
+      py::arg("aliases") = std::map<std::string, std::string>(),
+      py::arg("metadata") = std::map<std::string, std::string>(),
+      "edkm::save_compressed (clustered: {name: {lut, packed, bits, shape, dtype, groups, "
+      "cluster_dim}})");
 #ifdef EDKM_VERSION
   m.attr("__version__") = EDKM_VERSION;
 #endif
