@@ -1,4 +1,4 @@
-"""The `edkm` command line: `edkm demo`, `edkm bench dkm`, `edkm bench gpu`."""
+"""The `edkm` command line: demo, compress, info, eval, bench."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edkm import demo
+    from edkm import compress, demo, evaluate
     from edkm.bench import dkm as bench_dkm
     from edkm.bench import gpu as bench_gpu
     from edkm.bench import memory as bench_memory
@@ -16,6 +16,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="cluster one LLaMA-7B-shaped decoder layer to 3 bits")
     demo.add_arguments(p)
     p.set_defaults(run=demo.main)
+    p = sub.add_parser("compress", help="compress a model to n-bit indices + LUTs in one file")
+    compress.add_arguments(p)
+    p.set_defaults(run=compress.main)
+    p = sub.add_parser("info", help="sizes per tensor and in total of a compressed file")
+    compress.add_info_arguments(p)
+    p.set_defaults(run=compress.info_main)
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or compressed file")
+    evaluate.add_arguments(p)
+    p.set_defaults(run=evaluate.main)
     bench = sub.add_parser("bench", help="run a benchmark")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True)
     p = bench_sub.add_parser("dkm", help="dkm vs dkm_reference on one matrix, forward+backward")
