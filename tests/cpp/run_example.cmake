@@ -17,7 +17,8 @@ execute_process(COMMAND ${CMAKE_COMMAND} --build "${WORK_DIR}/build" RESULT_VARI
 if(rc)
   message(FATAL_ERROR "building the example failed")
 endif()
-execute_process(COMMAND "${WORK_DIR}/build/train_layer" RESULT_VARIABLE rc)
+execute_process(COMMAND "${WORK_DIR}/build/train_layer" WORKING_DIRECTORY "${WORK_DIR}"
+                RESULT_VARIABLE rc)
 if(rc)
   message(FATAL_ERROR "the example failed (exit ${rc})")
 endif()
