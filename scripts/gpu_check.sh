@@ -102,7 +102,7 @@ fi
 results=$root/benchmarks/results
 step bench_dkm $py -m edkm bench dkm --device cuda --size 4096x4096 --repeats 10 --out "$results"
 step bench_gpu $py -m edkm bench gpu --out "$results"
-step demo $py -m edkm demo
+step demo $py -m edkm bench layer
 
 echo
 publish

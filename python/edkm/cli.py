@@ -9,11 +9,12 @@ def build_parser() -> argparse.ArgumentParser:
     from edkm import compress, demo, evaluate
     from edkm.bench import dkm as bench_dkm
     from edkm.bench import gpu as bench_gpu
+    from edkm.bench import layer as bench_layer
     from edkm.bench import memory as bench_memory
 
     parser = argparse.ArgumentParser(prog="edkm", description="Train-time weight clustering (eDKM).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="cluster one LLaMA-7B-shaped decoder layer to 3 bits")
+    p = sub.add_parser("demo", help="compress SmolLM2-135M to 3 bits with a short clustering fine-tune: size and perplexity before/after")
     demo.add_arguments(p)
     p.set_defaults(run=demo.main)
     p = sub.add_parser("compress", help="compress a model to n-bit indices + LUTs in one file")
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("memory", help="memory ablation: naive / +M / +M+U / dkm on a LLaMA-7B layer")
     bench_memory.add_arguments(p)
     p.set_defaults(run=bench_memory.main)
+    p = bench_sub.add_parser("layer", help="cluster one LLaMA-7B-shaped decoder layer to 3 bits: time, saved bytes, peak memory")
+    bench_layer.add_arguments(p)
+    p.set_defaults(run=bench_layer.main)
     p = bench_sub.add_parser("gpu", help="a LLaMA-7B layer's matrices on the GPU: dkm vs reference, bandwidth floor")
     bench_gpu.add_arguments(p)
     p.set_defaults(run=bench_gpu.main)
@@ -41,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, TypeError) as e:
+        # Bad input of any kind: one clear line, no traceback (EDKM_TRACEBACK=1 shows it).
+        import os
+        if os.environ.get("EDKM_TRACEBACK"):
+            raise
+        raise SystemExit(f"edkm {args.command}: error: {e}") from None
 
 
 if __name__ == "__main__":

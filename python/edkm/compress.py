@@ -165,7 +165,8 @@ def compress_model(args, config: Config) -> Dict:
         losses = finetune(model, tok, texts, args.steps, lr=args.lr, block_len=args.block_len,
                           batch_size=args.batch_size, seed=args.seed)
     finalize(model, progress=True)
-    size = fmt.save(model, args.out)
+    base = args.model if args.model in ("smollm2-135m",) else str(Path(args.model).resolve())
+    size = fmt.save(model, args.out, metadata={"edkm.base_model": base})
     return {"model": args.model, "weights": n_weights, "seconds": time.perf_counter() - t0,
             "file_bytes": size, "bf16_bytes": 2 * n_weights, "peak_rss_bytes": _peak_rss(),
             "losses": losses}

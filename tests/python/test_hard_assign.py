@@ -41,7 +41,7 @@ def test_assign_16bit_large_groups_table_path(dtype, k):
     c = torch.randn(2, k, generator=g)
     c[:, 1] = c[:, 0]
     w.view(-1)[:4] = c[0, :4].to(dtype)
-    w[1, :3] = torch.tensor([0.0, -0.0, 65000.0 if dtype == torch.float16 else 1e30]).to(dtype)
+    w[1, :3] = torch.tensor([0.0, -0.0, 60000.0]).to(dtype)  # far out, but |w - c| still tells centroids apart
     idx = edkm.assign(w, c)
     expected = (w.double().view(2, -1, 1) - c.double().view(2, 1, -1)).abs().argmin(2)
     assert torch.equal(idx.long(), expected)

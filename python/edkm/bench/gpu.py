@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from edkm.demo import LAYER, quantile_centroids
+from edkm.bench.layer import LAYER, quantile_centroids
 
 FLOOR_BYTES_PER_WEIGHT = {"deterministic": 18, "fast": 16}
 

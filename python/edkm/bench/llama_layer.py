@@ -42,7 +42,7 @@ def decoder_layer(x: torch.Tensor, linear: Callable[[torch.Tensor, str], torch.T
 def linear_variants(weights: Dict[str, torch.Tensor], k: int = 8, temperature: float = 1e-5, iters: int = 3):
     """name -> linear(x, projection) for: plain, dkm_linear (fused), dkm then F.linear."""
     import edkm
-    from edkm.demo import quantile_centroids
+    from edkm.bench.layer import quantile_centroids
 
     start = {n: quantile_centroids(w.detach(), k) for n, w in weights.items()}
     fused_c, unfused_c = dict(start), dict(start)  # each variant warm-starts from its own

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _weights(scale: float, device: str):
-    from edkm.demo import LAYER
+    from edkm.bench.layer import LAYER
 
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -72,7 +72,7 @@ def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port:
                                     timeout=datetime.timedelta(seconds=300))
             group = dist.group.WORLD
         import edkm
-        from edkm.demo import quantile_centroids
+        from edkm.bench.layer import quantile_centroids
         from edkm.measure import SavedBytes
 
         weights = _weights(scale, device)
@@ -150,7 +150,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from edkm import _results
-    from edkm.demo import LAYER
+    from edkm.bench.layer import LAYER
 
     scale = args.scale or (1 / 256 if args.quick else (1.0 if args.device.startswith("cuda") else 1 / 16))
     if not 0 < scale <= 1:

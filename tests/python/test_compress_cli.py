@@ -1,0 +1,70 @@
+"""`edkm compress` / `edkm info` / loading a compressed file as a model, on a tiny local model."""
+import json
+import os
+
+import pytest
+import torch
+
+import edkm
+from edkm.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    return d
+
+
+def test_compress_info_and_load_back(hf_dir, tmp_path, capsys):
+    out = tmp_path / "tiny-3bit.safetensors"
+    assert main(["compress", str(hf_dir), "--bits", "3", "--group-size", "16", "--embedding-bits", "4",
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["file_bytes"] == os.path.getsize(out)
+    r = edkm.info(out, verbose=False)
+    bits = {t["name"]: t.get("bits") for t in r["tensors"]}
+    assert bits["model.layers.0.mlp.up_proj.weight"] == 3
+    assert bits["model.embed_tokens.weight"] == 4 and bits["lm_head.weight"] == 4
+    assert bits["model.norm.weight"] is None  # norms stay as they are
+    assert main(["info", str(out)]) == 0
+    assert "16 bits" in capsys.readouterr().out
+    # a compressed file loads as a model (its base model is recorded in the file)
+    from edkm.models import load_model
+    model, _ = load_model(str(out))
+    sd = edkm.load(out)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, sd[name].to(t.dtype)), name
+    w = model.model.layers[1].self_attn.q_proj.weight
+    assert torch.unique(w[:16]).numel() <= 8
+
+
+def test_compress_keeps_embeddings_when_asked(hf_dir, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    assert main(["compress", str(hf_dir), "--embedding-bits", "none", "--out", str(out), "--json"]) == 0
+    r = edkm.info(out, verbose=False)
+    kinds = {t["name"]: t["kind"] for t in r["tensors"]}
+    assert kinds["model.embed_tokens.weight"] == "plain" and kinds["lm_head.weight"] == "plain"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "no/such/model", "--out", "x.safetensors"], "neither a known name"),
+    (["compress", "HF", "--bits", "9", "--out", "x.safetensors"], "bits must be an integer in 1..8"),
+    (["compress", "HF", "--group-size", "5", "--out", "x.safetensors"], "group_size 5 must divide"),
+    (["compress", "HF", "--embedding-bits", "many", "--out", "x.safetensors"], "--embedding-bits"),
+    (["info", "no/such/file.safetensors"], "no such file"),
+])
+def test_cli_bad_input(hf_dir, tmp_path, argv, message):
+    argv = [str(hf_dir) if a == "HF" else a for a in argv]
+    argv = [str(tmp_path / a) if a == "x.safetensors" else a for a in argv]
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+    assert not (tmp_path / "x.safetensors").exists()
