@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.02, help="relative to the weight variance")
     p.add_argument("--steps", type=int, default=0, help="clustering-aware fine-tuning steps (default 0)")
     p.add_argument("--data", default=None, help="data directory for --steps (default ../shared/data when present)")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (linear warm-up over 10%% of the steps)")
     p.add_argument("--block-len", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=16, help="output channels per LUT (default 16)")
     p.add_argument("--steps", type=int, default=40, help="clustering fine-tuning steps (default 40)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-len", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=4096,

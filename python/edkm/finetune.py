@@ -25,9 +25,10 @@ def pick_texts(files: Sequence, tokens_needed: int, seed: int = 0, chars_per_tok
 
 
 def finetune(model, tokenizer, texts: Sequence[str], steps: int, *, lr: float = 5e-5, block_len: int = 256,
-             batch_size: int = 4, seed: int = 0, max_grad_norm: float = 1.0, progress: bool = True,
-             desc: str = "edkm: fine-tuning") -> List[float]:
+             batch_size: int = 4, seed: int = 0, max_grad_norm: float = 1.0, warmup: float = 0.1,
+             progress: bool = True, desc: str = "edkm: fine-tuning") -> List[float]:
     """``steps`` AdamW steps of next-token loss on blocks cut from ``texts``; returns the losses.
+    The learning rate rises linearly over the first ``warmup`` fraction of the steps, then stays.
 
     Works on any model (clustered or not), so the gain from fine-tuning alone can be measured
     with the same loop. Deterministic for a given seed on a given machine.
@@ -46,6 +47,8 @@ def finetune(model, tokenizer, texts: Sequence[str], steps: int, *, lr: float = 
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, int(round(warmup * steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     model.train()
     losses: List[float] = []
     bar = range(steps)
@@ -61,6 +64,7 @@ def finetune(model, tokenizer, texts: Sequence[str], steps: int, *, lr: float = 
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if progress:

@@ -99,6 +99,13 @@ class ClusteredMixin:
     def centroids(self) -> torch.Tensor:
         return self._owner.edkm_centroids
 
+    def __getstate__(self):
+        # deepcopy / pickle: the per-step caches may hold autograd graph tensors; drop them.
+        state = super().__getstate__()
+        state = dict(state)
+        state["_edkm_cache"] = None
+        return state
+
     # ---- state_dict: step, tau and flags travel with the centroids --------------------------
     def get_extra_state(self):
         if self.edkm_leader is not None:

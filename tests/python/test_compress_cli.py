@@ -68,3 +68,32 @@ def test_cli_bad_input(hf_dir, tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         main(argv)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_compress_with_clustering_fine_tune(tmp_path, capsys):
+    """--steps fine-tunes the clustered model on the corpus train split before export."""
+    from test_evaluate import char_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    d = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    data = tmp_path / "data"
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
+    for rel in ("corpus/sotu/1990_bush_republican.txt", "corpus/austen/emma.txt",
+                "corpus/sotu/2005_bush_republican.txt", "corpus/austen/persuasion.txt"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text(text)
+    outs = {}
+    for steps in (0, 3):
+        out = tmp_path / f"s{steps}.safetensors"
+        assert main(["compress", str(d), "--steps", str(steps), "--data", str(data), "--block-len", "16",
+                     "--batch-size", "2", "--out", str(out), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert len(summary["losses"]) == steps and all(l == l and l < 100 for l in summary["losses"])
+        outs[steps] = edkm.load(out)
+    changed = [n for n in outs[0] if not torch.equal(outs[0][n], outs[3][n])]
+    assert "model.layers.0.mlp.up_proj.weight" in changed
