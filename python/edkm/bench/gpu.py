@@ -168,7 +168,9 @@ def table(report: dict) -> str:
             lines.append(f"| {name} | {r['seconds'] * 1e3:.1f} ms | {r.get('time_ratio', 1.0):.2f}x | "
                          f"{r['peak_bytes'] / mib:,.0f} MiB | {r.get('memory_ratio', 1.0):.3f}x |")
         lines += ["", "dkm_linear keeps no clustered weight for backward (rebuilt by one gather); "
-                  "dkm+linear is edkm.dkm followed by F.linear, which saves the clustered weight."]
+                  "dkm+linear is edkm.dkm followed by F.linear, which saves the clustered weight; "
+                  "palettize_ is the model API (nn.Linear modules made ClusteredLinear, optimal 1-D "
+                  "k-means init, relative temperature)."]
     lines += ["", "Floor fraction = bandwidth-floor time / measured time (1.0 = at the floor); "
               "peaks are CUDA peak allocated above the inputs during one forward+backward."]
     return "\n".join(lines) + "\n"

@@ -60,7 +60,21 @@ def linear_variants(weights: Dict[str, torch.Tensor], k: int = 8, temperature: f
         unfused_c[n] = c.detach()
         return F.linear(x, clustered)
 
-    return {"plain": plain, "dkm_linear": fused, "dkm+linear": unfused}
+    # The model API: nn.Linear modules made clustered by edkm.palettize_ (ClusteredLinear ->
+    # dkm_linear in training), sharing the weights' storage.
+    modules = torch.nn.ModuleDict()
+    for n, w in weights.items():
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        lin.weight = torch.nn.Parameter(w.detach())
+        modules[n] = lin
+    edkm.palettize_(modules, edkm.Config(bits=k.bit_length() - 1, max_iter=iters))
+    modules.train()
+
+    def palettized(x, n):
+        return modules[n](x)
+
+    palettized.params = list(modules.parameters())
+    return {"plain": plain, "dkm_linear": fused, "dkm+linear": unfused, "palettize_": palettized}
 
 
 def time_steps(step: Callable[[], None], repeats: int, device) -> tuple[float, int]:
@@ -93,14 +107,14 @@ def training_step_report(hidden=4096, intermediate=11008, heads=32, tokens=2048,
     out = {}
     for name, linear in linear_variants(weights).items():
         def step():
-            for w in weights.values():
+            for w in list(weights.values()) + getattr(linear, "params", []):
                 w.grad = None
             y = decoder_layer(x, linear, heads)
             y.float().square().mean().backward()
 
         seconds, peak = time_steps(step, repeats, device)
         out[name] = {"seconds": seconds, "peak_bytes": peak}
-    for name in ("dkm_linear", "dkm+linear"):
+    for name in ("dkm_linear", "dkm+linear", "palettize_"):
         out[name]["time_ratio"] = out[name]["seconds"] / out["plain"]["seconds"]
         out[name]["memory_ratio"] = out[name]["peak_bytes"] / max(out["plain"]["peak_bytes"], 1)
     return out
