@@ -1,0 +1,157 @@
+"""The table of bad inputs against every public entry point, and the error each one gets.
+
+``TABLE`` below (plus the op cases in test_bad_input.py) is the source of tests/BAD_INPUTS.md;
+``test_markdown_is_current`` fails when the two drift apart. Regenerate with
+``python tests/python/test_bad_input_table.py > tests/BAD_INPUTS.md``.
+"""
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import edkm
+from edkm.cli import main as cli
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from test_bad_input import CASES as OP_CASES  # noqa: E402
+
+
+def _lin(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4)).to(dtype)
+
+
+def _palettized():
+    return edkm.palettize_(_lin(), edkm.Config(bits=2, init="kmeans++"))
+
+
+def _finalized():
+    return edkm.finalize(_palettized())
+
+
+def _nan_model():
+    m = _lin()
+    with torch.no_grad():
+        m[0].weight[0, 0] = math.nan
+    return m
+
+
+def _saved(tmp):
+    p = tmp / "m.safetensors"
+    edkm.save(_finalized(), p)
+    return p
+
+
+def _truncated(tmp):
+    p = _saved(tmp)
+    p.write_bytes(p.read_bytes()[:-7])
+    return p
+
+
+def _k_above_distinct():
+    lin = edkm.palettize_(nn.Linear(2, 1), edkm.Config(bits=8))  # 2 distinct weights, K = 256
+    c = lin.centroids
+    assert c.shape == (1, 256) and torch.unique(c).numel() == 2
+    edkm.finalize(lin)
+    return lin
+
+
+W = torch.randn(8, 16)
+# (entry point, bad input, call(tmp_path), exception, message regex)
+TABLE = [
+    ("Config", "bits 0", lambda t: edkm.Config(bits=0), ValueError, "bits must be an integer in 1..8"),
+    ("Config", "bits 9", lambda t: edkm.Config(bits=9), ValueError, "bits must be an integer in 1..8"),
+    ("Config", "unknown key", lambda t: edkm.Config.from_dict({"bitz": 3}), ValueError, "unknown config key"),
+    ("Config", "group_size 0", lambda t: edkm.Config(group_size=0), ValueError, "group_size must be"),
+    ("Config", "cluster_dtype float32", lambda t: edkm.Config(cluster_dtype=torch.float32), ValueError,
+     "cluster_dtype must be"),
+    ("Config", "invalid regex", lambda t: edkm.Config(module_names={"(": None}), ValueError,
+     "not a valid regular expression"),
+    ("palettize_", "pattern matching no module", lambda t: edkm.palettize_(_lin(), edkm.Config(
+        module_names={"decoder": None})), ValueError, "matches no module"),
+    ("palettize_", "group size not dividing the rows", lambda t: edkm.palettize_(_lin(), edkm.Config(
+        group_size=4)), ValueError, "group_size 4 must divide"),
+    ("palettize_", "cluster_dim not dividing the columns", lambda t: edkm.palettize_(_lin(), edkm.Config(
+        cluster_dim=3, init="kmeans++")), ValueError, "cluster_dim 3 must divide"),
+    ("palettize_", "K larger than the distinct values", lambda t: _k_above_distinct(), None, ""),
+    ("palettize_", "NaN in a weight", lambda t: edkm.palettize_(_nan_model(), edkm.Config()), ValueError,
+     "NaN or Inf"),
+    ("palettize_", "model palettized twice", lambda t: edkm.palettize_(_palettized(), edkm.Config()),
+     ValueError, "already palettized"),
+    ("palettize_", "a dict instead of a Config", lambda t: edkm.palettize_(_lin(), {"bits": 3}), TypeError,
+     "must be an edkm.Config"),
+    ("finalize", "model without clustered modules", lambda t: edkm.finalize(_lin()), ValueError,
+     "no clustered modules"),
+    ("save", "model not finalized", lambda t: edkm.save(_palettized(), t / "m.safetensors"), ValueError,
+     "not finalized"),
+    ("save", "directory instead of a file", lambda t: edkm.save(_finalized(), t), IsADirectoryError,
+     "is a directory"),
+    ("save", "missing directory", lambda t: edkm.save(_finalized(), t / "no" / "m.safetensors"),
+     FileNotFoundError, "does not exist"),
+    ("load", "missing file", lambda t: edkm.load(t / "none.safetensors"), FileNotFoundError, "no such file"),
+    ("load", "directory instead of a file", lambda t: edkm.load(t), edkm.FormatError, "is a directory"),
+    ("load", "truncated file", lambda t: edkm.load(_truncated(t)), edkm.FormatError,
+     "truncated|outside the data section|tile"),
+    ("load", "not a safetensors file", lambda t: (t / "x.bin").write_bytes(b"hello world, not a model")
+     and edkm.load(t / "x.bin"), edkm.FormatError, "header length"),
+    ("load", "model of another shape", lambda t: edkm.load(_saved(t), nn.Sequential(nn.Linear(8, 6))),
+     edkm.FormatError, "does not match the model"),
+    ("pack_indices", "index out of range", lambda t: edkm.pack_indices(torch.tensor([0, 8]), 3), ValueError,
+     "indices"),
+    ("pack_indices", "bits 9", lambda t: edkm.pack_indices(torch.tensor([0, 1]), 9), ValueError, "bits"),
+    ("unpack_indices", "packed too short", lambda t: edkm.unpack_indices(torch.zeros(1, dtype=torch.uint8), 3, 8),
+     ValueError, "packed"),
+    ("optimal_kmeans_1d", "values not increasing", lambda t: edkm.optimal_kmeans_1d(
+        torch.tensor([1.0, 0.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64), 2), ValueError,
+     "increasing"),
+    ("saved_tensors", "shard_group without torch.distributed", lambda t: edkm.saved_tensors(
+        shard_group=object()).__enter__(), ValueError, "shard_group needs torch.distributed"),
+    ("edkm compress", "unknown model", lambda t: cli(["compress", "nothing-here", "--out", str(t / "o")]),
+     SystemExit, "neither a known name"),
+    ("edkm compress", "bits 9", lambda t: cli(["compress", "smollm2-135m", "--bits", "9", "--out", str(t / "o")]),
+     SystemExit, "bits must be an integer in 1..8"),
+    ("edkm info", "missing file", lambda t: cli(["info", str(t / "none.safetensors")]), SystemExit,
+     "no such file"),
+    ("edkm info", "corrupted file", lambda t: cli(["info", str(_truncated(t))]), SystemExit,
+     "truncated|outside the data section|tile"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", [c[2:] for c in TABLE], ids=[f"{c[0]}: {c[1]}" for c in TABLE])
+def test_bad_input_table(tmp_path, call, error, message):
+    if error is None:  # accepted, with a documented outcome (see the markdown)
+        call(tmp_path)
+        return
+    with pytest.raises(error, match=message):
+        call(tmp_path)
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, f"half-written files left: {leftovers}"
+
+
+def markdown() -> str:
+    lines = ["# Bad inputs and the error each gets", "",
+             "Generated from tests/python/test_bad_input_table.py and test_bad_input.py, which run every",
+             "row (`python tests/python/test_bad_input_table.py > tests/BAD_INPUTS.md` to regenerate).", "",
+             "| entry point | bad input | error | message (regex) |", "|---|---|---|---|"]
+    for entry, what, _, error, message in TABLE:
+        err = "accepted (K centroids, duplicates allowed)" if error is None else error.__name__
+        lines.append(f"| `{entry}` | {what} | {err} | `{message.replace('|', ' or ')}` |")
+    for name, _, error, message in OP_CASES:
+        entry = name.split("-")[0] if name.split("-")[0] in ("assign", "dequantize", "reference") else "dkm"
+        entry = "dkm_reference" if entry == "reference" else entry
+        lines.append(f"| `{entry}` | {name.replace('-', ' ')} | {error.__name__} | `{message}` |")
+    return "\n".join(lines) + "\n"
+
+
+def test_markdown_is_current():
+    assert (HERE.parent / "BAD_INPUTS.md").read_text() == markdown(), \
+        "tests/BAD_INPUTS.md is stale: python tests/python/test_bad_input_table.py > tests/BAD_INPUTS.md"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
