@@ -51,6 +51,19 @@ TORCH_LIBRARY(edkm, m) {
   m.def("_dkm_recompute(Tensor weight, Tensor lookup, Tensor values, Tensor counts, "
         "Tensor history, Tensor iterations, float temperature, str distance) -> Tensor", kSyncing);
 
+  // The U-domain itself (DKM over distinct values with counts, no N-sized input), for callers
+  // that build the tables themselves: sharded weights whose per-rank histograms are
+  // all-reduced (DESIGN.md section 4, python/edkm/distributed.py). values/counts [G, U]
+  // (counts floating, 0 for padding), centroids [G, K] in the compute dtype.
+  m.def("_udomain_forward(Tensor values, Tensor counts, Tensor centroids, float temperature, "
+        "int max_iter, float epsilon, str distance) -> (Tensor centroids_out, Tensor soft, "
+        "Tensor history, Tensor iterations)", kSyncing);
+  // dL/dF [G, U] and dL/dc_T [G, K] (optional) back to: direct = dF_u/dv_u with c_T fixed,
+  // indirect = dL/dv_u through the centroid iterations (for all n_u copies together), dL/dc_0.
+  m.def("_udomain_backward(Tensor values, Tensor counts, Tensor history, Tensor iterations, "
+        "float temperature, str distance, Tensor grad_soft, Tensor? grad_centroids) -> "
+        "(Tensor direct, Tensor indirect, Tensor grad_centroids)", kSyncing);
+
   // The N-element passes of the 16-bit path (weight viewed as [G, M], slot = bit pattern).
   m.def("_slot_table(Tensor weight, int groups) -> (Tensor slots, Tensor counts)", kSyncing);
   m.def("_slot_gather(Tensor weight, Tensor slots, Tensor table) -> Tensor", kSyncing);

@@ -132,3 +132,16 @@ def _unpack_indices_fake(packed, bits, count):
 @torch.library.register_fake("edkm::optimal_kmeans_1d")
 def _optimal_kmeans_1d_fake(values, counts, k):
     return values.new_empty((k,), dtype=torch.float64), values.new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("edkm::_udomain_forward")
+def _udomain_forward_fake(values, counts, centroids, temperature, max_iter, epsilon, distance):
+    groups, k = centroids.shape
+    return (torch.empty_like(centroids), torch.empty_like(values),
+            values.new_empty((max_iter + 1, groups, k)), values.new_empty((), dtype=torch.int64))
+
+
+@torch.library.register_fake("edkm::_udomain_backward")
+def _udomain_backward_fake(values, counts, history, iterations, temperature, distance, grad_soft,
+                           grad_centroids=None):
+    return torch.empty_like(values), torch.empty_like(values), values.new_empty(history.shape[1:])

@@ -103,3 +103,35 @@ def fsdp2_dkm(rank: int, world: int, port: int, path: str) -> None:
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def sharded_weight():
+    """A [12, 300] bf16 weight with repeats, 3 LUT groups of 4 rows, and an upstream gradient."""
+    g = torch.Generator().manual_seed(3)
+    w = ((torch.randn(12, 300, generator=g) * 8).round() / 256).bfloat16()
+    c = torch.stack([torch.linspace(-0.03, 0.03, 8) + 0.001 * i for i in range(3)])
+    up = torch.randn(12, 300, generator=g).bfloat16()
+    return w, c, up
+
+
+# Element ranges per rank: deliberately not on group boundaries (group = 1200 elements).
+SHARD_BOUNDS = [(0, 1700), (1700, 3600)]
+
+
+def sharded_dkm_worker(rank: int, world: int, port: int, out: str) -> None:
+    from edkm.distributed import sharded_dkm
+    init(rank, world, port)
+    try:
+        w, c, up = sharded_weight()
+        lo, hi = SHARD_BOUNDS[rank]
+        shard = w.reshape(-1)[lo:hi].clone().requires_grad_()
+        cent = c.clone().requires_grad_()
+        out_shard, c_out, iters = sharded_dkm(shard, cent, 5e-5, 3, offset=lo, group_numel=w.numel() // 3)
+        # the loss of the whole weight is the sum of the ranks' parts
+        loss = (out_shard.float() * up.reshape(-1)[lo:hi].float()).sum() + c_out.square().sum() / world
+        loss.backward()
+        torch.save({"clustered": out_shard.detach(), "centroids": c_out.detach(), "grad": shard.grad,
+                    "grad_c": cent.grad, "iterations": int(iters)}, out)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
