@@ -7,6 +7,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from edkm import compress, demo, evaluate
+    from edkm.bench import accuracy as bench_accuracy
     from edkm.bench import dkm as bench_dkm
     from edkm.bench import gpu as bench_gpu
     from edkm.bench import layer as bench_layer
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("gpu", help="a LLaMA-7B layer's matrices on the GPU: dkm vs reference, bandwidth floor")
     bench_gpu.add_arguments(p)
     p.set_defaults(run=bench_gpu.main)
+    p = bench_sub.add_parser("accuracy", help="SmolLM2-135M at 3 bits: baseline / round-to-nearest / k-means / eDKM / plain fine-tune, zero-shot accuracy and perplexity at the same storage")
+    bench_accuracy.add_arguments(p)
+    p.set_defaults(run=bench_accuracy.main)
     return parser
 
 
