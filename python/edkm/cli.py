@@ -8,6 +8,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from edkm import compress, demo, evaluate
     from edkm.bench import accuracy as bench_accuracy
+    from edkm.bench import coreml as bench_coreml
     from edkm.bench import dkm as bench_dkm
     from edkm.bench import gpu as bench_gpu
     from edkm.bench import layer as bench_layer
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("gpu", help="a LLaMA-7B layer's matrices on the GPU: dkm vs reference, bandwidth floor")
     bench_gpu.add_arguments(p)
     p.set_defaults(run=bench_gpu.main)
+    p = bench_sub.add_parser("coreml", help="coremltools' DKMPalettizer vs edkm.dkm on one matrix (CPU): time, peak memory, agreement")
+    bench_coreml.add_arguments(p)
+    p.set_defaults(run=bench_coreml.main)
     p = bench_sub.add_parser("accuracy", help="SmolLM2-135M at 3 bits: baseline / round-to-nearest / k-means / eDKM / plain fine-tune, zero-shot accuracy and perplexity at the same storage")
     bench_accuracy.add_arguments(p)
     p.set_defaults(run=bench_accuracy.main)
