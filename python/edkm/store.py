@@ -43,7 +43,12 @@ def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     if dist.get_backend(group) == "nccl":
         t = t.to(torch.device("cuda", torch.cuda.current_device()))
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t, group=group)
+    try:
+        dist.all_gather(parts, t, group=group)
+    except RuntimeError as e:  # torch.distributed.DistBackendError included
+        raise RuntimeError(
+            "saved_tensors: all-gather across the shard group failed (a rank died, left or timed "
+            f"out; the process group's timeout bounds the wait): {e}") from e
     return [p.to(home) for p in parts]
 
 

@@ -7,12 +7,13 @@ import torch.distributed as dist
 import edkm
 
 
-def init(rank: int, world: int, port: int) -> None:
+def init(rank: int, world: int, port: int, timeout_s: int = 60) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     import datetime
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def weight_and_centroids():
@@ -135,3 +136,24 @@ def sharded_dkm_worker(rank: int, world: int, port: int, out: str) -> None:
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def dying_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 dies between forward (pack) and backward (unpack all-gathers): rank 0 must get a
+    clear error within the group's timeout, not hang."""
+    import time
+    init(rank, world, port, timeout_s=10)
+    w, c = weight_and_centroids()
+    w = w.requires_grad_()
+    with edkm.saved_tensors(offload=True, uniquify=True, shard_group=dist.group.WORLD):
+        clustered = edkm.dkm_reference(w, c, 1e-4, 3).clustered
+    if rank == 1:
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        clustered.float().square().sum().backward()
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    torch.save({"message": message, "seconds": time.monotonic() - t0}, out)
+    os._exit(0)  # the group is broken: skip its teardown

@@ -36,7 +36,7 @@ def run_ranks(fn, tmp_path):
             p.kill()
             pytest.fail(f"{fn.__name__}: a rank did not finish within 120 s")
         assert p.exitcode == 0, f"{fn.__name__}: a rank exited with {p.exitcode}"
-    return [torch.load(p) for p in paths]
+    return [torch.load(p) if os.path.exists(p) else None for p in paths]
 
 
 @pytest.fixture(autouse=True)
@@ -118,3 +118,10 @@ def test_sharded_dkm_all_reduces_statistics_and_matches_the_gathered_weight(tmp_
         ulps = _ulps_apart(r["grad"], flat_grad[lo:hi])
         assert int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) < 0.01
         assert rel_error(r["grad_c"], cent.grad) < 1e-5
+
+
+def test_a_rank_that_dies_before_unpack_gives_the_others_a_clear_error(tmp_path):
+    results = run_ranks(dist_workers.dying_rank, tmp_path)
+    r = results[0]
+    assert "all-gather across the shard group failed" in r["message"], r["message"]
+    assert r["seconds"] < 60
