@@ -1,0 +1,101 @@
+"""Fuzzing the compressed-file loaders (Python edkm.load and the C++ reader) with hypothesis.
+
+Inputs: byte edits and truncations of a valid file, and headers built from random JSON (lying
+offsets, overlapping tensors, wrong dtypes, huge shapes, bad metadata). Either loader may accept
+an input (an edit inside tensor data is still a valid file) but must otherwise raise its clear
+error type: a crash, a hang or any other exception fails the test. Bounded: a fixed number of
+derandomized examples per property in CI (EDKM_FUZZ_EXAMPLES raises it for longer local runs).
+"""
+import json
+import os
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import edkm  # noqa: E402
+from edkm import _native  # noqa: E402
+
+EXAMPLES = int(os.environ.get("EDKM_FUZZ_EXAMPLES", "400"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _valid_file(path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 8), nn.Linear(8, 6), nn.LayerNorm(6))
+    edkm.palettize_(model, edkm.Config(bits=3, init="kmeans++", module_types={"LayerNorm": None}))
+    edkm.finalize(model)
+    edkm.save(model, path)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "valid.safetensors"
+    return _valid_file(path)
+
+
+def check_loaders(data: bytes, path) -> None:
+    path.write_bytes(data)
+    try:
+        edkm.load(path)
+    except edkm.FormatError:
+        pass
+    try:
+        _native._C._load_compressed(str(path))
+    except ValueError:
+        pass
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8))
+def test_byte_edits(valid, tmp_path, edits):
+    data = bytearray(valid)
+    for pos, byte in edits:
+        data[pos % len(data)] = byte
+    check_loaders(bytes(data), tmp_path / "edit.safetensors")
+
+
+@FUZZ
+@given(cut=st.integers(0, 10**6), tail=st.binary(max_size=64))
+def test_truncations_with_garbage(valid, tmp_path, cut, tail):
+    check_loaders(valid[: cut % len(valid)] + tail, tmp_path / "cut.safetensors")
+
+
+_ints = st.one_of(st.integers(-3, 300), st.integers(-2**70, 2**70))
+_entry = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["U8", "F16", "BF16", "F32", "F64", "I64", "BOOL", "X9", ""]),
+    "shape": st.lists(_ints, max_size=4),
+    "data_offsets": st.lists(_ints, min_size=0, max_size=3),
+})
+_layout = st.fixed_dictionaries({
+    "bits": _ints, "shape": st.lists(_ints, max_size=3), "dtype": st.sampled_from(["bfloat16", "float32", "int8"]),
+    "groups": _ints, "cluster_dim": _ints,
+})
+
+
+@FUZZ
+@given(entries=st.dictionaries(st.sampled_from(["a", "w.indices", "w.lut", "b"]), _entry, max_size=4),
+       layout=st.dictionaries(st.just("w"), _layout, max_size=1),
+       aliases=st.dictionaries(st.sampled_from(["x", "y"]), st.sampled_from(["a", "w", "zz"]), max_size=2),
+       version=st.sampled_from(["1", "2", ""]),
+       data=st.binary(max_size=256))
+def test_lying_headers(tmp_path, entries, layout, aliases, version, data):
+    header = dict(entries)
+    header["__metadata__"] = {"format": "edkm", "edkm.version": version,
+                              "edkm.layout": json.dumps(layout), "edkm.aliases": json.dumps(aliases)}
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    check_loaders(struct.pack("<Q", len(text)) + text + data, tmp_path / "lie.safetensors")
+
+
+@FUZZ
+@given(length=st.integers(0, 2**64 - 1), body=st.binary(max_size=128))
+def test_header_lengths(tmp_path, length, body):
+    check_loaders(struct.pack("<Q", length) + body, tmp_path / "len.safetensors")
