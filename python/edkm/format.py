@@ -129,7 +129,11 @@ class FileWriter:
         text += b" " * ((8 - (8 + len(text)) % 8) % 8)
         self.header_bytes = 8 + len(text)
         self.data_bytes = offset
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory)
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
+                                             dir=directory)
+        except OSError as e:
+            raise PermissionError(f"edkm.save: cannot write to directory {directory!r} ({e.strerror})") from None
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a saved model gets the usual mode

@@ -62,6 +62,14 @@ def _k_above_distinct():
 
 
 W = torch.randn(8, 16)
+
+
+def _same_as_contiguous(view):
+    """Views are accepted and give what their contiguous copy gives."""
+    c = torch.linspace(-1, 1, 4).view(1, 4)
+    a = edkm.dkm(view, c, 0.1).clustered
+    b = edkm.dkm(view.contiguous(), c, 0.1).clustered
+    assert a.shape == view.shape and torch.equal(a, b)
 # (entry point, bad input, call(tmp_path), exception, message regex)
 TABLE = [
     ("Config", "bits 0", lambda t: edkm.Config(bits=0), ValueError, "bits must be an integer in 1..8"),
@@ -93,6 +101,8 @@ TABLE = [
      "is a directory"),
     ("save", "missing directory", lambda t: edkm.save(_finalized(), t / "no" / "m.safetensors"),
      FileNotFoundError, "does not exist"),
+    ("save", "read-only output (a read-only file system)", lambda t: edkm.save(_finalized(), "/proc/m.safetensors"),
+     PermissionError, "cannot write to directory '/proc'"),
     ("load", "missing file", lambda t: edkm.load(t / "none.safetensors"), FileNotFoundError, "no such file"),
     ("load", "directory instead of a file", lambda t: edkm.load(t), edkm.FormatError, "is a directory"),
     ("load", "truncated file", lambda t: edkm.load(_truncated(t)), edkm.FormatError,
@@ -101,6 +111,9 @@ TABLE = [
      and edkm.load(t / "x.bin"), edkm.FormatError, "header length"),
     ("load", "model of another shape", lambda t: edkm.load(_saved(t), nn.Sequential(nn.Linear(8, 6))),
      edkm.FormatError, "does not match the model"),
+    ("dkm", "0-d weight", lambda t: _same_as_contiguous(torch.tensor(0.5)), None, ""),
+    ("dkm", "non-contiguous weight (a transposed view)", lambda t: _same_as_contiguous(W.t()), None, ""),
+    ("dkm", "overlapping view (stride 0, expand)", lambda t: _same_as_contiguous(W[:1].expand(8, 16)), None, ""),
     ("pack_indices", "index out of range", lambda t: edkm.pack_indices(torch.tensor([0, 8]), 3), ValueError,
      "indices"),
     ("pack_indices", "bits 9", lambda t: edkm.pack_indices(torch.tensor([0, 1]), 9), ValueError, "bits"),
@@ -139,7 +152,8 @@ def markdown() -> str:
              "row (`python tests/python/test_bad_input_table.py > tests/BAD_INPUTS.md` to regenerate).", "",
              "| entry point | bad input | error | message (regex) |", "|---|---|---|---|"]
     for entry, what, _, error, message in TABLE:
-        err = "accepted (K centroids, duplicates allowed)" if error is None else error.__name__
+        err = "accepted (same shape, same result as a contiguous copy)" if error is None and entry == "dkm" else \
+            "accepted (K centroids, duplicates allowed)" if error is None else error.__name__
         lines.append(f"| `{entry}` | {what} | {err} | `{message.replace('|', ' or ')}` |")
     for name, _, error, message in OP_CASES:
         entry = name.split("-")[0] if name.split("-")[0] in ("assign", "dequantize", "reference") else "dkm"
