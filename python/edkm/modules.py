@@ -59,7 +59,10 @@ class ClusteredMixin:
                              f"{cols} input channels (columns)")
         groups = rows // gs if gs else 1
         shape = (groups, config.k) if config.cluster_dim == 1 else (groups, config.k, config.cluster_dim)
-        cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+        # The compute dtype of what gets clustered: float64 only for float64 weights clustered
+        # as they are (a cluster_dtype rounding makes them 16-bit, computed in float32).
+        clusters_own_dtype = config.cluster_dtype is None or w.dtype in _16BIT
+        cdt = torch.float64 if w.dtype == torch.float64 and clusters_own_dtype else torch.float32
         if leader is None:
             self.register_buffer("edkm_centroids", torch.zeros(shape, dtype=cdt, device=w.device))
         if config.milestone == 0 and leader is None:

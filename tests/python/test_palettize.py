@@ -108,7 +108,7 @@ def test_skips_and_overrides():
     assert names["model.layers.1.mlp.up_proj"].edkm_config.bits == 3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_train_eval_finalize_generate(dtype):
     model = palettize_(tiny_llama(dtype), Config(bits=2, group_size=8))
     x = tokens()
@@ -310,3 +310,13 @@ def test_vector_clustering_palettize_and_finalize():
     up = model.model.layers[0].mlp.up_proj
     vecs = up.weight.detach().reshape(-1, 2)
     assert torch.unique(vecs, dim=0).shape[0] <= 4
+
+
+@pytest.mark.parametrize("cluster_dtype", [torch.bfloat16, None])
+def test_float64_weights_cluster_through_bf16_or_as_they_are(cluster_dtype):
+    lin = nn.Linear(16, 8).double()
+    palettize_(lin, Config(bits=2, cluster_dtype=cluster_dtype))
+    assert lin.centroids.dtype == (torch.float32 if cluster_dtype else torch.float64)
+    lin.train()
+    lin(torch.randn(3, 16, dtype=torch.float64)).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float64

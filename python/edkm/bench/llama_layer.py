@@ -67,7 +67,7 @@ def linear_variants(weights: Dict[str, torch.Tensor], k: int = 8, temperature: f
         lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         lin.weight = torch.nn.Parameter(w.detach())
         modules[n] = lin
-    edkm.palettize_(modules, edkm.Config(bits=k.bit_length() - 1, max_iter=iters))
+    edkm.palettize_(modules, edkm.Config(bits=k.bit_length() - 1, max_iter=iters, cluster_dtype=None))
     modules.train()
 
     def palettized(x, n):
