@@ -211,6 +211,10 @@ def test_run_end_to_end(tmp_path):
     md = out.joinpath(files["md"].split("/")[-1]).read_text()
     assert "command:" in md and "| rtn |" in md and "McNemar" in md and "Nothing was tuned on test" in md
     assert out.joinpath(files["png"].split("/")[-1]).read_bytes()[:4] == b"\x89PNG"
+    md_path = out.joinpath(files["md"].split("/")[-1])
+    md_path.unlink()
+    acc.render(files["json"])  # --render rewrites the markdown (and chart) from the JSON alone
+    assert md_path.read_text() == md
     text = acc.summary(report)
     assert text.splitlines()[0].startswith("| variant |")
 

@@ -81,11 +81,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero-shot-batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="data folder (corpus/, eval/); default $EDKM_DATA_DIR, else ../shared/data")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default 0: torch's default, one per core). On a CPU shared "
+                        "with other busy processes, 1 can be several times faster than 2: every parallel "
+                        "op waits for its slowest thread to be scheduled")
     p.add_argument("--seed", type=int, default=0, help="k-means++ seed, fine-tuning data order (default 0)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: limit {QUICK['limit']}, {QUICK['eval_tokens']} tokens, "
                         f"{QUICK['steps']} steps (a few minutes); results get a _quick suffix")
     p.add_argument("--json", action="store_true", help="print the JSON results (the table goes to stderr)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="run nothing: rewrite the markdown and PNG beside a results JSON this command wrote")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results/accuracy)")
 
 
@@ -372,6 +378,8 @@ def _settings(args) -> dict:
         raise ValueError("--limit must be >= 0, --eval-tokens and --steps >= 1")
     if not 1 <= args.bits <= 8:
         raise ValueError(f"--bits must be in 1..8, got {args.bits}")
+    if getattr(args, "threads", 0) < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     return s
 
 
@@ -411,6 +419,9 @@ def run(args, loaded=None) -> dict:
     t_start = time.perf_counter()
     loads = [os.getloadavg()[0]]
     s = _settings(args)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    s["threads"] = torch.get_num_threads()
     progress = not getattr(args, "no_progress", False)
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
     train_files, test_files = corpus_split(data_dir)  # fails early, before loading the model
@@ -601,14 +612,17 @@ def markdown(report: dict) -> str:
         f"- date: {report['date']}",
         f"- command: `{report['command']}`",
         f"- machine: {report['machine'].get('cpu_model', '?')}, {report['machine']['cpu_count']} CPUs, "
-        f"{report['machine']['torch_threads']} torch threads, torch {report['machine']['torch']}, "
+        f"torch threads: {report['machine']['torch_threads']}, torch {report['machine']['torch']}, "
         f"Python {report['machine']['python']}, {report['machine']['platform']}",
         f"- total time: {report['seconds'] / 60:.1f} min (palettize_, shared by rtn/kmeans/edkm: "
         f"{report['palettize_seconds']:.0f} s, included in their build times); peak RSS "
         f"{report['peak_rss_bytes'] / 2**30:.2f} GiB; 1-minute load average sampled at the start and "
         f"after each variant: {', '.join('%.1f' % x for x in report['loadavg'])}"
         + (" (above the CPU count: other processes shared the CPU, times are inflated)"
-           if max(report['loadavg']) > report['machine']['cpu_count'] + 1 else ""),
+           if max(report['loadavg']) > report['machine']['cpu_count'] + 1 else "")
+        + (f"; --threads {s['threads']}: on a CPU shared with other busy processes fewer threads run "
+           f"faster (each parallel op waits for its slowest thread to be scheduled)"
+           if s.get("threads", 0) < (report["machine"]["cpu_count"] or 0) else ""),
         f"- quantized variants: {s['bits']} bits per weight, {layout}, tied embedding/lm_head clustered "
         f"like the rest (config {json.dumps(s['config'])})",
         f"- fine-tuning (edkm and finetune alike): {s['steps']} AdamW steps, lr {s['lr']:g} (10% linear "
@@ -651,35 +665,68 @@ def markdown(report: dict) -> str:
     if losses:
         lines += ["", "Training loss (first -> last step): " + "; ".join(
             f"{v} {l[0]:.3f} -> {l[-1]:.3f}" for v, l in losses.items())]
+    lines += ["", "## Key numbers", ""] + [f"- {x}" for x in key_numbers(report)]
     lines += ["", "## What these numbers show and do not show", ""] + [f"- {x}" for x in READING]
     lines += ["", f"Raw numbers, per-item outcomes and losses: `{os.path.basename(report['files']['json'])}`; "
               f"chart: `{os.path.basename(report['files']['png'])}`."]
     return "\n".join(lines) + "\n"
 
 
+def key_numbers(report: dict) -> List[str]:
+    """Facts read off the results (no interpretation): NLL per token, distance from chance, the
+    paired differences that pass p < 0.05, and how many comparisons were made."""
+    V = report["variants"]
+    out = ["Held-out NLL per token (nats; ppl = exp(NLL), so ppl differences of orders of magnitude are "
+           "differences of a few nats): " + ", ".join(f"{v} {r['metrics']['ppl']['nll']:.2f}" for v, r in V.items())]
+    for t in ("piqa", "arc_easy"):
+        out.append(f"{TASK_LABELS[t]} acc minus chance ({100 * CHANCE[t]:.0f}%), in standard errors: " + ", ".join(
+            f"{v} {(r['metrics'][t]['acc'] - CHANCE[t]) / max(r['metrics'][t]['acc_stderr'], 1e-12):+.1f}"
+            for v, r in V.items()))
+    if "finetune" in V and "baseline" in V:
+        f, b = V["finetune"]["metrics"], V["baseline"]["metrics"]
+        out.append("finetune minus baseline (what the loop does without clustering): held-out NLL "
+                   f"{f['ppl']['nll'] - b['ppl']['nll']:+.2f} nats, " + ", ".join(
+                       f"{TASK_LABELS[t]} acc {100 * (f[t]['acc'] - b[t]['acc']):+.1f} pp" for t in TASKS))
+    pairs = report["paired"]
+    if pairs:
+        m = len(pairs)
+        sig = [p for p in pairs if p["mcnemar_p"] < 0.05]
+        listed = "; ".join(f"{p['a']} vs {p['b']} {TASK_LABELS[p['task']]} {p['metric']} {100 * p['diff']:+.1f} pp "
+                           f"(p = {p['mcnemar_p']:.2g})" for p in sig) or "none"
+        out.append(f"Paired differences with McNemar p < 0.05, out of {m} comparisons: {listed}. With {m} "
+                   f"comparisons about {0.05 * m:.1f} would pass by chance alone; a Bonferroni threshold is "
+                   f"p < {0.05 / m:.2g}.")
+    return out
+
+
 READING = [
     "Every quantized variant stores the same thing: the same bits per weight and LUT layout, "
     "checked on the files; only how the LUTs and assignments are chosen differs.",
-    "The baseline is not an fp16 original: it is the dequantized Q4_1 GGUF (about 5 bits per weight "
-    "in the decoder, 8.5 for the embedding). The 3-bit variants re-quantize an already 4-bit-ish model; "
+    "The baseline is not an fp16 original: it is the dequantized Q4_1 GGUF (5 bits per weight in the "
+    "decoder, 8.5 for the embedding). The 3-bit variants re-quantize an already 4-bit-ish model; "
     "their distance to the baseline is not the distance to the original SmolLM2.",
     "The corpus (State of the Union addresses, Jane Austen) is public and old; it may well be in "
     "SmolLM2's pretraining data. The test split is held out from our fine-tuning only, not "
     "necessarily unseen by the model.",
-    "The fine-tuning budget is tiny: the demo's settings (40 steps x 4 x 256 tokens, about 41k tokens, a "
-    "few minutes on 2 CPU cores). eDKM as published trains for far longer; this measures what a short "
-    "clustering-aware fine-tune recovers, not eDKM's ceiling. The corpus is also off-domain for the "
-    "zero-shot tasks, which the finetune variant (same loop, no clustering) shows.",
+    "The fine-tuning budget is tiny: the demo's settings (40 steps x 4 x 256 tokens, about 41k "
+    "tokens, minutes on 2 CPU cores). eDKM as published trains far longer; this measures what a "
+    "short clustering-aware fine-tune recovers, not eDKM's ceiling. The corpus (speeches, novels) "
+    "is also off-domain for the zero-shot tasks.",
+    "The finetune control runs the same loop with the same learning rate (5e-4, the demo's, chosen "
+    "for the clustered model) and no tuning: it shows what this loop does to an unclustered model, "
+    "not the best a plain fine-tune could do. Where it is worse than the baseline, the loop itself "
+    "costs accuracy, and the edkm variant pays that cost too.",
     "One LUT per matrix at 3 bits is the harshest layout there is (8 values for a whole matrix, "
-    "including the 49152 x 576 embedding); smaller LUT groups (--group-size) help post-training "
-    "methods most.",
-    "Nothing was tuned on test data: the settings are the demo's, fixed before this run, seed 0, one "
-    "run; the test split and the zero-shot items were only evaluated. One seed, one run: no "
-    "run-to-run variance is shown.",
-    "The model is an instruct model evaluated without a chat template, as the harness does for every "
-    "variant; absolute accuracies are low (a 135M model), comparisons between variants are the point.",
-    "n = 500 items per task gives about ±2 pp per accuracy: read the paired comparison (McNemar on "
-    "the items where two variants disagree) before calling a difference real; with several "
+    "including the 49152 x 576 embedding). Finer LUT groups (--group-size) are the usual remedy for "
+    "post-training quantization; they are not measured in this run.",
+    "Nothing was tuned on test data: the settings are the demo's, fixed before this run, seed 0; the "
+    "test split and the zero-shot items were only evaluated. One seed, one run: no run-to-run "
+    "variance is shown.",
+    "The model is an instruct model evaluated without a chat template, the same way for every "
+    "variant; absolute accuracies are those of a 135M model, the comparisons between variants are "
+    "the point.",
+    "A few hundred items per task give about ±2 pp per accuracy: read the paired comparison "
+    "(McNemar on the items where two variants disagree) before calling a difference real; with many "
     "comparisons, a p around 0.05 is weak evidence.",
 ]
 
@@ -733,6 +780,21 @@ def _plot(report: dict, path: str) -> None:
         plt.close(fig)
 
 
+def render(json_path) -> dict:
+    """Rewrite the markdown and PNG of a results JSON (from this command) beside it; returns it."""
+    from edkm import _results
+
+    json_path = Path(json_path)
+    report = json.loads(json_path.read_text())
+    if report.get("benchmark") != "accuracy":
+        raise ValueError(f"{json_path}: not a results file of edkm bench accuracy")
+    base = json_path.with_suffix("")
+    report["files"] = {k: f"{base}.{k}" for k in ("json", "md", "png")}
+    _plot(report, report["files"]["png"])
+    _results.write_atomic(report["files"]["md"], markdown(report))
+    return report
+
+
 def summary(report: dict) -> str:
     """The console summary (printed last)."""
     lines = [table(report)]
@@ -751,7 +813,10 @@ def summary(report: dict) -> str:
 def main(args) -> int:
     import sys
 
-    report = run(args)
+    if args.render is not None:
+        report = render(args.render)
+    else:
+        report = run(args)
     text = summary(report)
     if args.json:
         print(text, file=sys.stderr)
