@@ -26,3 +26,14 @@ def spread_centroids(groups: int, k: int, device="cpu", dtype=torch.float64, see
     c = torch.linspace(-2.0, 2.0, k, dtype=torch.float64).repeat(groups, 1)
     c = c + 0.01 * torch.randn(c.shape, generator=g, dtype=torch.float64)
     return c.to(device=device, dtype=dtype)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs a GPU with `cuda` (parametrized on device "cuda", or skipped
+    for want of one), so the GPU check runs just those: `pytest -m cuda`."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        needs_gpu = params.get("device") == "cuda" or any(
+            "no CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+        if needs_gpu and not item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.cuda)
