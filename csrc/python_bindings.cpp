@@ -69,6 +69,9 @@ PYBIND11_MODULE(_C, m) {
         "ATen's description of the CPU thread pools the kernels run on");
   m.def("set_deterministic_scatter", &edkm::set_deterministic_scatter, py::arg("deterministic"),
         "CUDA backward scatter-add: True = same bits every run (default), False = float64 atomics");
+  m.def("set_fused_udomain", &edkm::set_fused_udomain, py::arg("fused"),
+        "CPU U-domain iterations: fused loops (True, default) or the ATen composition every device runs");
+  m.def("fused_udomain", &edkm::fused_udomain);
   m.def("deterministic_scatter", &edkm::deterministic_scatter);
 
   py::class_<edkm::SavedTensorStore, std::shared_ptr<edkm::SavedTensorStore>>(

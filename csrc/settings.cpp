@@ -8,7 +8,12 @@ namespace edkm {
 
 namespace {
 std::atomic<bool> g_deterministic_scatter{true};
+std::atomic<bool> g_fused_udomain{true};
 }
+
+void set_fused_udomain(bool fused) { g_fused_udomain = fused; }
+
+bool fused_udomain() { return g_fused_udomain; }
 
 void set_deterministic_scatter(bool deterministic) { g_deterministic_scatter = deterministic; }
 

@@ -9,4 +9,10 @@ namespace edkm {
 void set_deterministic_scatter(bool deterministic);
 bool deterministic_scatter();
 
+// U-domain iterations on CPU: fused loops (csrc/cpu/udomain_kernel.cpp, the default) or the
+// composition of ATen ops that every device runs (udomain.cpp). The switch exists so tests can
+// compare the two.
+void set_fused_udomain(bool fused);
+bool fused_udomain();
+
 }  // namespace edkm

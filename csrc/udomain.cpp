@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "settings.h"
+
 namespace edkm {
 
 namespace {
@@ -40,6 +42,9 @@ at::Tensor update_centroids(const at::Tensor& attention, const at::Tensor& value
 UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& counts,
                                const at::Tensor& centroids, double temperature,
                                int64_t max_iter, double epsilon, Distance distance) {
+  if (udomain_fused_applies(values, counts, centroids)) {
+    return udomain_forward_fused(values, counts, centroids, temperature, max_iter, epsilon, distance);
+  }
   auto history = at::empty({max_iter + 1, centroids.size(0), centroids.size(1)},
                            centroids.options());
   auto c = centroids;
@@ -64,6 +69,13 @@ UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& cou
                                  const at::Tensor& history, int64_t iterations,
                                  double temperature, Distance distance,
                                  const at::Tensor& grad_soft, const at::Tensor& grad_centroids) {
+  if (udomain_fused_applies(values, counts, history) && grad_soft.scalar_type() == values.scalar_type() &&
+      grad_soft.device().is_cpu() &&
+      (!grad_centroids.defined() || (grad_centroids.scalar_type() == values.scalar_type() &&
+                                     grad_centroids.device().is_cpu()))) {
+    return udomain_backward_fused(values, counts, history, iterations, temperature, distance,
+                                  grad_soft, grad_centroids);
+  }
   const double inv_tau = 1.0 / temperature;
   auto v = values.unsqueeze(2);
   auto n = counts.unsqueeze(2);

@@ -1,5 +1,6 @@
 // DKM iterations over the distinct values of a weight (the U-domain, DESIGN.md section 2),
-// forward and the exact reverse pass, in ATen ops so they run on any device.
+// forward and the exact reverse pass, in ATen ops so they run on any device; on CPU, fused
+// loops with the same arithmetic (csrc/cpu/udomain_kernel.cpp).
 // Shapes: values/counts [G, U] (counts as floating, 0 for padding), centroids [G, K].
 #pragma once
 
@@ -40,5 +41,17 @@ at::Tensor soft_attention(const at::Tensor& values, const at::Tensor& centroids,
 // no weight attends to it (the sum is 0) instead of producing 0/0.
 at::Tensor update_centroids(const at::Tensor& attention, const at::Tensor& values,
                             const at::Tensor& counts, const at::Tensor& centroids);
+
+// The CPU kernels behind udomain_forward / udomain_backward (csrc/cpu/udomain_kernel.cpp):
+// used when every table is a float32/float64 CPU tensor and settings.h's fused_udomain() is on.
+bool udomain_fused_applies(const at::Tensor& values, const at::Tensor& counts,
+                           const at::Tensor& centroids_or_history);
+UDomainForward udomain_forward_fused(const at::Tensor& values, const at::Tensor& counts,
+                                     const at::Tensor& centroids, double temperature,
+                                     int64_t max_iter, double epsilon, Distance distance);
+UDomainBackward udomain_backward_fused(const at::Tensor& values, const at::Tensor& counts,
+                                       const at::Tensor& history, int64_t iterations,
+                                       double temperature, Distance distance,
+                                       const at::Tensor& grad_soft, const at::Tensor& grad_centroids);
 
 }  // namespace edkm
