@@ -122,8 +122,8 @@ def run(args) -> dict:
                 r["peak_rss_above_inputs_bytes"] = r["peak_rss_bytes"] - base
                 row[v] = r
             row["time_ratio"] = row["aten"]["median_seconds"] / row["fused"]["median_seconds"]
-            row["memory_ratio"] = (max(row["aten"]["peak_rss_above_inputs_bytes"], 1)
-                                   / max(row["fused"]["peak_rss_above_inputs_bytes"], 1))
+            row["memory_ratio"] = (max(row["aten"]["peak_rss_above_inputs_bytes"], 2**20)
+                                   / max(row["fused"]["peak_rss_above_inputs_bytes"], 2**20))
             rows.append(row)
     report = {"benchmark": "udomain_cpu", "k": args.k, "iters": args.iters, "repeats": args.repeats,
               "torch_threads": torch.get_num_threads(), **_results.stamp(), "cases": rows}
@@ -139,6 +139,14 @@ def _mb(b):
     return f"{b / 2**20:,.0f} MiB"
 
 
+def _memory_ratio(r: dict) -> str:
+    """ATen / fused peak RSS growth, or a dash where both are within the noise of RSS (16 MiB)."""
+    a, f = r["aten"]["peak_rss_above_inputs_bytes"], r["fused"]["peak_rss_above_inputs_bytes"]
+    if max(a, f) < 16 * 2**20:
+        return "— (both < 16 MiB)"
+    return f"**{a / max(f, 2**20):.2f}x**"
+
+
 def table(report: dict) -> str:
     lines = ["| case (rows x cols : rows per LUT) | LUTs | fused | ATen ops | time ratio | peak RSS fused | "
              "peak RSS ATen | memory ratio |", "|---|---|---|---|---|---|---|---|"]
@@ -147,7 +155,7 @@ def table(report: dict) -> str:
             f"| {r['case']} | {r['groups']:,} | {r['fused']['median_seconds'] * 1e3:,.0f} ms | "
             f"{r['aten']['median_seconds'] * 1e3:,.0f} ms | **{r['time_ratio']:.2f}x** | "
             f"{_mb(r['fused']['peak_rss_above_inputs_bytes'])} | {_mb(r['aten']['peak_rss_above_inputs_bytes'])} | "
-            f"**{r['memory_ratio']:.2f}x** |")
+            f"{_memory_ratio(r)} |")
     return "\n".join(lines)
 
 
