@@ -47,9 +47,34 @@ DistinctValues distinct_values(const at::Tensor& weight, int64_t groups) {
 }
 
 // Tables are padded to a static capacity (so shapes never depend on data); the arithmetic
-// only needs the columns some group uses. Padding sits at the end of every row.
-int64_t used_columns(const at::Tensor& counts) {
+// only needs the columns some group uses. Padding sits at the end of every row and has count
+// 0, so computing over it changes nothing. Reading that width is a device sync: off the CPU it
+// is read only where the padding would cost more than the sync (G x U x K above 2^22).
+bool narrow_to_used(const at::Tensor& counts, int64_t k) {
+  return counts.device().is_cpu() || counts.size(0) * counts.size(1) * k > (int64_t(1) << 22);
+}
+
+int64_t table_width(const at::Tensor& counts, int64_t k) {
+  if (!narrow_to_used(counts, k)) return counts.size(1);
   return std::max<int64_t>(1, counts.gt(0).sum(1).max().item<int64_t>());
+}
+
+// The forward's checks (finite centroids, finite weight values) and the table width, read in
+// one transfer: a single device sync per forward.
+int64_t checked_width(const char* op, const at::Tensor& centroids, const at::Tensor& values,
+                      const at::Tensor& counts) {
+  const int64_t k = centroids.size(1);
+  auto present = counts.gt(0);
+  auto bad_centroids = at::logical_not(at::isfinite(centroids)).any();
+  auto bad_values = at::logical_and(at::logical_not(at::isfinite(values)), present).any();
+  auto used = narrow_to_used(counts, k)
+                  ? present.sum(1).max().to(at::kLong)
+                  : at::scalar_tensor(counts.size(1), counts.options().dtype(at::kLong));
+  auto flags = at::stack({bad_centroids.to(at::kLong), bad_values.to(at::kLong), used}).cpu();
+  const int64_t* f = flags.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(f[0] == 0, op, ": centroids contain NaN or Inf");
+  TORCH_CHECK_VALUE(f[1] == 0, op, ": weight contains NaN or Inf");
+  return std::max<int64_t>(1, f[2]);
 }
 
 at::Tensor pad_columns(const at::Tensor& t, int64_t columns) {
@@ -59,9 +84,9 @@ at::Tensor pad_columns(const at::Tensor& t, int64_t columns) {
   return out;
 }
 
-void check_finite_values(const char* op, const at::Tensor& values, const at::Tensor& counts) {
-  auto bad = at::logical_and(at::logical_not(at::isfinite(values)), counts.gt(0));
-  TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": weight contains NaN or Inf");
+// history[T] with T read on the device.
+at::Tensor final_centroids(const at::Tensor& history, const at::Tensor& iterations) {
+  return history.index_select(0, iterations.to(at::kLong).view({1})).squeeze(0);
 }
 
 // Every weight's soft value F[u(i)], in weight's dtype and shape.
@@ -78,20 +103,17 @@ dkm_forward(const at::Tensor& weight, const at::Tensor& centroids, double temper
   const char* op = "dkm";
   check_dkm_args(op, weight, centroids, temperature, max_iter, epsilon);
   const Distance dist = parse_distance(op, distance);
-  check_finite_centroids(op, centroids);
   const int64_t groups = centroids.size(0);
   const auto ct = compute_dtype(weight.scalar_type());
 
   auto distinct = distinct_values(weight, groups);
-  check_finite_values(op, distinct.values, distinct.counts);
-  const int64_t used = used_columns(distinct.counts);
+  const int64_t used = checked_width(op, centroids, distinct.values, distinct.counts);
   auto fwd = udomain_forward(distinct.values.narrow(1, 0, used),
                              distinct.counts.narrow(1, 0, used).to(ct), centroids.to(ct),
                              temperature, max_iter, epsilon, dist);
   fwd.soft = pad_columns(fwd.soft, distinct.values.size(1));
   auto clustered = gather_soft(weight, distinct.lookup, fwd.soft);
-  auto iterations = at::scalar_tensor(fwd.iterations, weight.options().dtype(at::kLong));
-  return {clustered,     fwd.centroids.to(centroids.scalar_type()), iterations,
+  return {clustered,     fwd.centroids.to(centroids.scalar_type()), fwd.iterations,
           distinct.lookup, distinct.values, distinct.counts, fwd.history};
 }
 
@@ -105,8 +127,10 @@ std::tuple<at::Tensor, at::Tensor> dkm_backward(
   TORCH_CHECK_VALUE(history.dim() == 3 && values.dim() == 2 && counts.sizes() == values.sizes(),
                     op, ": saved tables have unexpected shapes");
   const int64_t groups = values.size(0);
-  const int64_t t = iterations.item<int64_t>();
-  TORCH_CHECK_VALUE(t >= 1 && t < history.size(0), op, ": iterations out of range: ", t);
+  if (iterations.is_cpu()) {  // the saved tables are dkm's own; off the CPU, no sync to re-check
+    const int64_t t = iterations.item<int64_t>();
+    TORCH_CHECK_VALUE(t >= 1 && t < history.size(0), op, ": iterations out of range: ", t);
+  }
   const auto ct = values.scalar_type();
   const bool half = is_16bit(weight.scalar_type());
 
@@ -127,9 +151,9 @@ std::tuple<at::Tensor, at::Tensor> dkm_backward(
   at::Tensor gc_final;
   if (grad_centroids.has_value() && grad_centroids->defined()) gc_final = grad_centroids->to(ct);
 
-  const int64_t used = used_columns(counts);
+  const int64_t used = table_width(counts, history.size(2));
   auto countsf = counts.narrow(1, 0, used).to(ct);
-  auto bwd = udomain_backward(values.narrow(1, 0, used), countsf, history, t, temperature, dist,
+  auto bwd = udomain_backward(values.narrow(1, 0, used), countsf, history, iterations, temperature, dist,
                               grad_soft.narrow(1, 0, used), gc_final);
   // Each weight of value v_u owns 1/n_u of the gradient that reaches v_u through the centroids.
   auto shift = at::where(countsf.gt(0), bwd.indirect / countsf.clamp_min(1), at::zeros_like(countsf));
@@ -155,11 +179,13 @@ at::Tensor dkm_recompute(const at::Tensor& weight, const at::Tensor& lookup, con
                          c10::string_view distance) {
   const char* op = "dkm recompute";
   const Distance dist = parse_distance(op, distance);
-  const int64_t t = iterations.item<int64_t>();
-  TORCH_CHECK_VALUE(history.dim() == 3 && t >= 1 && t < history.size(0), op,
-                    ": iterations out of range: ", t);
-  const int64_t used = used_columns(counts);
-  auto c = history[t];
+  TORCH_CHECK_VALUE(history.dim() == 3, op, ": saved history has unexpected shape ", history.sizes());
+  if (iterations.is_cpu()) {
+    const int64_t t = iterations.item<int64_t>();
+    TORCH_CHECK_VALUE(t >= 1 && t < history.size(0), op, ": iterations out of range: ", t);
+  }
+  const int64_t used = table_width(counts, history.size(2));
+  auto c = final_centroids(history, iterations);
   auto a = soft_attention(values.narrow(1, 0, used), c, temperature, dist);
   auto soft = pad_columns((a * c.unsqueeze(1)).sum(2), values.size(1));
   return gather_soft(weight, lookup, soft);

@@ -45,43 +45,47 @@ UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& count
   if (udomain_fused_applies(values, counts, centroids)) {
     return udomain_forward_fused(values, counts, centroids, temperature, max_iter, epsilon, distance);
   }
+  // The early stop is decided on the device: every iteration runs, and once the centroids move
+  // by <= epsilon they are held (c = where(done, c, next)), so history rows past T repeat c_T
+  // and T counts the iterations that were not held. No .item(), no sync per iteration.
   auto history = at::empty({max_iter + 1, centroids.size(0), centroids.size(1)},
                            centroids.options());
   auto c = centroids;
   history[0].copy_(c);
-  int64_t t = 0;
-  while (t < max_iter) {
+  auto done = at::zeros({}, values.options().dtype(at::kBool));
+  auto iterations = at::zeros({}, values.options().dtype(at::kLong));
+  for (int64_t t = 0; t < max_iter; ++t) {
     auto a = soft_attention(values, c, temperature, distance);
     auto next = update_centroids(a, values, counts, c);
-    const double move = (next - c).abs().max().item<double>();
-    c = next;
-    ++t;
-    history[t].copy_(c);
-    if (move <= epsilon) break;
+    auto move = (next - c).abs().amax();
+    c = at::where(done, c, next);
+    iterations = iterations + at::logical_not(done).to(at::kLong);
+    done = at::logical_or(done, move.le(epsilon));
+    history[t + 1].copy_(c);
   }
-  if (t < max_iter) history.narrow(0, t + 1, max_iter - t).copy_(c.unsqueeze(0));
   auto a = soft_attention(values, c, temperature, distance);
   auto soft = (a * c.unsqueeze(1)).sum(2);
-  return {c, soft, history, t};
+  return {c, soft, history, iterations};
 }
 
 UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& counts,
-                                 const at::Tensor& history, int64_t iterations,
+                                 const at::Tensor& history, const at::Tensor& iterations,
                                  double temperature, Distance distance,
                                  const at::Tensor& grad_soft, const at::Tensor& grad_centroids) {
   if (udomain_fused_applies(values, counts, history) && grad_soft.scalar_type() == values.scalar_type() &&
       grad_soft.device().is_cpu() &&
       (!grad_centroids.defined() || (grad_centroids.scalar_type() == values.scalar_type() &&
                                      grad_centroids.device().is_cpu()))) {
-    return udomain_backward_fused(values, counts, history, iterations, temperature, distance,
-                                  grad_soft, grad_centroids);
+    return udomain_backward_fused(values, counts, history, iterations.item<int64_t>(), temperature,
+                                  distance, grad_soft, grad_centroids);
   }
   const double inv_tau = 1.0 / temperature;
   auto v = values.unsqueeze(2);
   auto n = counts.unsqueeze(2);
 
-  // Final soft assignment F_u = sum_j a_uj c_j with c = c_T.
-  auto c = history[iterations];
+  // Final soft assignment F_u = sum_j a_uj c_j with c = c_T (T read on the device).
+  auto steps = iterations.to(at::kLong).view({1});
+  auto c = history.index_select(0, steps.to(history.device())).squeeze(0);
   auto a = soft_attention(values, c, temperature, distance);
   auto slope = distance_slope(differences(values, c), distance);  // d dist / dv
   // dF/dv at fixed c: sum_j c_j da_j/dv, with ds_j/dv = -slope_j / tau.
@@ -92,7 +96,11 @@ UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& cou
   if (grad_centroids.defined()) gc = gc + grad_centroids;
 
   auto indirect = at::zeros_like(values);
-  for (int64_t t = iterations - 1; t >= 0; --t) {
+  // Every step of the history is walked back; steps t >= T (held in the forward) leave the
+  // gradients unchanged, selected on the device.
+  const auto t_device = steps.to(values.device()).squeeze(0);
+  for (int64_t t = history.size(0) - 2; t >= 0; --t) {
+    auto active = t_device.gt(t);
     c = history[t];
     a = soft_attention(values, c, temperature, distance);
     auto weighted = a * n;
@@ -106,12 +114,13 @@ UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& cou
     auto g_den = at::where(attended, -gc * next / safe_den, zero);
     auto g_keep = at::where(attended, zero, gc);                            // c_j carried over
     // num_j = sum_u n_u a_uj v_u, den_j = sum_u n_u a_uj.
-    indirect = indirect + (weighted * g_num.unsqueeze(1)).sum(2);
+    auto step_indirect = indirect + (weighted * g_num.unsqueeze(1)).sum(2);
     auto grad_a = n * (v * g_num.unsqueeze(1) + g_den.unsqueeze(1));
     grad_s = softmax_grad(a, grad_a);
     slope = distance_slope(differences(values, c), distance);
-    indirect = indirect - (grad_s * slope).sum(2) * inv_tau;
-    gc = g_keep + (grad_s * slope).sum(1) * inv_tau;
+    step_indirect = step_indirect - (grad_s * slope).sum(2) * inv_tau;
+    indirect = at::where(active, step_indirect, indirect);
+    gc = at::where(active, g_keep + (grad_s * slope).sum(1) * inv_tau, gc);
   }
   return {direct, indirect, gc};
 }

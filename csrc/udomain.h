@@ -14,7 +14,8 @@ struct UDomainForward {
   at::Tensor centroids;  // final centroids c_T [G, K]
   at::Tensor soft;       // F_u = sum_j a_uj c_Tj [G, U]
   at::Tensor history;    // [max_iter + 1, G, K]: c_0..c_T, rows past T repeat c_T
-  int64_t iterations;    // T
+  at::Tensor iterations; // T, an int64 scalar on values' device (never read on the host, so the
+                         // iterations run without a device sync)
 };
 
 UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& counts,
@@ -27,9 +28,10 @@ struct UDomainBackward {
   at::Tensor centroids;  // dL/dc_0 [G, K]
 };
 
-// grad_soft: dL/dF [G, U]; grad_centroids: dL/dc_T [G, K] or undefined.
+// grad_soft: dL/dF [G, U]; grad_centroids: dL/dc_T [G, K] or undefined; iterations: T as
+// an int64 scalar tensor, 1 <= T <= history.size(0) - 1 (not checked here).
 UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& counts,
-                                 const at::Tensor& history, int64_t iterations,
+                                 const at::Tensor& history, const at::Tensor& iterations,
                                  double temperature, Distance distance,
                                  const at::Tensor& grad_soft, const at::Tensor& grad_centroids);
 

@@ -44,8 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> udomain_forward_op(
   TORCH_CHECK_VALUE(epsilon >= 0, op, ": epsilon must be >= 0, got ", epsilon);
   check_finite_centroids(op, centroids);
   auto fwd = udomain_forward(values, counts, centroids, temperature, max_iter, epsilon, dist);
-  return {fwd.centroids, fwd.soft, fwd.history,
-          at::scalar_tensor(fwd.iterations, values.options().dtype(at::kLong))};
+  return {fwd.centroids, fwd.soft, fwd.history, fwd.iterations};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> udomain_backward_op(
@@ -66,7 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> udomain_backward_op(
                       ": grad_centroids must be [G, K], got ", grad_centroids->sizes());
     gc = grad_centroids->to(values.scalar_type());
   }
-  auto bwd = udomain_backward(values, counts, history.to(values.scalar_type()), t, temperature, dist,
+  auto bwd = udomain_backward(values, counts, history.to(values.scalar_type()),
+                              iterations.to(values.device(), at::kLong), temperature, dist,
                               grad_soft.to(values.scalar_type()), gc);
   return {bwd.direct, bwd.indirect, bwd.centroids};
 }

@@ -145,7 +145,7 @@ UDomainForward forward_impl(const at::Tensor& values_in, const at::Tensor& count
   auto c_final = history[t].clone();
   auto soft = at::empty_like(values);
   soft_values(v, h + t * gk, l, neg_inv_tau, squared, soft.data_ptr<T>());
-  return {c_final, soft, history, t};
+  return {c_final, soft, history, at::scalar_tensor(t, values.options().dtype(at::kLong))};
 }
 
 template <typename T>

@@ -4,6 +4,17 @@ import torch
 
 import edkm
 from conftest import DEVICES, rel_error, sample_weight, spread_centroids
+from edkm import _C
+
+
+@pytest.fixture(autouse=True, params=["fused", "aten"], ids=["udomain-fused", "udomain-aten"])
+def cpu_udomain(request):
+    """Every test here runs twice on CPU: the U-domain as fused loops (the default) and as the
+    composition of ATen ops that CUDA runs (device-side early stop, no host syncs), so that
+    path is checked against the reference on every machine. On CUDA both runs are the same."""
+    _C.set_fused_udomain(request.param == "fused")
+    yield request.param
+    _C.set_fused_udomain(True)
 
 
 def run_both(w, c, tau, max_iter, eps, distance, seed=2):
