@@ -15,7 +15,7 @@ jobs=$(nproc)
 declare -A status
 summary() {
   echo "=== gpu_check summary ($(sed -n 2p "$out/machine.txt"))"
-  for s in build ctest pytest crash_bt memcheck racecheck initcheck synccheck bench_dkm bench_gpu demo; do
+  for s in build ctest pytest crash_bt memcheck racecheck initcheck synccheck bench_dkm bench_gpu profile demo; do
     [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
   done
   grep -sE "passed|failed" "$out/pytest.log" | tail -1
@@ -23,6 +23,7 @@ summary() {
   grep -HE "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/{memcheck,racecheck,initcheck,synccheck}.log 2>/dev/null
   grep -sE "^\| (dkm|reference) |ratio" "$out/bench_dkm.log"
   grep -sE "^\| [a-z_+]+ [0-9]+x|^\| (plain|dkm_linear|dkm\+linear) |^Layer|copy bandwidth" "$out/bench_gpu.log"
+  grep -sE "^(wall|GPU kernel|per call)" "$out/profile.log"
   grep -sE "weights in|Peak" "$out/demo.log"
 }
 
@@ -106,6 +107,7 @@ fi
 results=$root/benchmarks/results
 step bench_dkm $py -m edkm bench dkm --device cuda --size 4096x4096 --repeats 10 --out "$results"
 step bench_gpu $py -m edkm bench gpu --out "$results"
+step profile $py scripts/profile_dkm.py
 step demo $py -m edkm bench layer
 
 echo
