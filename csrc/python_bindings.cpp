@@ -71,6 +71,9 @@ PYBIND11_MODULE(_C, m) {
         "CUDA backward scatter-add: True = same bits every run (default), False = float64 atomics");
   m.def("set_fused_udomain", &edkm::set_fused_udomain, py::arg("fused"),
         "CPU U-domain iterations: fused loops (True, default) or the ATen composition every device runs");
+  m.def("set_fused_udomain_cuda", &edkm::set_fused_udomain_cuda, py::arg("fused"),
+        "CUDA U-domain iterations: the fused kernels (True) or the ATen composition (False, default)");
+  m.def("fused_udomain_cuda", &edkm::fused_udomain_cuda);
   m.def("fused_udomain", &edkm::fused_udomain);
   m.def("deterministic_scatter", &edkm::deterministic_scatter);
 

@@ -9,7 +9,12 @@ namespace edkm {
 namespace {
 std::atomic<bool> g_deterministic_scatter{true};
 std::atomic<bool> g_fused_udomain{true};
+std::atomic<bool> g_fused_udomain_cuda{false};
 }
+
+void set_fused_udomain_cuda(bool fused) { g_fused_udomain_cuda = fused; }
+
+bool fused_udomain_cuda() { return g_fused_udomain_cuda; }
 
 void set_fused_udomain(bool fused) { g_fused_udomain = fused; }
 

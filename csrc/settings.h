@@ -15,4 +15,9 @@ bool deterministic_scatter();
 void set_fused_udomain(bool fused);
 bool fused_udomain();
 
+// U-domain iterations on CUDA: the kernels of cuda/udomain_kernels.cu (a few launches, no host
+// sync) or the ATen composition (the default until those kernels have run on a GPU).
+void set_fused_udomain_cuda(bool fused);
+bool fused_udomain_cuda();
+
 }  // namespace edkm

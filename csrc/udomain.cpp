@@ -7,6 +7,20 @@
 namespace edkm {
 
 namespace {
+UDomainForwardFn g_cuda_forward = nullptr;
+UDomainBackwardFn g_cuda_backward = nullptr;
+
+bool use_cuda_kernels(const at::Tensor& values) {
+  return values.is_cuda() && g_cuda_forward != nullptr && fused_udomain_cuda();
+}
+}  // namespace
+
+void register_udomain_cuda(UDomainForwardFn forward, UDomainBackwardFn backward) {
+  g_cuda_forward = forward;
+  g_cuda_backward = backward;
+}
+
+namespace {
 // d dist(v, c) / dv, [G, U, K].
 at::Tensor distance_slope(const at::Tensor& diff, Distance distance) {
   return distance == Distance::kSquared ? diff * 2 : at::sign(diff);
@@ -45,6 +59,9 @@ UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& count
   if (udomain_fused_applies(values, counts, centroids)) {
     return udomain_forward_fused(values, counts, centroids, temperature, max_iter, epsilon, distance);
   }
+  if (use_cuda_kernels(values)) {
+    return g_cuda_forward(values, counts, centroids, temperature, max_iter, epsilon, distance);
+  }
   // The early stop is decided on the device: every iteration runs, and once the centroids move
   // by <= epsilon they are held (c = where(done, c, next)), so history rows past T repeat c_T
   // and T counts the iterations that were not held. No .item(), no sync per iteration.
@@ -78,6 +95,10 @@ UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& cou
                                      grad_centroids.device().is_cpu()))) {
     return udomain_backward_fused(values, counts, history, iterations.item<int64_t>(), temperature,
                                   distance, grad_soft, grad_centroids);
+  }
+  if (use_cuda_kernels(values)) {
+    return g_cuda_backward(values, counts, history, iterations, temperature, distance, grad_soft,
+                           grad_centroids);
   }
   const double inv_tau = 1.0 / temperature;
   auto v = values.unsqueeze(2);

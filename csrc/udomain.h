@@ -56,4 +56,14 @@ UDomainBackward udomain_backward_fused(const at::Tensor& values, const at::Tenso
                                        double temperature, Distance distance,
                                        const at::Tensor& grad_soft, const at::Tensor& grad_centroids);
 
+// The CUDA kernels (cuda/udomain_kernels.cu) register themselves here when the library is built
+// with CUDA; udomain_forward / udomain_backward use them for CUDA tables when settings.h's
+// fused_udomain_cuda() is on (off by default until they have run on a GPU).
+using UDomainForwardFn = UDomainForward (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            double, int64_t, double, Distance);
+using UDomainBackwardFn = UDomainBackward (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, double, Distance, const at::Tensor&,
+                                              const at::Tensor&);
+void register_udomain_cuda(UDomainForwardFn forward, UDomainBackwardFn backward);
+
 }  // namespace edkm

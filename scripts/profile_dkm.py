@@ -2,7 +2,8 @@
 4096x4096 bf16 matrix (K=8, 3 iterations), run by scripts/gpu_check.sh.
 
 Prints, per call: wall time, GPU kernel time, host syncs (cudaStreamSynchronize and
-cudaMemcpy device-to-host), kernel launches, and the top kernels by GPU time.
+cudaMemcpy device-to-host), kernel launches, and the top kernels by GPU time; first with the
+U-domain as ATen ops (the default), then with the CUDA U-domain kernels.
 """
 import statistics
 import sys
@@ -28,32 +29,41 @@ def step():
     out.clustered.backward(grad)
 
 
-for _ in range(3):
-    step()
-torch.cuda.synchronize()
-walls = []
-for _ in range(10):
-    t0 = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    walls.append(time.perf_counter() - t0)
-
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    for _ in range(CALLS):
+def measure(label):
+    for _ in range(3):
         step()
     torch.cuda.synchronize()
+    walls = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    copies = sum(e.count for e in events if e.key in ("cudaMemcpyAsync", "cudaMemcpy"))
+    launches = sum(e.count for e in events
+                   if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    kernels = [e for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    gpu_us = sum(e.self_device_time_total for e in kernels)
+    print(f"== U-domain: {label}")
+    print(f"wall per call (median of 10, no profiler): {statistics.median(walls) * 1e3:.2f} ms")
+    print(f"GPU kernel time per call: {gpu_us / CALLS / 1e3:.2f} ms")
+    print(f"per call: {syncs / CALLS:.1f} stream syncs, {copies / CALLS:.1f} memcpy calls, "
+          f"{launches / CALLS:.0f} kernel launches")
+    print("top kernels by GPU time (per call):")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
+        print(f"  {e.self_device_time_total / CALLS / 1e3:8.3f} ms  x{e.count // CALLS:<4d} {e.key[:90]}")
+    sys.stdout.flush()
 
-events = prof.key_averages()
-syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
-copies = sum(e.count for e in events if e.key in ("cudaMemcpyAsync", "cudaMemcpy"))
-launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
-gpu_us = sum(e.self_device_time_total for e in kernels)
+
 print(f"profile_dkm: 4096x4096 bf16, K=8, 3 iterations, forward+backward, {torch.cuda.get_device_name()}")
-print(f"wall per call (median of 10, no profiler): {statistics.median(walls) * 1e3:.2f} ms")
-print(f"GPU kernel time per call: {gpu_us / CALLS / 1e3:.2f} ms")
-print(f"per call: {syncs / CALLS:.1f} stream syncs, {copies / CALLS:.1f} memcpy calls, "
-      f"{launches / CALLS:.0f} kernel launches")
-print("top kernels by GPU time (per call):")
-for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
-    print(f"  {e.self_device_time_total / CALLS / 1e3:8.3f} ms  x{e.count // CALLS:<4d} {e.key[:90]}")
+measure("ATen composition (default)")
+# Last, so that a fault in the new kernels cannot hide the numbers above.
+edkm._C.set_fused_udomain_cuda(True)
+measure("cuda/udomain_kernels.cu (edkm._C.set_fused_udomain_cuda(True))")

@@ -18,4 +18,15 @@ _C.set_deterministic_scatter(False)  # the float64-atomic scatter too
 w = torch.randn(64, 96, device="cuda").bfloat16().requires_grad_()
 edkm.dkm(w, torch.linspace(-2, 2, 8, device="cuda").view(1, 8), 0.1).clustered.float().sum().backward()
 torch.cuda.synchronize()
+# The CUDA U-domain kernels (off by default), last: every dtype and group count again.
+_C.set_deterministic_scatter(True)
+_C.set_fused_udomain_cuda(True)
+for dtype, groups in cases + [(torch.float32, 3)]:
+    w = (torch.randn(64, 96, device="cuda") * 0.02).to(dtype).requires_grad_()
+    cdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    k = 8 if groups != 3 else 32  # 32: the large-K path
+    c = torch.linspace(-0.04, 0.04, k, device="cuda").repeat(groups, 1).to(cdtype)
+    edkm.dkm(w, c, 1e-4, 3, 1e-6).clustered.float().sum().backward()
+_C.set_fused_udomain_cuda(False)
+torch.cuda.synchronize()
 print("sanitize_dkm: ok")
