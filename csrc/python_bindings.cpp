@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include "settings.h"
+#include "udomain.h"
 
 namespace py = pybind11;
 
@@ -74,6 +75,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_fused_udomain_cuda", &edkm::set_fused_udomain_cuda, py::arg("fused"),
         "CUDA U-domain iterations: the fused kernels (True) or the ATen composition (False, default)");
   m.def("fused_udomain_cuda", &edkm::fused_udomain_cuda);
+  m.def("udomain_cuda_registered", &edkm::udomain_cuda_registered,
+        "True when the CUDA U-domain kernels are compiled in and registered");
   m.def("fused_udomain", &edkm::fused_udomain);
   m.def("deterministic_scatter", &edkm::deterministic_scatter);
 

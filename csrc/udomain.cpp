@@ -10,10 +10,15 @@ namespace {
 UDomainForwardFn g_cuda_forward = nullptr;
 UDomainBackwardFn g_cuda_backward = nullptr;
 
-bool use_cuda_kernels(const at::Tensor& values) {
-  return values.is_cuda() && g_cuda_forward != nullptr && fused_udomain_cuda();
+// The kernels take float32/float64 tables and K <= 256; anything else stays on the ATen path.
+bool use_cuda_kernels(const at::Tensor& values, int64_t k) {
+  const auto st = values.scalar_type();
+  return values.is_cuda() && g_cuda_forward != nullptr && fused_udomain_cuda() && k <= 256 &&
+         values.size(0) > 0 && (st == at::kFloat || st == at::kDouble);
 }
 }  // namespace
+
+bool udomain_cuda_registered() { return g_cuda_forward != nullptr; }
 
 void register_udomain_cuda(UDomainForwardFn forward, UDomainBackwardFn backward) {
   g_cuda_forward = forward;
@@ -59,7 +64,7 @@ UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& count
   if (udomain_fused_applies(values, counts, centroids)) {
     return udomain_forward_fused(values, counts, centroids, temperature, max_iter, epsilon, distance);
   }
-  if (use_cuda_kernels(values)) {
+  if (use_cuda_kernels(values, centroids.size(1))) {
     return g_cuda_forward(values, counts, centroids, temperature, max_iter, epsilon, distance);
   }
   // The early stop is decided on the device: every iteration runs, and once the centroids move
@@ -96,7 +101,7 @@ UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& cou
     return udomain_backward_fused(values, counts, history, iterations.item<int64_t>(), temperature,
                                   distance, grad_soft, grad_centroids);
   }
-  if (use_cuda_kernels(values)) {
+  if (use_cuda_kernels(values, history.size(2))) {
     return g_cuda_backward(values, counts, history, iterations, temperature, distance, grad_soft,
                            grad_centroids);
   }

@@ -65,5 +65,6 @@ using UDomainBackwardFn = UDomainBackward (*)(const at::Tensor&, const at::Tenso
                                               const at::Tensor&, double, Distance, const at::Tensor&,
                                               const at::Tensor&);
 void register_udomain_cuda(UDomainForwardFn forward, UDomainBackwardFn backward);
+bool udomain_cuda_registered();
 
 }  // namespace edkm

@@ -77,11 +77,16 @@ __device__ double block_sum(double x, double* sh) {
 
 // Per block (group g, chunk): sum_u n a_j v and sum_u n a_j at centroids c, into
 // partial[(g * chunks + chunk) * 2K + {0, K} + j].
+// Skipped (the whole grid) once the forward has stopped (done) or, in the reverse pass, for a
+// held step (T <= step): the consumers then ignore the stale partials.
 template <int KMAX, typename T>
-__global__ void moments_kernel(const T* __restrict__ values, const T* __restrict__ counts,
-                               const T* __restrict__ c, Table t, double neg_inv_tau,
-                               bool squared, double* __restrict__ partial) {
+__global__ void __launch_bounds__(kBlock)
+moments_kernel(const T* __restrict__ values, const T* __restrict__ counts,
+               const T* __restrict__ c, Table t, double neg_inv_tau, bool squared,
+               const bool* __restrict__ done, const int64_t* __restrict__ iterations,
+               int64_t step, double* __restrict__ partial) {
   __shared__ double sh[kBlock];
+  if ((done != nullptr && *done) || (iterations != nullptr && *iterations <= step)) return;
   const int64_t g = blockIdx.x / t.chunks, chunk = blockIdx.x % t.chunks;
   const int64_t lo = chunk * kChunk, hi = min(t.width, lo + kChunk);
   const int k = static_cast<int>(t.k);
@@ -154,7 +159,7 @@ __global__ void update_kernel(const double* __restrict__ partial, Table t, T* __
 
 // F_u = sum_j a_uj c_j for every entry, c = history[T] (T read on the device).
 template <int KMAX, typename T>
-__global__ void soft_kernel(const T* __restrict__ values, const T* __restrict__ history,
+__global__ void __launch_bounds__(kBlock) soft_kernel(const T* __restrict__ values, const T* __restrict__ history,
                             const int64_t* __restrict__ iterations, Table t, double neg_inv_tau,
                             bool squared, T* __restrict__ soft) {
   const T* c = history + (*iterations) * t.groups * t.k;
@@ -175,7 +180,7 @@ __global__ void soft_kernel(const T* __restrict__ values, const T* __restrict__ 
 
 // Backward at c_T: direct[u] = dF/dv, and per block sum_u (G_u a_j + G_u a_j (c_j - F) s_j / tau).
 template <int KMAX, typename T>
-__global__ void final_kernel(const T* __restrict__ values, const T* __restrict__ history,
+__global__ void __launch_bounds__(kBlock) final_kernel(const T* __restrict__ values, const T* __restrict__ history,
                              const int64_t* __restrict__ iterations,
                              const T* __restrict__ grad_soft, Table t, double inv_tau,
                              bool squared, T* __restrict__ direct, double* __restrict__ partial) {
@@ -256,7 +261,7 @@ __global__ void coef_kernel(const double* __restrict__ partial, Table t,
 // Step t of the reverse pass (skipped on the device when t >= T): indirect[u] gains what reaches
 // v_u through this step's centroid update; per block, this step's dL/dc_t.
 template <int KMAX, typename T>
-__global__ void step_kernel(const T* __restrict__ values, const T* __restrict__ counts,
+__global__ void __launch_bounds__(kBlock) step_kernel(const T* __restrict__ values, const T* __restrict__ counts,
                             const T* __restrict__ c, const double* __restrict__ coef,
                             const int64_t* __restrict__ iterations, int64_t step, Table t,
                             double inv_tau, bool squared, T* __restrict__ indirect,
@@ -331,10 +336,14 @@ int grid_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kBlock - 1) / kBlock, 4096)));
 }
 
-// KMAX: register arrays for K <= 16; larger K (5-8 bits) uses a 256-entry array.
+// KMAX: per-thread arrays sized for K <= 16 (registers), <= 64, or <= 256 (local memory:
+// three 256-entry double arrays per thread, which the driver reserves for every resident thread).
 #define EDKM_DISPATCH_KMAX(k, ...)          \
   if ((k) <= 16) {                          \
     constexpr int KMAX = 16;                \
+    __VA_ARGS__();                          \
+  } else if ((k) <= 64) {                   \
+    constexpr int KMAX = 64;                \
     __VA_ARGS__();                          \
   } else {                                  \
     constexpr int KMAX = 256;               \
@@ -347,8 +356,9 @@ UDomainForward forward_cuda(const at::Tensor& values_in, const at::Tensor& count
   const c10::cuda::CUDAGuard guard(values_in.device());
   TORCH_CHECK_VALUE(centroids.size(1) <= 256, "dkm: at most 256 centroids per group on CUDA, got ",
                     centroids.size(1));
+  TORCH_CHECK_VALUE(values_in.size(0) > 0, "dkm: no groups");
   auto values = values_in.contiguous();
-  auto counts = counts_in.contiguous();
+  auto counts = counts_in.to(values.device()).contiguous();
   const Table t = table_of(values, centroids.size(1));
   const bool squared = distance == Distance::kSquared;
   const double neg_inv_tau = -1.0 / temperature;
@@ -366,7 +376,7 @@ UDomainForward forward_cuda(const at::Tensor& values_in, const at::Tensor& count
         moments_kernel<KMAX, scalar_t><<<t.blocks(), kBlock, 0, stream>>>(
             values.const_data_ptr<scalar_t>(), counts.const_data_ptr<scalar_t>(),
             history.const_data_ptr<scalar_t>() + step * gk, t, neg_inv_tau, squared,
-            partial.mutable_data_ptr<double>());
+            done.const_data_ptr<bool>(), nullptr, 0, partial.mutable_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         update_kernel<scalar_t><<<1, kBlock, 0, stream>>>(
             partial.const_data_ptr<double>(), t, history.mutable_data_ptr<scalar_t>(), step,
@@ -390,20 +400,27 @@ UDomainBackward backward_cuda(const at::Tensor& values_in, const at::Tensor& cou
                               const at::Tensor& grad_soft_in, const at::Tensor& grad_centroids) {
   const c10::cuda::CUDAGuard guard(values_in.device());
   auto values = values_in.contiguous();
-  auto counts = counts_in.contiguous();
-  auto history = history_in.contiguous();
-  auto grad_soft = grad_soft_in.contiguous();
+  // Everything the kernels dereference on the table's device and dtype.
+  auto counts = counts_in.to(values.device(), values.scalar_type()).contiguous();
+  auto history = history_in.to(values.device(), values.scalar_type()).contiguous();
+  auto grad_soft = grad_soft_in.to(values.device(), values.scalar_type()).contiguous();
   auto iterations = iterations_in.to(values.device(), at::kLong).contiguous();
   at::Tensor extra;
-  if (grad_centroids.defined()) extra = grad_centroids.contiguous();
+  if (grad_centroids.defined()) {
+    extra = grad_centroids.to(values.device(), values.scalar_type()).contiguous();
+  }
   const Table t = table_of(values, history.size(2));
   TORCH_CHECK_VALUE(t.k <= 256, "dkm backward: at most 256 centroids per group on CUDA, got ", t.k);
+  TORCH_CHECK_VALUE(t.groups > 0 && history.size(1) == t.groups && counts.sizes() == values.sizes() &&
+                        grad_soft.sizes() == values.sizes() &&
+                        (!extra.defined() || extra.numel() == t.groups * t.k),
+                    "dkm backward: U-domain tables of inconsistent shapes");
   const int64_t steps = history.size(0) - 1, gk = t.groups * t.k;
   const bool squared = distance == Distance::kSquared;
   const double inv_tau = 1.0 / temperature;
   auto stream = at::cuda::getCurrentCUDAStream();
   auto dbl = values.options().dtype(at::kDouble);
-  auto moments = at::empty({t.blocks() * 2 * t.k}, dbl);
+  auto moments = at::zeros({t.blocks() * 2 * t.k}, dbl);  // read (and ignored) for held steps
   auto partial = at::empty({t.blocks() * t.k}, dbl);
   auto gc = at::empty({gk}, dbl);
   auto coef = at::empty({3 * gk}, dbl);
@@ -425,7 +442,8 @@ UDomainBackward backward_cuda(const at::Tensor& values_in, const at::Tensor& cou
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       for (int64_t step = steps - 1; step >= 0; --step) {
         moments_kernel<KMAX, scalar_t><<<t.blocks(), kBlock, 0, stream>>>(
-            v, n, h + step * gk, t, -inv_tau, squared, moments.mutable_data_ptr<double>());
+            v, n, h + step * gk, t, -inv_tau, squared, nullptr, it, step,
+            moments.mutable_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         coef_kernel<<<grid_for(gk), kBlock, 0, stream>>>(moments.const_data_ptr<double>(), t,
                                                          gc.const_data_ptr<double>(),

@@ -12,6 +12,12 @@ from test_udomain_fused_cpu import CASES, check, tables
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def kernels_are_registered():
+    """Without the kernels (a build without CUDA) every comparison here would be ATen vs ATen."""
+    assert _C.udomain_cuda_registered(), "libedkm has no CUDA U-domain kernels: the tests would compare nothing"
+
+
 def with_kernels(on, fn, *args):
     before = _C.fused_udomain_cuda()
     _C.set_fused_udomain_cuda(on)
@@ -21,7 +27,8 @@ def with_kernels(on, fn, *args):
         _C.set_fused_udomain_cuda(before)
 
 
-CUDA_CASES = CASES + [(2, 700, 32, 0.1, 3, 0.0)]  # K = 32: the 256-entry register path
+CUDA_CASES = CASES + [(2, 700, 32, 0.1, 3, 0.0),     # K = 32: the 64-entry arrays
+                      (1, 3000, 128, 0.1, 3, 0.0)]   # K = 128: the 256-entry arrays
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -47,6 +54,14 @@ def test_cuda_kernels_match_the_aten_composition(case, distance, dtype):
         exact_b = bwd(v.double().cpu(), n.double().cpu(), history.double().cpu(), exact[3], tau, distance,
                       grad_soft.double().cpu(), None if extra is None else extra.double().cpu())
         check([x.cpu() for x in got_b], [x.cpu() for x in want_b], exact_b, dtype)
+
+
+def test_more_than_256_centroids_fall_back_to_the_aten_path():
+    v, n, c = (x.cuda() for x in tables(1, 600, 300, torch.float64, seed=9))
+    got = with_kernels(True, torch.ops.edkm._udomain_forward, v, n, c, 0.2, 2, 0.0, "squared")
+    want = with_kernels(False, torch.ops.edkm._udomain_forward, v, n, c, 0.2, 2, 0.0, "squared")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)  # the same code ran
 
 
 def test_cuda_kernels_give_the_same_bits_on_every_run():
@@ -76,6 +91,7 @@ def test_dkm_on_the_cuda_kernels_matches_the_reference(eps):
     ours = with_kernels(True, run, edkm.dkm)
     ref = run(edkm.dkm_reference)
     assert int(ours[0].iterations) == int(ref[0].iterations)
+    assert (int(ours[0].iterations) < 30) == (eps > 0)
     for a, b in [(ours[0].clustered, ref[0].clustered), (ours[0].centroids, ref[0].centroids),
                  (ours[1], ref[1]), (ours[2], ref[2])]:
         assert float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) <= 1e-10
