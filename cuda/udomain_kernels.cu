@@ -35,7 +35,7 @@ template <int KMAX, typename T>
 __device__ __forceinline__ void attention(double v, const T* c, int k, double neg_inv_tau,
                                           bool squared, double* a) {
   double m = -INFINITY;
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
   for (int j = 0; j < KMAX; ++j) {
     if (j < k) {
       const double d = v - static_cast<double>(c[j]);
@@ -45,14 +45,14 @@ __device__ __forceinline__ void attention(double v, const T* c, int k, double ne
     }
   }
   double z = 0;
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
   for (int j = 0; j < KMAX; ++j) {
     if (j < k) {
       a[j] = exp(a[j] - m);
       z += a[j];
     }
   }
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
   for (int j = 0; j < KMAX; ++j) {
     if (j < k) a[j] /= z;
   }
@@ -92,14 +92,14 @@ moments_kernel(const T* __restrict__ values, const T* __restrict__ counts,
   const int k = static_cast<int>(t.k);
   const T* cg = c + g * t.k;
   double num[KMAX], den[KMAX], a[KMAX];
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
   for (int j = 0; j < KMAX; ++j) num[j] = den[j] = 0;
   for (int64_t u = lo + threadIdx.x; u < hi; u += kBlock) {
     const double n = static_cast<double>(counts[g * t.width + u]);
     if (n == 0) continue;
     const double v = static_cast<double>(values[g * t.width + u]);
     attention<KMAX>(v, cg, k, neg_inv_tau, squared, a);
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
     for (int j = 0; j < KMAX; ++j) {
       if (j < k) {
         const double w = n * a[j];
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kBlock) soft_kernel(const T* __restrict__ valu
     const T* cg = c + (i / t.width) * t.k;
     attention<KMAX>(static_cast<double>(values[i]), cg, k, neg_inv_tau, squared, a);
     double f = 0;
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
     for (int j = 0; j < KMAX; ++j) {
       if (j < k) f += a[j] * static_cast<double>(cg[j]);
     }
@@ -190,20 +190,20 @@ __global__ void __launch_bounds__(kBlock) final_kernel(const T* __restrict__ val
   const int k = static_cast<int>(t.k);
   const T* c = history + (*iterations) * t.groups * t.k + g * t.k;
   double acc[KMAX], a[KMAX];
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
   for (int j = 0; j < KMAX; ++j) acc[j] = 0;
   for (int64_t u = lo + threadIdx.x; u < hi; u += kBlock) {
     const int64_t i = g * t.width + u;
     const double v = static_cast<double>(values[i]);
     attention<KMAX>(v, c, k, -inv_tau, squared, a);
     double f = 0;
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
     for (int j = 0; j < KMAX; ++j) {
       if (j < k) f += a[j] * static_cast<double>(c[j]);
     }
     const double gu = static_cast<double>(grad_soft[i]);
     double d = 0;
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
     for (int j = 0; j < KMAX; ++j) {
       if (j < k) {
         const double s = slope_of(v - static_cast<double>(c[j]), squared);
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kBlock) step_kernel(const T* __restrict__ valu
   const double* gn = coef + g * t.k;
   const double* gd = coef + gk + g * t.k;
   double acc[KMAX], a[KMAX], grad_a[KMAX];
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
   for (int j = 0; j < KMAX; ++j) acc[j] = 0;
   for (int64_t u = lo + threadIdx.x; u < hi; u += kBlock) {
     const int64_t i = g * t.width + u;
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(kBlock) step_kernel(const T* __restrict__ valu
     const double v = static_cast<double>(values[i]);
     attention<KMAX>(v, cg, k, -inv_tau, squared, a);
     double through = 0, sum_ag = 0;
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
     for (int j = 0; j < KMAX; ++j) {
       if (j < k) {
         through += n * a[j] * gn[j];
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kBlock) step_kernel(const T* __restrict__ valu
       }
     }
     double back = 0;
-#pragma unroll
+#pragma unroll(KMAX > 16 ? 4 : KMAX)
     for (int j = 0; j < KMAX; ++j) {
       if (j < k) {
         const double term = a[j] * (grad_a[j] - sum_ag) * slope_of(v - static_cast<double>(cg[j]), squared);
