@@ -90,7 +90,7 @@ step pytest $py -m pytest -q -p no:cacheprovider $parallel tests/python -m cuda 
   --ignore=tests/python/test_udomain_fused_cuda.py
 step pytest_kernels $py -m pytest -q -p no:cacheprovider tests/python/test_udomain_fused_cuda.py -rs
 # A crash (segfault) gets a native backtrace from cuda-gdb (the machine has no gdb).
-crashed=$(grep -oE "(worker '?[a-z0-9]+'? crashed while running|\[gw[0-9]+\] node down: ).*" "$out/pytest.log" \
+crashed=$(grep -soE "(worker '?[a-z0-9]+'? crashed while running|\[gw[0-9]+\] node down: ).*" "$out/pytest.log" \
           | grep -oE "tests/python/[^ ']+" | head -3)
 if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
   for t in $crashed; do
@@ -100,7 +100,7 @@ if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
   status[crash_bt]="$(grep -c '^#' "$out/crash_backtrace.log") frames in crash_backtrace.log"
 fi
 # CUDA tests must have run, not skipped.
-grep -q "skipped.*no CUDA device" "$out/pytest.log" && status[pytest]+=" (CUDA tests SKIPPED)"
+grep -sq "skipped.*no CUDA device" "$out/pytest.log" && status[pytest]+=" (CUDA tests SKIPPED)"
 
 if command -v compute-sanitizer >/dev/null; then
   step memcheck timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 $py scripts/sanitize_dkm.py
