@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import statistics
 import time
 
 import torch
+
+from edkm.bench.dkm import _in_fresh_process  # one variant per spawned process, result by queue
 
 VARIANTS = ("fused", "aten")
 DEFAULT_CASES = ("4096x4096:4096", "4096x4096:16", "576x1536:16", "49152x576:16")
@@ -88,16 +89,6 @@ def _baseline(case, args, queue) -> None:
 
     _inputs(case, args.k)
     queue.put({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
-
-
-def _in_fresh_process(target, *a):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=target, args=(*a, q))
-    p.start()
-    result = q.get()
-    p.join()
-    return result
 
 
 def run(args) -> dict:
