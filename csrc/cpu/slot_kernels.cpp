@@ -62,19 +62,39 @@ void for_each_slot(const at::Tensor& weight, const at::Tensor& slots, const Body
       });
     }
   } else {
-    at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t g = i / m;
+    // Small groups: each thread keeps one 65536-entry map, sets the group's slots, looks its
+    // weights up, and clears just those entries again: O(U + M) per group, no 65536-wide fill,
+    // no binary search per weight.
+    std::atomic<int64_t> bad_slot{-1};
+    at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / std::max<int64_t>(m, 1)),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> map(65536, -1);
+      for (int64_t g = begin; g < end && !missing; ++g) {
         const int32_t* row = table + g * cap;
-        const int32_t s = bits[i];
-        const int32_t* hit = std::lower_bound(row, row + cap, s);
-        if (hit == row + cap || *hit != s) {
-          missing = true;
-          return;
+        int64_t used = 0;
+        for (; used < cap && row[used] != kEmptySlot; ++used) {
+          if (row[used] < 0 || row[used] >= 65536) {
+            bad_slot = row[used];
+            missing = true;
+            break;
+          }
+          map[row[used]] = static_cast<int32_t>(used);
         }
-        body(i, g * cap + (hit - row));
+        for (int64_t i = g * m; i < (g + 1) * m && !missing; ++i) {
+          const int32_t u = map[bits[i]];
+          if (u < 0) {
+            missing = true;
+            break;
+          }
+          body(i, g * cap + u);
+        }
+        for (int64_t u = 0; u < used; ++u) {
+          if (row[u] >= 0 && row[u] < 65536) map[row[u]] = -1;
+        }
       }
     });
+    TORCH_CHECK_VALUE(bad_slot.load() == -1, "edkm: slots hold ", bad_slot.load(),
+                      ", outside the 16-bit range [0, 65535]");
   }
   if (missing) missing_slot();
 }
@@ -189,14 +209,29 @@ at::Tensor slot_scatter_add_cpu(const at::Tensor& weight, const at::Tensor& slot
             out[u] += static_cast<double>(x[i]);
           }
         } else {
-          for (int64_t i = 0; i < m; ++i) {
-            const int32_t s = b[i];
-            const int32_t* hit = std::lower_bound(row, row + cap, s);
-            if (hit == row + cap || *hit != s) {
-              missing = true;
-              return;
+          // Small groups: the same map, set and cleared per group (O(U + M), see for_each_slot).
+          if (map.size() != 65536) map.assign(65536, -1);
+          int64_t used = 0;
+          bool bad = false;
+          for (; used < cap && row[used] != kEmptySlot; ++used) {
+            if (row[used] < 0 || row[used] >= 65536) {
+              bad = true;
+              break;
             }
-            out[hit - row] += static_cast<double>(x[i]);
+            map[row[used]] = static_cast<int32_t>(used);
+          }
+          for (int64_t i = 0; i < m && !bad; ++i) {
+            const int32_t u = map[b[i]];
+            if (u < 0) {
+              bad = true;
+              break;
+            }
+            out[u] += static_cast<double>(x[i]);
+          }
+          for (int64_t u = 0; u < used; ++u) map[row[u]] = -1;
+          if (bad) {
+            missing = true;
+            return;
           }
         }
       }

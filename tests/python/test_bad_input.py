@@ -57,9 +57,10 @@ def test_devices_must_match():
 
 
 @pytest.mark.parametrize("bad_slot", [-5, 70000], ids=["negative", "above-65535"])
-def test_slot_tables_outside_the_16bit_range_are_refused(bad_slot):
-    w = torch.randn(4, 30000).bfloat16()  # groups large enough for the dense-map path
-    slots, counts = torch.ops.edkm._slot_table(w, 4)
+@pytest.mark.parametrize("rows,cols", [(4, 30000), (64, 96)], ids=["large-groups", "small-groups"])
+def test_slot_tables_outside_the_16bit_range_are_refused(bad_slot, rows, cols):
+    w = torch.randn(rows, cols).bfloat16()  # 30000-weight groups take the per-group dense map,
+    slots, counts = torch.ops.edkm._slot_table(w, 4)  # 1536-weight groups the per-thread sparse one
     slots = slots.clone()
     slots[0, 0] = bad_slot
     table = torch.zeros(slots.shape)
