@@ -28,6 +28,25 @@ struct Layout {
   int64_t tasks() const { return groups * chunks; }
 };
 
+// The table entries [lo, hi) of group g that task `task` covers.
+struct Span {
+  int64_t g, lo, hi;
+};
+
+Span span_of(const Layout& l, int64_t task) {
+  const int64_t lo = (task % l.chunks) * kChunk;
+  return {task / l.chunks, lo, std::min(l.width, lo + kChunk)};
+}
+
+// out[g, j] += part[task, j] for every task of group g, in task order (so the sum does not
+// depend on the thread count).
+void add_partials(const std::vector<double>& part, const Layout& l, double* out) {
+  for (int64_t task = 0; task < l.tasks(); ++task) {
+    const int64_t g = task / l.chunks;
+    for (int64_t j = 0; j < l.k; ++j) out[g * l.k + j] += part[task * l.k + j];
+  }
+}
+
 Layout layout_of(const at::Tensor& values, int64_t k) {
   const int64_t g = values.size(0), u = values.size(1);
   return {g, u, k, std::max<int64_t>(1, (u + kChunk - 1) / kChunk)};
@@ -64,8 +83,7 @@ void moments(const T* values, const T* counts, const T* c, const Layout& l, doub
   at::parallel_for(0, l.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> a(l.k);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / l.chunks, lo = (task % l.chunks) * kChunk;
-      const int64_t hi = std::min(l.width, lo + kChunk);
+      const auto [g, lo, hi] = span_of(l, task);
       const T* cg = c + g * l.k;
       double* tn = pnum.data() + task * l.k;
       double* td = pden.data() + task * l.k;
@@ -84,13 +102,8 @@ void moments(const T* values, const T* counts, const T* c, const Layout& l, doub
   });
   num.assign(l.groups * l.k, 0.0);
   den.assign(l.groups * l.k, 0.0);
-  for (int64_t task = 0; task < l.tasks(); ++task) {
-    const int64_t g = task / l.chunks;
-    for (int64_t j = 0; j < l.k; ++j) {
-      num[g * l.k + j] += pnum[task * l.k + j];
-      den[g * l.k + j] += pden[task * l.k + j];
-    }
-  }
+  add_partials(pnum, l, num.data());
+  add_partials(pden, l, den.data());
 }
 
 // F_u = sum_j a_uj c_j for every entry (padding included, as the ATen path does).
@@ -99,8 +112,7 @@ void soft_values(const T* values, const T* c, const Layout& l, double neg_inv_ta
   at::parallel_for(0, l.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> a(l.k);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / l.chunks, lo = (task % l.chunks) * kChunk;
-      const int64_t hi = std::min(l.width, lo + kChunk);
+      const auto [g, lo, hi] = span_of(l, task);
       const T* cg = c + g * l.k;
       for (int64_t u = lo; u < hi; ++u) {
         attention(values[g * l.width + u], cg, l.k, neg_inv_tau, squared, a.data());
@@ -179,8 +191,7 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
   at::parallel_for(0, l.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> a(l.k);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / l.chunks, lo = (task % l.chunks) * kChunk;
-      const int64_t hi = std::min(l.width, lo + kChunk);
+      const auto [g, lo, hi] = span_of(l, task);
       const T* c = ct + g * l.k;
       double* pg = part.data() + task * l.k;
       for (int64_t u = lo; u < hi; ++u) {
@@ -201,10 +212,7 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
     }
   });
   std::vector<double> gc(gk, 0.0);
-  for (int64_t task = 0; task < l.tasks(); ++task) {
-    const int64_t g = task / l.chunks;
-    for (int64_t j = 0; j < l.k; ++j) gc[g * l.k + j] += part[task * l.k + j];
-  }
+  add_partials(part, l, gc.data());
   if (grad_centroids.defined()) {
     auto extra = grad_centroids.contiguous();
     const T* e = extra.data_ptr<T>();
@@ -229,8 +237,7 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
       std::vector<double> a(l.k);
       std::vector<double> grad_a(l.k);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / l.chunks, lo = (task % l.chunks) * kChunk;
-        const int64_t hi = std::min(l.width, lo + kChunk);
+        const auto [g, lo, hi] = span_of(l, task);
         const T* cg = c + g * l.k;
         const double* gn = g_num.data() + g * l.k;
         const double* gd = g_den.data() + g * l.k;
@@ -259,10 +266,7 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
       }
     });
     for (int64_t i = 0; i < gk; ++i) gc[i] = g_keep[i];
-    for (int64_t task = 0; task < l.tasks(); ++task) {
-      const int64_t g = task / l.chunks;
-      for (int64_t j = 0; j < l.k; ++j) gc[g * l.k + j] += part[task * l.k + j];
-    }
+    add_partials(part, l, gc.data());
   }
   auto gc_out = at::empty({l.groups, l.k}, values.options());
   T* go = gc_out.data_ptr<T>();
