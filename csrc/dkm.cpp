@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "settings.h"
 #include "slot_ops.h"
 #include "udomain.h"
 
@@ -112,17 +113,20 @@ dkm_forward(const at::Tensor& weight, const at::Tensor& centroids, double temper
                              distinct.counts.narrow(1, 0, used).to(ct), centroids.to(ct),
                              temperature, max_iter, epsilon, dist);
   fwd.soft = pad_columns(fwd.soft, distinct.values.size(1));
+  const TrustedSlotTable trusted;  // the table was built from this weight just above
   auto clustered = gather_soft(weight, distinct.lookup, fwd.soft);
   return {clustered,     fwd.centroids.to(centroids.scalar_type()), fwd.iterations,
           distinct.lookup, distinct.values, distinct.counts, fwd.history};
 }
 
-std::tuple<at::Tensor, at::Tensor> dkm_backward(
-    const c10::optional<at::Tensor>& grad_clustered, const c10::optional<at::Tensor>& grad_centroids,
-    const at::Tensor& weight, const at::Tensor& lookup, const at::Tensor& values,
-    const at::Tensor& counts, const at::Tensor& history, const at::Tensor& iterations,
-    double temperature, c10::string_view distance, at::ScalarType centroids_dtype) {
-  const char* op = "dkm backward";
+// dkm's backward. With `in_place`, grad_clustered (contiguous, weight's dtype) is overwritten
+// with the weight's gradient and returned as it; otherwise a new tensor is.
+std::tuple<at::Tensor, at::Tensor> backward_impl(
+    const char* op, const c10::optional<at::Tensor>& grad_clustered,
+    const c10::optional<at::Tensor>& grad_centroids, const at::Tensor& weight,
+    const at::Tensor& lookup, const at::Tensor& values, const at::Tensor& counts,
+    const at::Tensor& history, const at::Tensor& iterations, double temperature,
+    c10::string_view distance, at::ScalarType centroids_dtype, bool in_place) {
   const Distance dist = parse_distance(op, distance);
   TORCH_CHECK_VALUE(history.dim() == 3 && values.dim() == 2 && counts.sizes() == values.sizes(),
                     op, ": saved tables have unexpected shapes");
@@ -139,6 +143,12 @@ std::tuple<at::Tensor, at::Tensor> dkm_backward(
                         : at::zeros(weight.sizes(), weight.options());
   TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), op, ": grad_clustered must have weight's shape ",
                     weight.sizes(), ", got ", grad.sizes());
+  if (in_place) {
+    TORCH_CHECK_TYPE(grad.scalar_type() == weight.scalar_type(), op,
+                     ": grad_clustered must have weight's dtype (", weight.scalar_type(),
+                     "), got ", grad.scalar_type());
+    TORCH_CHECK_VALUE(grad.is_contiguous(), op, ": grad_clustered must be contiguous");
+  }
   at::Tensor index;  // 32/64-bit path
   at::Tensor grad_soft;
   if (half) {
@@ -160,15 +170,42 @@ std::tuple<at::Tensor, at::Tensor> dkm_backward(
   shift = pad_columns(shift, values.size(1));
   bwd.direct = pad_columns(bwd.direct, values.size(1));
   at::Tensor grad_weight;
-  if (half) {
+  const TrustedSlotTable trusted;  // the scatter-add above checked this weight against lookup
+  if (half && in_place) {
+    slot_grad_(weight.contiguous(), lookup, grad, bwd.direct, shift);
+    grad_weight = grad;
+  } else if (half) {
     grad_weight = slot_grad(weight.contiguous(), lookup, grad.contiguous(), bwd.direct, shift);
   } else {
     auto g = grad.reshape({groups, -1}).to(ct);
     grad_weight = (g * bwd.direct.gather(1, index) + shift.gather(1, index))
                       .to(weight.scalar_type())
                       .view(weight.sizes());
+    if (in_place) grad_weight = grad.copy_(grad_weight);
   }
   return {grad_weight, bwd.centroids.to(centroids_dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor> dkm_backward(
+    const c10::optional<at::Tensor>& grad_clustered, const c10::optional<at::Tensor>& grad_centroids,
+    const at::Tensor& weight, const at::Tensor& lookup, const at::Tensor& values,
+    const at::Tensor& counts, const at::Tensor& history, const at::Tensor& iterations,
+    double temperature, c10::string_view distance, at::ScalarType centroids_dtype) {
+  return backward_impl("dkm backward", grad_clustered, grad_centroids, weight, lookup, values,
+                       counts, history, iterations, temperature, distance, centroids_dtype,
+                       /*in_place=*/false);
+}
+
+at::Tensor dkm_backward_inplace(const at::Tensor& grad_clustered,
+                                const c10::optional<at::Tensor>& grad_centroids,
+                                const at::Tensor& weight, const at::Tensor& lookup,
+                                const at::Tensor& values, const at::Tensor& counts,
+                                const at::Tensor& history, const at::Tensor& iterations,
+                                double temperature, c10::string_view distance,
+                                at::ScalarType centroids_dtype) {
+  return std::get<1>(backward_impl("dkm backward", grad_clustered, grad_centroids, weight, lookup,
+                                   values, counts, history, iterations, temperature, distance,
+                                   centroids_dtype, /*in_place=*/true));
 }
 
 // The clustered weight again from the saved tables (one U-domain step and one gather), for
@@ -206,6 +243,7 @@ TORCH_LIBRARY_IMPL(edkm, CompositeExplicitAutograd, m) {
   m.impl("dkm", &dkm_no_grad);
   m.impl("_dkm_forward", &dkm_forward);
   m.impl("_dkm_backward", &dkm_backward);
+  m.impl("_dkm_backward_", &dkm_backward_inplace);
   m.impl("_dkm_recompute", &dkm_recompute);
 }
 

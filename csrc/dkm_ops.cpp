@@ -35,6 +35,20 @@ std::tuple<at::Tensor, at::Tensor> dkm_backward(
                 iterations, temperature, distance, centroids_dtype);
 }
 
+at::Tensor dkm_backward_(const at::Tensor& grad_clustered, const at::Tensor& grad_centroids,
+                         const at::Tensor& weight, const at::Tensor& lookup,
+                         const at::Tensor& values, const at::Tensor& counts,
+                         const at::Tensor& history, const at::Tensor& iterations,
+                         double temperature, c10::string_view distance,
+                         at::ScalarType centroids_dtype) {
+  static auto h = op<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                c10::string_view, at::ScalarType)>("edkm::_dkm_backward_");
+  return h.call(grad_clustered, grad_centroids, weight, lookup, values, counts, history,
+                iterations, temperature, distance, centroids_dtype);
+}
+
 at::Tensor dkm_recompute(const at::Tensor& weight, const at::Tensor& lookup,
                          const at::Tensor& values, const at::Tensor& counts,
                          const at::Tensor& history, const at::Tensor& iterations,

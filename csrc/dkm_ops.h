@@ -20,6 +20,15 @@ std::tuple<at::Tensor, at::Tensor> dkm_backward(
     const at::Tensor& history, const at::Tensor& iterations, double temperature,
     c10::string_view distance, at::ScalarType centroids_dtype);
 
+// dkm_backward writing the weight's gradient over grad_clustered (contiguous, weight's dtype);
+// returns the centroids' gradient.
+at::Tensor dkm_backward_(const at::Tensor& grad_clustered, const at::Tensor& grad_centroids,
+                         const at::Tensor& weight, const at::Tensor& lookup,
+                         const at::Tensor& values, const at::Tensor& counts,
+                         const at::Tensor& history, const at::Tensor& iterations,
+                         double temperature, c10::string_view distance,
+                         at::ScalarType centroids_dtype);
+
 at::Tensor dkm_recompute(const at::Tensor& weight, const at::Tensor& lookup,
                          const at::Tensor& values, const at::Tensor& counts,
                          const at::Tensor& history, const at::Tensor& iterations,

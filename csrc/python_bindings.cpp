@@ -75,6 +75,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_fused_udomain_cuda", &edkm::set_fused_udomain_cuda, py::arg("fused"),
         "CUDA U-domain iterations: the fused kernels (True) or the ATen composition (False, default)");
   m.def("fused_udomain_cuda", &edkm::fused_udomain_cuda);
+  m.def("set_privatized_slot_atomics", &edkm::set_privatized_slot_atomics, py::arg("privatized"),
+        "CUDA slot histogram and scatter-add: shared-memory histograms and warp-aggregated "
+        "atomics (True) or one global atomic per weight (False, default)");
+  m.def("privatized_slot_atomics", &edkm::privatized_slot_atomics);
   m.def("udomain_cuda_registered", &edkm::udomain_cuda_registered,
         "True when the CUDA U-domain kernels are compiled in and registered");
   m.def("fused_udomain", &edkm::fused_udomain);

@@ -47,6 +47,12 @@ TORCH_LIBRARY(edkm, m) {
         "Tensor lookup, Tensor values, Tensor counts, Tensor history, Tensor iterations, "
         "float temperature, str distance, ScalarType centroids_dtype) -> (Tensor grad_weight, "
         "Tensor grad_centroids)", kSyncing);
+  // _dkm_backward that writes the weight's gradient over grad_clustered (contiguous, weight's
+  // dtype and shape) and returns the centroids' gradient: for callers that own grad_clustered
+  // (dkm_linear's backward), so the step needs no second weight-sized gradient buffer.
+  m.def("_dkm_backward_(Tensor(a!) grad_clustered, Tensor? grad_centroids, Tensor weight, "
+        "Tensor lookup, Tensor values, Tensor counts, Tensor history, Tensor iterations, "
+        "float temperature, str distance, ScalarType centroids_dtype) -> Tensor", kSyncing);
 
   m.def("_dkm_recompute(Tensor weight, Tensor lookup, Tensor values, Tensor counts, "
         "Tensor history, Tensor iterations, float temperature, str distance) -> Tensor", kSyncing);
@@ -70,4 +76,7 @@ TORCH_LIBRARY(edkm, m) {
   m.def("_slot_scatter_add(Tensor weight, Tensor slots, Tensor grad) -> Tensor", kSyncing);
   m.def("_slot_grad(Tensor weight, Tensor slots, Tensor grad, Tensor scale, Tensor shift) -> "
         "Tensor", kSyncing);
+  // _slot_grad written over grad (contiguous, weight's dtype): no second weight-sized buffer.
+  m.def("_slot_grad_(Tensor weight, Tensor slots, Tensor(a!) grad, Tensor scale, Tensor shift) "
+        "-> ()", kSyncing);
 }

@@ -10,7 +10,21 @@ namespace {
 std::atomic<bool> g_deterministic_scatter{true};
 std::atomic<bool> g_fused_udomain{true};
 std::atomic<bool> g_fused_udomain_cuda{false};
+std::atomic<bool> g_privatized_slot_atomics{false};
+thread_local bool t_slot_table_trusted = false;
 }
+
+void set_privatized_slot_atomics(bool privatized) { g_privatized_slot_atomics = privatized; }
+
+bool privatized_slot_atomics() { return g_privatized_slot_atomics; }
+
+TrustedSlotTable::TrustedSlotTable() : previous_(t_slot_table_trusted) {
+  t_slot_table_trusted = true;
+}
+
+TrustedSlotTable::~TrustedSlotTable() { t_slot_table_trusted = previous_; }
+
+bool slot_table_trusted() { return t_slot_table_trusted; }
 
 void set_fused_udomain_cuda(bool fused) { g_fused_udomain_cuda = fused; }
 

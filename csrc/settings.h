@@ -20,4 +20,27 @@ bool fused_udomain();
 void set_fused_udomain_cuda(bool fused);
 bool fused_udomain_cuda();
 
+// CUDA slot histogram and gradient scatter-add (cuda/slot_privatized.cuh): per-block
+// shared-memory histograms and warp-aggregated atomics, with the deterministic scatter's scale
+// found on the device (no host sync), or one global atomic per weight (the default until the
+// privatized kernels have run on a GPU).
+void set_privatized_slot_atomics(bool privatized);
+bool privatized_slot_atomics();
+
+// Marks, for the current thread while it lives, that the slot passes it runs use a slot table
+// known to hold every value of their weight: dkm's forward gather (the table was just built
+// from that weight) and its backward gradient pass (the scatter-add before it checked the same
+// weight). CUDA kernels then skip reading their missing-slot flag back, a host sync per pass.
+class TrustedSlotTable {
+ public:
+  TrustedSlotTable();
+  ~TrustedSlotTable();
+  TrustedSlotTable(const TrustedSlotTable&) = delete;
+  TrustedSlotTable& operator=(const TrustedSlotTable&) = delete;
+
+ private:
+  bool previous_;
+};
+bool slot_table_trusted();
+
 }  // namespace edkm

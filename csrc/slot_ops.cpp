@@ -55,6 +55,12 @@ at::Tensor slot_grad(const at::Tensor& weight, const at::Tensor& slots, const at
                                 const at::Tensor&, const at::Tensor&)>("edkm::_slot_grad");
   return h.call(weight, slots, grad, scale, shift);
 }
+void slot_grad_(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
+                const at::Tensor& scale, const at::Tensor& shift) {
+  static auto h = op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&)>("edkm::_slot_grad_");
+  h.call(weight, slots, grad, scale, shift);
+}
 
 void check_slot_table_values(const char* op, const at::Tensor& slots, const at::Tensor& table,
                              const char* name) {
@@ -73,6 +79,14 @@ void check_slot_grad_input(const char* op, const at::Tensor& weight, const at::T
                    grad.scalar_type());
   TORCH_CHECK_VALUE(grad.device() == weight.device(), op, ": grad must be on weight's device (",
                     weight.device(), "), got ", grad.device());
+}
+
+void check_slot_grad_inplace(const char* op, const at::Tensor& weight, const at::Tensor& grad) {
+  check_slot_grad_input(op, weight, grad);
+  TORCH_CHECK_TYPE(grad.scalar_type() == weight.scalar_type(), op,
+                   ": grad must have weight's dtype (", weight.scalar_type(), "), got ",
+                   grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.is_contiguous(), op, ": grad must be contiguous");
 }
 
 namespace generic {
@@ -128,6 +142,13 @@ at::Tensor slot_grad(const at::Tensor& weight, const at::Tensor& slots, const at
       .view(weight.sizes());
 }
 
+void slot_grad_(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
+                const at::Tensor& scale, const at::Tensor& shift) {
+  check_slot_args("_slot_grad_", weight, slots);
+  check_slot_grad_inplace("_slot_grad_", weight, grad);
+  grad.copy_(slot_grad(weight, slots, grad, scale, shift));
+}
+
 }  // namespace generic
 
 TORCH_LIBRARY_IMPL(edkm, CompositeExplicitAutograd, m) {
@@ -135,6 +156,7 @@ TORCH_LIBRARY_IMPL(edkm, CompositeExplicitAutograd, m) {
   m.impl("_slot_gather", &generic::slot_gather);
   m.impl("_slot_scatter_add", &generic::slot_scatter_add);
   m.impl("_slot_grad", &generic::slot_grad);
+  m.impl("_slot_grad_", &generic::slot_grad_);
 }
 
 }  // namespace edkm

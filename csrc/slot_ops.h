@@ -20,6 +20,10 @@ at::Tensor slot_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
 // out_i = grad_i * scale[g, u(i)] + shift[g, u(i)], in weight's dtype and shape.
 at::Tensor slot_grad(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
                      const at::Tensor& scale, const at::Tensor& shift);
+// slot_grad written over grad itself (contiguous, weight's dtype and shape): the weight's
+// gradient without a second weight-sized buffer. On error grad's contents are unspecified.
+void slot_grad_(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
+                const at::Tensor& scale, const at::Tensor& shift);
 
 // Generic ATen implementations (any device): the fallback, and the cross-check for kernels.
 namespace generic {
@@ -29,11 +33,15 @@ at::Tensor slot_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
                             const at::Tensor& grad);
 at::Tensor slot_grad(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
                      const at::Tensor& scale, const at::Tensor& shift);
+void slot_grad_(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
+                const at::Tensor& scale, const at::Tensor& shift);
 }  // namespace generic
 
 // Checks of table/grad arguments shared by every backend.
 void check_slot_table_values(const char* op, const at::Tensor& slots, const at::Tensor& table,
                              const char* name);
 void check_slot_grad_input(const char* op, const at::Tensor& weight, const at::Tensor& grad);
+// grad as the output of an in-place pass: also contiguous and of weight's dtype.
+void check_slot_grad_inplace(const char* op, const at::Tensor& weight, const at::Tensor& grad);
 
 }  // namespace edkm

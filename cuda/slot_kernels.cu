@@ -15,6 +15,7 @@
 #include "settings.h"
 #include "slot_lookup.cuh"
 #include "slot_ops.h"
+#include "slot_privatized.cuh"
 
 namespace edkm {
 namespace cuda {
@@ -115,10 +116,12 @@ __global__ void scatter_float_kernel(const uint16_t* __restrict__ bits, SlotLook
   }
 }
 
+// out may be grad itself (the in-place variant): each thread reads grad[i], then writes out[i],
+// so neither pointer is __restrict__.
 template <typename acc_t, typename out_t>
 __global__ void grad_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
-                            const out_t* __restrict__ grad, const acc_t* __restrict__ scale,
-                            const acc_t* __restrict__ shift, out_t* __restrict__ out, int64_t n,
+                            const out_t* grad, const acc_t* __restrict__ scale,
+                            const acc_t* __restrict__ shift, out_t* out, int64_t n,
                             int32_t* missing) {
   EDKM_GRID_STRIDE(i, n) {
     const int64_t u = lookup(i, bits[i]);
@@ -139,9 +142,25 @@ std::tuple<at::Tensor, at::Tensor> slot_table_cuda(const at::Tensor& weight, int
   const int64_t n = w.numel(), m = n / groups, cap = slot_capacity(m);
   auto stream = at::cuda::getCurrentCUDAStream();
   auto hist = at::zeros({groups, 65536}, w.options().dtype(at::kInt));
-  histogram_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-      bits_of(w), hist.mutable_data_ptr<int32_t>(), n, m);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (n == 0) {
+    // nothing to count
+  } else if (privatized_slot_atomics() &&
+             at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin >=
+                 privatized::kHistogramSharedBytes) {
+    const int64_t tiles = (m + privatized::kHistogramTile - 1) / privatized::kHistogramTile;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(privatized::histogram_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(privatized::kHistogramSharedBytes)));
+    privatized::histogram_kernel<<<static_cast<unsigned>(groups * tiles),
+                                   privatized::kHistogramThreads,
+                                   privatized::kHistogramSharedBytes, stream>>>(
+        bits_of(w), hist.mutable_data_ptr<int32_t>(), m, tiles);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    histogram_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        bits_of(w), hist.mutable_data_ptr<int32_t>(), n, m);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   auto pos = hist.gt(0).to(at::kInt).cumsum(1, at::kInt).contiguous();
   auto slots = at::full({groups, cap}, kEmptySlot, hist.options());
   auto counts = at::zeros({groups, cap}, hist.options());
@@ -174,26 +193,17 @@ at::Tensor slot_gather_cuda(const at::Tensor& weight, const at::Tensor& slots,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  raise_if_missing(missing);
+  if (!slot_table_trusted()) raise_if_missing(missing);
   return out;
 }
 
-at::Tensor slot_scatter_add_cuda(const at::Tensor& weight, const at::Tensor& slots,
-                                 const at::Tensor& grad) {
-  const char* op = "_slot_scatter_add";
-  check_slot_args(op, weight, slots);
-  check_slot_grad_input(op, weight, grad);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  auto g = grad.contiguous();
-  auto missing = at::zeros({}, weight.options().dtype(at::kInt));
-  at::Tensor map;
-  const auto lookup = make_slot_lookup(weight, slots, map);
-  const int64_t n = weight.numel(), m = n / slots.size(0);
+// One float64 or fixed-point atomic per weight; deterministic mode reads max |grad| (a sync).
+at::Tensor global_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
+                              const SlotLookup& lookup, const at::Tensor& g, int64_t m,
+                              bool deterministic, const at::Tensor& missing) {
+  const int64_t n = weight.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
-  const auto ct = compute_dtype(grad.scalar_type());
-  const bool deterministic = deterministic_scatter();  // read once: another thread may flip it
   const double amax = deterministic ? g.abs().max().item<double>() : 0.0;
-  at::Tensor sums;
   if (deterministic && std::isfinite(amax)) {
     // Largest |sum| of a slot is < m * amax <= 2^e; scale so it stays below 2^62.
     int e = 0;
@@ -207,35 +217,91 @@ at::Tensor slot_scatter_add_cuda(const at::Tensor& weight, const at::Tensor& slo
           missing.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    sums = fixed.to(at::kDouble).div_(scale);
-  } else {  // fast mode, or non-finite gradients (propagated as NaN/Inf like any sum)
-    sums = at::zeros(slots.sizes(), weight.options().dtype(at::kDouble));
+    return fixed.to(at::kDouble).div_(scale);
+  }
+  // fast mode, or non-finite gradients (propagated as NaN/Inf like any sum)
+  auto sums = at::zeros(slots.sizes(), weight.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
+    scatter_float_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<double>(),
+        n, missing.mutable_data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return sums;
+}
+
+// Warp-aggregated atomics; deterministic mode finds its scale on the device (no sync).
+at::Tensor privatized_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
+                                  const SlotLookup& lookup, const at::Tensor& g, int64_t m,
+                                  bool deterministic, const at::Tensor& missing) {
+  const int64_t n = weight.numel();
+  const int64_t groups = slots.size(0), cap = slots.size(1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto opts = weight.options();
+  if (!deterministic) {
+    auto sums = at::zeros({groups, cap}, opts.dtype(at::kDouble));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
-      scatter_float_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+      privatized::scatter_float_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
           bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<double>(),
           n, missing.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    return sums;
+  }
+  auto amax = at::zeros({}, opts.dtype(at::kLong));
+  auto fixed = at::zeros({groups, cap}, opts.dtype(at::kLong));
+  auto special = at::zeros({groups, cap}, opts.dtype(at::kInt));
+  auto sums = at::empty({groups, cap}, opts.dtype(at::kDouble));
+  auto* amax_bits = reinterpret_cast<unsigned long long*>(amax.mutable_data_ptr<int64_t>());
+  auto* fixed_sums = reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
+    privatized::finite_amax_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), amax_bits, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    privatized::scatter_fixed_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), fixed_sums,
+        special.mutable_data_ptr<int32_t>(), amax_bits, m, n, missing.mutable_data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  privatized::fixed_to_double_kernel<<<blocks_for(groups * cap, kThreads), kThreads, 0, stream>>>(
+      fixed_sums, special.const_data_ptr<int32_t>(), amax_bits, m, sums.mutable_data_ptr<double>(),
+      groups * cap);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return sums;
+}
+
+at::Tensor slot_scatter_add_cuda(const at::Tensor& weight, const at::Tensor& slots,
+                                 const at::Tensor& grad) {
+  const char* op = "_slot_scatter_add";
+  check_slot_args(op, weight, slots);
+  check_slot_grad_input(op, weight, grad);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  auto g = grad.contiguous();
+  auto missing = at::zeros({}, weight.options().dtype(at::kInt));
+  at::Tensor map;
+  const auto lookup = make_slot_lookup(weight, slots, map);
+  const int64_t m = weight.numel() / slots.size(0);
+  const auto ct = compute_dtype(grad.scalar_type());
+  const bool deterministic = deterministic_scatter();  // read once: another thread may flip it
+  at::Tensor sums;
+  if (privatized_slot_atomics()) {
+    sums = privatized_scatter_add(weight, slots, lookup, g, m, deterministic, missing);
+  } else {
+    sums = global_scatter_add(weight, slots, lookup, g, m, deterministic, missing);
   }
   raise_if_missing(missing);
   return sums.to(ct);
 }
 
-at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots,
-                          const at::Tensor& grad, const at::Tensor& scale,
-                          const at::Tensor& shift) {
-  const char* op = "_slot_grad";
-  check_slot_args(op, weight, slots);
-  check_slot_grad_input(op, weight, grad);
+void slot_grad_into(const char* op, const at::Tensor& weight, const at::Tensor& slots,
+                    const at::Tensor& g, const at::Tensor& scale, const at::Tensor& shift,
+                    const at::Tensor& out) {
   check_slot_table_values(op, slots, scale, "scale");
   check_slot_table_values(op, slots, shift, "shift");
   TORCH_CHECK_TYPE(scale.scalar_type() == shift.scalar_type(), op,
                    ": scale and shift must have the same dtype, got ", scale.scalar_type(),
                    " and ", shift.scalar_type());
-  const c10::cuda::CUDAGuard guard(weight.device());
-  auto g = grad.contiguous().to(weight.scalar_type());
   auto sc = scale.contiguous(), sh = shift.contiguous();
-  auto out = at::empty_like(weight);
   auto missing = at::zeros({}, weight.options().dtype(at::kInt));
   at::Tensor map;
   const auto lookup = make_slot_lookup(weight, slots, map);
@@ -251,8 +317,30 @@ at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  raise_if_missing(missing);
+  if (!slot_table_trusted()) raise_if_missing(missing);
+}
+
+at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots,
+                          const at::Tensor& grad, const at::Tensor& scale,
+                          const at::Tensor& shift) {
+  const char* op = "_slot_grad";
+  check_slot_args(op, weight, slots);
+  check_slot_grad_input(op, weight, grad);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  auto g = grad.contiguous().to(weight.scalar_type());
+  auto out = at::empty_like(weight);
+  slot_grad_into(op, weight, slots, g, scale, shift, out);
   return out;
+}
+
+void slot_grad_inplace_cuda(const at::Tensor& weight, const at::Tensor& slots,
+                            const at::Tensor& grad, const at::Tensor& scale,
+                            const at::Tensor& shift) {
+  const char* op = "_slot_grad_";
+  check_slot_args(op, weight, slots);
+  check_slot_grad_inplace(op, weight, grad);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  slot_grad_into(op, weight, slots, grad, scale, shift, grad);
 }
 
 }  // namespace
@@ -276,6 +364,7 @@ TORCH_LIBRARY_IMPL(edkm, CUDA, m) {
   m.impl("_slot_gather", &slot_gather_cuda);
   m.impl("_slot_scatter_add", &slot_scatter_add_cuda);
   m.impl("_slot_grad", &slot_grad_cuda);
+  m.impl("_slot_grad_", &slot_grad_inplace_cuda);
 }
 
 }  // namespace cuda

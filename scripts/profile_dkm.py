@@ -2,8 +2,10 @@
 4096x4096 bf16 matrix (K=8, 3 iterations), run by scripts/gpu_check.sh.
 
 Prints, per call: wall time, GPU kernel time, host syncs (cudaStreamSynchronize and
-cudaMemcpy device-to-host), kernel launches, and the top kernels by GPU time; first with the
-U-domain as ATen ops (the default), then with the CUDA U-domain kernels.
+cudaMemcpy device-to-host), kernel launches, and the top kernels by GPU time: first with the
+defaults (U-domain as ATen ops, one global atomic per weight), then with the privatized slot
+atomics, then with those and the CUDA U-domain kernels (both off by default until they have
+run on a GPU).
 """
 import statistics
 import sys
@@ -51,7 +53,7 @@ def measure(label):
     kernels = [e for e in events
                if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
     gpu_us = sum(e.self_device_time_total for e in kernels)
-    print(f"== U-domain: {label}")
+    print(f"== {label}")
     print(f"wall per call (median of 10, no profiler): {statistics.median(walls) * 1e3:.2f} ms")
     print(f"GPU kernel time per call: {gpu_us / CALLS / 1e3:.2f} ms")
     print(f"per call: {syncs / CALLS:.1f} stream syncs, {copies / CALLS:.1f} memcpy calls, "
@@ -63,7 +65,10 @@ def measure(label):
 
 
 print(f"profile_dkm: 4096x4096 bf16, K=8, 3 iterations, forward+backward, {torch.cuda.get_device_name()}")
-measure("ATen composition (default)")
-# Last, so that a fault in the new kernels cannot hide the numbers above.
+measure("defaults: ATen U-domain, global slot atomics")
+# Each later configuration adds kernels that had not run on a GPU when written: last, so that a
+# fault in them cannot hide the numbers above.
+edkm._C.set_privatized_slot_atomics(True)
+measure("privatized slot atomics (edkm._C.set_privatized_slot_atomics(True))")
 edkm._C.set_fused_udomain_cuda(True)
-measure("cuda/udomain_kernels.cu (edkm._C.set_fused_udomain_cuda(True))")
+measure("privatized slot atomics + cuda/udomain_kernels.cu (edkm._C.set_fused_udomain_cuda(True))")

@@ -29,4 +29,17 @@ for dtype, groups in cases + [(torch.float32, 3)]:
     edkm.dkm(w, c, 1e-4, 3, 1e-6).clustered.float().sum().backward()
 _C.set_fused_udomain_cuda(False)
 torch.cuda.synchronize()
+# The privatized slot atomics (off by default): shared-memory histogram (racecheck's main
+# target), warp-aggregated scatter-adds in both modes, tiles cut by group ends.
+_C.set_privatized_slot_atomics(True)
+for deterministic in (True, False):
+    _C.set_deterministic_scatter(deterministic)
+    for dtype, groups, shape in [(torch.bfloat16, 1, (64, 96)), (torch.float16, 2, (4, 40000)),
+                                 (torch.bfloat16, 128, (64, 96))]:
+        w = (torch.randn(shape, device="cuda") * 0.02).to(dtype).requires_grad_()
+        c = torch.linspace(-0.04, 0.04, 8, device="cuda").repeat(groups, 1)
+        edkm.dkm(w, c, 1e-4, 3).clustered.float().sum().backward()
+_C.set_deterministic_scatter(True)
+_C.set_privatized_slot_atomics(False)
+torch.cuda.synchronize()
 print("sanitize_dkm: ok")

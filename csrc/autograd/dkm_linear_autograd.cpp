@@ -1,6 +1,9 @@
 // dkm_linear's autograd: saves the input (as nn.Linear does) and the U-domain tables, not the
 // clustered weight; backward rebuilds the clustered weight with one gather, then runs the
-// linear's and dkm's backward.
+// linear's and dkm's backward, writing the weight's gradient over the clustered weight's.
+#include <tuple>
+#include <utility>
+
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -49,13 +52,25 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
                                           saved[6], temperature, distance);
       auto g2 = grad_output.reshape({-1, weight.size(0)});
       grad_input = grad_output.matmul(clustered);
+      clustered.reset();  // weight-sized: free it before the weight's gradient is allocated
       grad_clustered = g2.t().mm(input.reshape({-1, weight.size(1)}));
       if (ctx->saved_data["has_bias"].toBool()) grad_bias = g2.sum(0);
     }
-    auto [grad_weight, grad_centroids] = ops::dkm_backward(
-        grad_clustered, grads[1], weight, saved[2], saved[3], saved[4], saved[5], saved[6],
-        temperature, distance,
-        static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt()));
+    const auto centroids_dtype =
+        static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt());
+    at::Tensor grad_weight, grad_centroids;
+    if (grad_clustered.defined() && grad_clustered.scalar_type() == weight.scalar_type() &&
+        grad_clustered.is_contiguous()) {
+      // grad_clustered is ours: the weight's gradient is written over it (no second buffer).
+      grad_centroids = ops::dkm_backward_(grad_clustered, grads[1], weight, saved[2], saved[3],
+                                          saved[4], saved[5], saved[6], temperature, distance,
+                                          centroids_dtype);
+      grad_weight = std::move(grad_clustered);
+    } else {
+      std::tie(grad_weight, grad_centroids) = ops::dkm_backward(
+          grad_clustered, grads[1], weight, saved[2], saved[3], saved[4], saved[5], saved[6],
+          temperature, distance, centroids_dtype);
+    }
     return {grad_input,  grad_weight,  grad_centroids, grad_bias,
             at::Tensor(), at::Tensor(), at::Tensor(),   at::Tensor()};
   }

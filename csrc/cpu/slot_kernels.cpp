@@ -241,20 +241,16 @@ at::Tensor slot_scatter_add_cpu(const at::Tensor& weight, const at::Tensor& slot
   return sums.to(compute_dtype(grad.scalar_type()));
 }
 
-at::Tensor slot_grad_cpu(const at::Tensor& weight, const at::Tensor& slots,
-                         const at::Tensor& grad, const at::Tensor& scale,
-                         const at::Tensor& shift) {
-  const char* op = "_slot_grad";
-  check_slot_args(op, weight, slots);
-  check_slot_grad_input(op, weight, grad);
+// out_i = grad_i * scale[u(i)] + shift[u(i)]; out may be grad itself (each i reads, then writes).
+void slot_grad_into(const char* op, const at::Tensor& weight, const at::Tensor& slots,
+                    const at::Tensor& g, const at::Tensor& scale, const at::Tensor& shift,
+                    const at::Tensor& out) {
   check_slot_table_values(op, slots, scale, "scale");
   check_slot_table_values(op, slots, shift, "shift");
   TORCH_CHECK_TYPE(scale.scalar_type() == shift.scalar_type(), op,
                    ": scale and shift must have the same dtype, got ", scale.scalar_type(),
                    " and ", shift.scalar_type());
-  auto g = grad.contiguous().to(weight.scalar_type());
   auto sc = scale.contiguous(), sh = shift.contiguous();
-  auto out = at::empty_like(weight);
   AT_DISPATCH_FLOATING_TYPES(sc.scalar_type(), "_slot_grad", [&] {
     using acc_t = scalar_t;
     const acc_t* a = sc.const_data_ptr<acc_t>();
@@ -267,7 +263,27 @@ at::Tensor slot_grad_cpu(const at::Tensor& weight, const at::Tensor& slots,
       });
     });
   });
+}
+
+at::Tensor slot_grad_cpu(const at::Tensor& weight, const at::Tensor& slots,
+                         const at::Tensor& grad, const at::Tensor& scale,
+                         const at::Tensor& shift) {
+  const char* op = "_slot_grad";
+  check_slot_args(op, weight, slots);
+  check_slot_grad_input(op, weight, grad);
+  auto g = grad.contiguous().to(weight.scalar_type());
+  auto out = at::empty_like(weight);
+  slot_grad_into(op, weight, slots, g, scale, shift, out);
   return out;
+}
+
+void slot_grad_inplace_cpu(const at::Tensor& weight, const at::Tensor& slots,
+                           const at::Tensor& grad, const at::Tensor& scale,
+                           const at::Tensor& shift) {
+  const char* op = "_slot_grad_";
+  check_slot_args(op, weight, slots);
+  check_slot_grad_inplace(op, weight, grad);
+  slot_grad_into(op, weight, slots, grad, scale, shift, grad);
 }
 
 }  // namespace
@@ -277,6 +293,7 @@ TORCH_LIBRARY_IMPL(edkm, CPU, m) {
   m.impl("_slot_gather", &slot_gather_cpu);
   m.impl("_slot_scatter_add", &slot_scatter_add_cpu);
   m.impl("_slot_grad", &slot_grad_cpu);
+  m.impl("_slot_grad_", &slot_grad_inplace_cpu);
 }
 
 }  // namespace edkm

@@ -77,6 +77,14 @@ def _dkm_backward_fake(
     )
 
 
+@torch.library.register_fake("edkm::_dkm_backward_")
+def _dkm_backward_inplace_fake(
+    grad_clustered, grad_centroids, weight, lookup, values, counts, history, iterations,
+    temperature, distance, centroids_dtype,
+):
+    return weight.new_empty((history.shape[1], history.shape[2]), dtype=centroids_dtype)
+
+
 @torch.library.register_fake("edkm::_slot_table")
 def _slot_table_fake(weight, groups):
     cap = _capacity(weight, groups)
@@ -99,6 +107,11 @@ def _slot_scatter_add_fake(weight, slots, grad):
 @torch.library.register_fake("edkm::_slot_grad")
 def _slot_grad_fake(weight, slots, grad, scale, shift):
     return torch.empty_like(weight)
+
+
+@torch.library.register_fake("edkm::_slot_grad_")
+def _slot_grad_inplace_fake(weight, slots, grad, scale, shift):
+    return None
 
 
 @torch.library.register_fake("edkm::assign")

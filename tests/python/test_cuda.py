@@ -37,6 +37,9 @@ def test_slot_kernels_match_cpu(dtype, shape, groups):
     out_cuda = torch.ops.edkm._slot_grad(w.cuda(), cs, grad.cuda(), table.cuda(), shift.cuda())
     # Both round x*a+b once to the weight's dtype; fused multiply-add may differ by one rounding.
     assert rel_error(out_cuda, out) <= 2.0**-7
+    buf = grad.cuda()
+    torch.ops.edkm._slot_grad_(w.cuda(), cs, buf, table.cuda(), shift.cuda())
+    assert torch.equal(buf, out_cuda)  # the in-place kernel computes the same bits
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])

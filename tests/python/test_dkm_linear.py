@@ -95,6 +95,32 @@ def test_saves_no_clustered_weight():
     assert w.grad is not None and torch.isfinite(w.grad.float()).all()
 
 
+def test_backward_needs_no_second_weight_sized_buffer():
+    """The weight's gradient is written over the clustered weight's (one buffer, as F.linear
+    allocates), and the recomputed clustered weight is freed before that buffer exists: the
+    backward's peak stays within half a weight of F.linear's."""
+    from edkm.bench.peak_memory import peak_bytes
+
+    torch.manual_seed(0)
+    w = (torch.randn(1024, 1024) * 0.02).bfloat16().requires_grad_()
+    x = torch.randn(2, 8, 1024).bfloat16()
+    c = torch.linspace(-0.05, 0.05, 8).view(1, 8)
+    weight_bytes = w.numel() * w.element_size()
+
+    def backward_peak(forward):
+        w.grad = None
+        out = forward()
+        return peak_bytes(lambda: out.float().sum().backward(), "cpu"), w.grad.clone()
+
+    plain, _ = backward_peak(lambda: torch.nn.functional.linear(x, w))
+    fused, fused_grad = backward_peak(lambda: edkm.dkm_linear(x, w, c, None, 1e-5)[0])
+    assert fused - plain < weight_bytes // 2, (fused, plain)
+    # The same gradient as dkm then F.linear (same product, same bits).
+    _, unfused_grad = backward_peak(
+        lambda: torch.nn.functional.linear(x, edkm.dkm(w, c, 1e-5).clustered))
+    assert torch.equal(fused_grad, unfused_grad)
+
+
 def test_bad_input():
     w = torch.randn(4, 8)
     c = torch.linspace(-1, 1, 4).view(1, 4)

@@ -62,6 +62,15 @@ def test_opcheck_internal_ops(device):
             torch.ops.edkm._dkm_backward.default,
             (g, None, w, lookup, values, counts, history, iterations, tau, dist, c.dtype),
         )
+        # The in-place variant: the same gradients, the weight's written over grad_clustered.
+        gw, gcen = torch.ops.edkm._dkm_backward(g, gc, w, lookup, values, counts, history, iterations, tau, dist, c.dtype)
+        buf = g.clone()
+        gcen_ip = torch.ops.edkm._dkm_backward_(buf, gc, w, lookup, values, counts, history, iterations, tau, dist, c.dtype)
+        assert torch.equal(buf, gw) and torch.equal(gcen_ip, gcen)
+        torch.library.opcheck(
+            torch.ops.edkm._dkm_backward_.default,
+            (g.clone(), gc, w, lookup, values, counts, history, iterations, tau, dist, c.dtype),
+        )
     for dtype in (torch.bfloat16, torch.float16):
         w = sample_weight((4, 300), True, device).to(dtype)
         slots, counts = torch.ops.edkm._slot_table(w, 4)
@@ -71,6 +80,24 @@ def test_opcheck_internal_ops(device):
         torch.library.opcheck(torch.ops.edkm._slot_gather.default, (w, slots, table))
         torch.library.opcheck(torch.ops.edkm._slot_scatter_add.default, (w, slots, grad))
         torch.library.opcheck(torch.ops.edkm._slot_grad.default, (w, slots, grad, table, table * 2))
+        out = torch.ops.edkm._slot_grad(w, slots, grad, table, table * 2)
+        buf = grad.clone()
+        assert torch.ops.edkm._slot_grad_(w, slots, buf, table, table * 2) is None
+        assert torch.equal(buf, out)
+        torch.library.opcheck(torch.ops.edkm._slot_grad_.default, (w, slots, grad.clone(), table, table * 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_slot_grad_rejects_buffers_it_cannot_write(device):
+    w = sample_weight((4, 64), True, device).bfloat16()
+    slots, _ = torch.ops.edkm._slot_table(w, 1)
+    table = torch.randn(slots.shape, device=device)
+    with pytest.raises(TypeError, match=r"_slot_grad_: grad must have weight's dtype"):
+        torch.ops.edkm._slot_grad_(w, slots, torch.zeros_like(w, dtype=torch.float32), table, table)
+    with pytest.raises(ValueError, match=r"_slot_grad_: grad must be contiguous"):
+        torch.ops.edkm._slot_grad_(w, slots, torch.zeros(64, 4, device=device).bfloat16().t(), table, table)
+    with pytest.raises(ValueError, match=r"_slot_grad_: grad must have weight's shape"):
+        torch.ops.edkm._slot_grad_(w, slots, torch.zeros(4, 63, device=device).bfloat16(), table, table)
 
 
 @pytest.mark.parametrize("device", DEVICES)
