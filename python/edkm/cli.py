@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edkm.bench import gpu as bench_gpu
     from edkm.bench import layer as bench_layer
     from edkm.bench import memory as bench_memory
+    from edkm.bench import step as bench_step
     from edkm.bench import udomain as bench_udomain
 
     parser = argparse.ArgumentParser(prog="edkm", description="Train-time weight clustering (eDKM).")
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("coreml", help="coremltools' DKMPalettizer vs edkm.dkm on one matrix (CPU): time, peak memory, agreement")
     bench_coreml.add_arguments(p)
     p.set_defaults(run=bench_coreml.main)
+    p = bench_sub.add_parser("step", help="a LLaMA decoder layer's training step, plain vs clustered: step time and peak memory ratios (any device)")
+    bench_step.add_arguments(p)
+    p.set_defaults(run=bench_step.main)
     p = bench_sub.add_parser("udomain", help="CPU U-domain: fused loops vs ATen ops, dkm forward+backward with one or many LUTs per matrix")
     bench_udomain.add_arguments(p)
     p.set_defaults(run=bench_udomain.main)

@@ -77,19 +77,31 @@ def linear_variants(weights: Dict[str, torch.Tensor], k: int = 8, temperature: f
     return {"plain": plain, "dkm_linear": fused, "dkm+linear": unfused, "palettize_": palettized}
 
 
-def time_steps(step: Callable[[], None], repeats: int, device) -> tuple[float, int]:
-    """Median seconds of `step` and (CUDA) the peak memory allocated during one step, in total:
-    weights, gradients, activations and temporaries."""
+def time_steps(run: Callable[[], None], zero: Callable[[], None], repeats: int, device,
+               held_bytes: int = 0) -> tuple[float, int]:
+    """Median seconds of a step (`zero` clears the gradients, `run` does forward and backward)
+    and the peak memory of one step, in total: weights, gradients, activations and temporaries.
+    CUDA: the allocator's peak. CPU: `held_bytes` (held before the step, gradients cleared) plus
+    the tensor bytes allocated during one more step (profiler events)."""
+    import time
+
+    from edkm.bench.peak_memory import peak_bytes
+
+    def step():
+        zero()
+        run()
+
     cuda = str(device).startswith("cuda")
     step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    step()
-    peak = torch.cuda.max_memory_allocated() if cuda else 0
+        step()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        zero()  # frees of blocks allocated before profiling would not be counted
+        peak = held_bytes + peak_bytes(run, device)
     times = []
-    import time
-
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
@@ -101,18 +113,29 @@ def time_steps(step: Callable[[], None], repeats: int, device) -> tuple[float, i
     return statistics.median(times), peak
 
 
-def training_step_report(hidden=4096, intermediate=11008, heads=32, tokens=2048, repeats=5, device="cuda"):
+def training_step_report(hidden=4096, intermediate=11008, heads=32, tokens=2048, repeats=5, device="cuda",
+                         progress=None):
+    """Step time and peak memory of a decoder-layer training step, plain and with each clustered
+    variant, and their ratios to plain. `progress(name)` is called before each variant."""
     weights = make_weights(hidden, intermediate, device)
     x = (torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(1)) * 0.5).bfloat16().to(device)
     out = {}
     for name, linear in linear_variants(weights).items():
-        def step():
-            for w in list(weights.values()) + getattr(linear, "params", []):
+        if progress is not None:
+            progress(name)
+        params = list(weights.values()) + getattr(linear, "params", [])
+
+        def zero():
+            for w in params:
                 w.grad = None
+
+        def run():
             y = decoder_layer(x, linear, heads)
             y.float().square().mean().backward()
 
-        seconds, peak = time_steps(step, repeats, device)
+        held = x.numel() * x.element_size() + sum(
+            {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}.values())
+        seconds, peak = time_steps(run, zero, repeats, device, held)
         out[name] = {"seconds": seconds, "peak_bytes": peak}
     for name in ("dkm_linear", "dkm+linear", "palettize_"):
         out[name]["time_ratio"] = out[name]["seconds"] / out["plain"]["seconds"]
