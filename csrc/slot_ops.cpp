@@ -3,6 +3,7 @@
 #include "slot_ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -87,6 +88,10 @@ void check_slot_grad_inplace(const char* op, const at::Tensor& weight, const at:
                    ": grad must have weight's dtype (", weight.scalar_type(), "), got ",
                    grad.scalar_type());
   TORCH_CHECK_VALUE(grad.is_contiguous(), op, ": grad must be contiguous");
+  // grad is written while weight's bits are read: they must not share memory.
+  const auto overlap = at::get_overlap_status(grad, weight);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                    op, ": grad must not share memory with weight");
 }
 
 namespace generic {

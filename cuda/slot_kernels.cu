@@ -21,6 +21,7 @@ namespace edkm {
 namespace cuda {
 
 constexpr int kThreads = 256;
+static_assert(kThreads % 32 == 0, "the warp-aggregated kernels run whole warps");
 
 int blocks_for(int64_t n, int threads) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -203,12 +204,9 @@ at::Tensor global_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
                               bool deterministic, const at::Tensor& missing) {
   const int64_t n = weight.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
-  const double amax = deterministic ? g.abs().max().item<double>() : 0.0;
+  const double amax = deterministic && n > 0 ? g.abs().max().item<double>() : 0.0;
   if (deterministic && std::isfinite(amax)) {
-    // Largest |sum| of a slot is < m * amax <= 2^e; scale so it stays below 2^62.
-    int e = 0;
-    std::frexp(amax * static_cast<double>(m), &e);
-    const double scale = amax > 0 ? std::ldexp(1.0, 62 - e) : 1.0;
+    const double scale = fixed_point_scale(amax, m);
     auto fixed = at::zeros(slots.sizes(), weight.options().dtype(at::kLong));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
       scatter_fixed_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(

@@ -12,8 +12,8 @@
 //    IEEE sums (NaN, or the infinity) while the finite ones stay order-independent integers.
 //
 // OFF by default (edkm._C.set_privatized_slot_atomics): written in a session without a GPU,
-// compiled but not yet run; tests/python/test_cuda.py compares them with the global-atomic
-// kernels on the next GPU run.
+// compiled but not yet run; tests/python/test_slot_privatized_cuda.py compares them with the
+// global-atomic kernels on the next GPU run.
 #pragma once
 
 #include <cmath>
@@ -25,15 +25,36 @@
 
 namespace edkm {
 namespace cuda {
+
+// The fixed-point scale of the deterministic scatter-add, from the largest finite |grad| and the
+// group size m: every |sum| of a slot is < m * amax <= 2^e, so terms are scaled by 2^(62 - e).
+// Host and device run this same code (frexp and ldexp are exact on both), so the global-atomic
+// and privatized kernels use the same scale. Extremes: an m * amax that overflows takes e from
+// amax's exponent plus m's bit width; a tiny one caps the scale at 2^1023.
+__host__ __device__ inline double fixed_point_scale(double amax, int64_t m) {
+  if (!(amax > 0)) return 1.0;
+  int e = 0;
+  const double product = amax * static_cast<double>(m);
+  if (isfinite(product)) {
+    frexp(product, &e);
+  } else {
+    frexp(amax, &e);
+    for (uint64_t bits = static_cast<uint64_t>(m); bits != 0; bits >>= 1) ++e;
+  }
+  return ldexp(1.0, 62 - e < 1023 ? 62 - e : 1023);
+}
+
 namespace privatized {
+namespace {
 
 constexpr int kHistogramThreads = 1024;
-constexpr int64_t kHistogramTile = 32768;              // weights per block: <= 65535 per counter
+constexpr int64_t kHistogramTile = 32768;              // weights per block
 constexpr int kHistogramWords = 32768;                 // 65536 16-bit counters
 constexpr size_t kHistogramSharedBytes = kHistogramWords * sizeof(uint32_t);  // 128 KiB
+static_assert(kHistogramTile <= 65535, "a tile must not overflow a 16-bit counter");
 
 // Block b counts tile b % tiles_per_group of group b / tiles_per_group into hist[g, 65536].
-__global__ void histogram_kernel(const uint16_t* __restrict__ bits, int32_t* __restrict__ hist,
+__global__ void __launch_bounds__(kHistogramThreads) histogram_kernel(const uint16_t* __restrict__ bits, int32_t* __restrict__ hist,
                                  int64_t group_size, int64_t tiles_per_group) {
   extern __shared__ uint32_t counters[];
   const int64_t g = blockIdx.x / tiles_per_group;
@@ -58,14 +79,8 @@ __global__ void histogram_kernel(const uint16_t* __restrict__ bits, int32_t* __r
 // Flags of non-finite terms per slot.
 constexpr int32_t kNaN = 1, kPosInf = 2, kNegInf = 4;
 
-// The fixed-point scale from the largest finite |grad| (bits of a non-negative double) and the
-// group size m: the largest |sum| of a slot is < m * amax <= 2^e, kept below 2^62.
 __device__ __forceinline__ double fixed_scale(unsigned long long amax_bits, int64_t m) {
-  const double amax = __longlong_as_double(static_cast<long long>(amax_bits));
-  if (!(amax > 0)) return 1.0;
-  int e = 0;
-  frexp(amax * static_cast<double>(m), &e);
-  return ldexp(1.0, 62 - e);
+  return fixed_point_scale(__longlong_as_double(static_cast<long long>(amax_bits)), m);
 }
 
 // Largest finite |grad[i]|, as the bits of a double (non-negative doubles order as integers).
@@ -98,7 +113,8 @@ __device__ __forceinline__ T sum_over_peers(unsigned peers, T value) {
 }
 
 // Deterministic scatter-add: fixed-point terms, warp-aggregated integer atomics. The loop runs
-// whole warps (base is the warp's first index) so every lane reaches the warp intrinsics.
+// whole warps (base is the warp's first index; blockDim.x must be a multiple of 32) so every
+// lane reaches the warp intrinsics.
 template <typename grad_t>
 __global__ void scatter_fixed_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
                                      const grad_t* __restrict__ grad,
@@ -175,6 +191,7 @@ __global__ void scatter_float_kernel(const uint16_t* __restrict__ bits, SlotLook
   }
 }
 
+}  // namespace
 }  // namespace privatized
 }  // namespace cuda
 }  // namespace edkm

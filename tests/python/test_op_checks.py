@@ -96,6 +96,8 @@ def test_inplace_slot_grad_rejects_buffers_it_cannot_write(device):
         torch.ops.edkm._slot_grad_(w, slots, torch.zeros_like(w, dtype=torch.float32), table, table)
     with pytest.raises(ValueError, match=r"_slot_grad_: grad must be contiguous"):
         torch.ops.edkm._slot_grad_(w, slots, torch.zeros(64, 4, device=device).bfloat16().t(), table, table)
+    with pytest.raises(ValueError, match=r"_slot_grad_: grad must not share memory with weight"):
+        torch.ops.edkm._slot_grad_(w, slots, w, table, table)
     with pytest.raises(ValueError, match=r"_slot_grad_: grad must have weight's shape"):
         torch.ops.edkm._slot_grad_(w, slots, torch.zeros(4, 63, device=device).bfloat16(), table, table)
 

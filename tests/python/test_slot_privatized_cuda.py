@@ -29,9 +29,9 @@ def with_privatized(on, fn, *args, deterministic=True):
 
 SHAPES = [
     ((512, 1024), 1),      # 16 full tiles of 32768 weights
-    ((8, 70000), 2),       # tiles cut by the group end: 32768 + 32768 + 4464 per group
+    ((8, 70000), 2),       # tiles cut by the group end: 8 x 32768 + 17856 per group
     ((64, 300), 64),       # 64 groups of 300: one partial tile each, dense maps
-    ((100, 50), 100),      # more groups than dense maps: binary-search look-ups
+    ((100, 50), 100),      # more than 64 groups: generic table, binary-search look-ups
     ((1, 7), 1),           # fewer weights than a warp
 ]
 IDS = ["one-table", "tiles-cut-by-groups", "64-groups", "100-groups", "tiny"]
@@ -52,13 +52,27 @@ def test_histogram_matches_global_atomics_and_cpu(dtype, shape, groups):
         assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 
-def test_histogram_of_one_hot_value():
-    """Every weight the same value: one counter reaches the tile size (32768), the most a
-    16-bit half-word holds here, and the group total adds 16 tiles."""
-    w = torch.full((512, 1024), 0.015625, dtype=torch.bfloat16)
+@pytest.mark.parametrize("value", [0.015625, 0.0157470703125], ids=["even-pattern", "odd-pattern"])
+def test_histogram_of_one_value(value):
+    """Every weight the same value: one counter reaches the tile size (32768), in the low
+    half-word (even bit pattern) or the high one (odd), and the group total adds 16 tiles."""
+    w = torch.full((512, 1024), value, dtype=torch.bfloat16)
+    pattern = int(w.view(torch.int16)[0, 0]) & 0xFFFF
+    assert pattern % 2 == (0 if value == 0.015625 else 1)
     slots, counts = with_privatized(True, torch.ops.edkm._slot_table, w.cuda(), 1)
     assert int(counts[0, 0]) == w.numel() and int((counts > 0).sum()) == 1
-    assert int(slots[0, 0]) == int(w.view(torch.int16)[0, 0]) & 0xFFFF
+    assert int(slots[0, 0]) == pattern
+
+
+def test_histogram_of_two_values_sharing_a_word():
+    """Patterns s and s + 1 (one 32-bit word of counters), split unevenly, in every tile."""
+    w = torch.full((512, 1024), 0.015625, dtype=torch.bfloat16)
+    odd = torch.tensor(0.0157470703125, dtype=torch.bfloat16)
+    w.view(-1)[::3] = odd
+    want = torch.ops.edkm._slot_table(w, 1)
+    got = with_privatized(True, torch.ops.edkm._slot_table, w.cuda(), 1)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    assert sorted(int(c) for c in want[1][0] if c > 0) == [w.numel() // 3 + 1, w.numel() - w.numel() // 3 - 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
