@@ -95,9 +95,9 @@ void check_slot_args(const char* op, const at::Tensor& weight, const at::Tensor&
   TORCH_CHECK_TYPE(slots.scalar_type() == at::kInt, op, ": slots must be int32, got ",
                    slots.scalar_type());
   TORCH_CHECK_VALUE(slots.dim() == 2 && slots.size(0) >= 1 &&
-                        weight.numel() % slots.size(0) == 0 &&
-                        slots.size(1) == slot_capacity(weight.numel() / slots.size(0)),
-                    op, ": slots must have shape [G, min(M, 65536)] for weight of ",
+                        weight.numel() % slots.size(0) == 0 && slots.size(1) >= 1 &&
+                        slots.size(1) <= slot_capacity(weight.numel() / slots.size(0)),
+                    op, ": slots must have shape [G, W] with 1 <= W <= min(M, 65536) for weight of ",
                     weight.numel(), " elements in G groups of M, got ", slots.sizes());
   TORCH_CHECK_VALUE(slots.is_contiguous(), op, ": slots must be contiguous");
   TORCH_CHECK_VALUE(slots.device() == weight.device(), op,

@@ -3,6 +3,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd/saved_tables.h"
 #include "dkm_ops.h"
 
 namespace edkm {
@@ -20,6 +21,7 @@ class DkmFunction : public torch::autograd::Function<DkmFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [clustered, centroids_out, iterations, lookup, values, counts, history] =
         ops::dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
+    narrow_saved_tables(lookup, values, counts, centroids.size(1));
     ctx->save_for_backward({weight, lookup, values, counts, history, iterations});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["distance"] = std::string(distance);

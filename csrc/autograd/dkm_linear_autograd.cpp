@@ -8,6 +8,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd/saved_tables.h"
 #include "dkm_ops.h"
 
 namespace edkm {
@@ -30,6 +31,7 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
     auto [clustered, centroids_out, iterations, lookup, values, counts, history] =
         ops::dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
     auto output = at::linear(input, clustered, maybe_bias);
+    narrow_saved_tables(lookup, values, counts, centroids.size(1));
     ctx->save_for_backward({input, weight, lookup, values, counts, history, iterations});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["distance"] = std::string(distance);

@@ -1,4 +1,6 @@
 """dkm_linear == F.linear(x, dkm(...).clustered, b), and it keeps no clustered weight."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,6 +95,38 @@ def test_saves_no_clustered_weight():
     out.float().sum().backward()
     assert sum(saved.values()) < 0.5 * w.numel() * w.element_size()
     assert w.grad is not None and torch.isfinite(w.grad.float()).all()
+
+
+@pytest.mark.parametrize("fn", ["dkm", "dkm_linear"])
+def test_grouped_luts_save_only_the_used_table_columns(fn):
+    """36 LUTs of 16 rows: the padded tables would be 12 bytes a weight (each group's table as
+    wide as the group); what is saved is each group's used columns, and backward matches."""
+    torch.manual_seed(0)
+    w = (torch.randn(576, 1536) * 0.02).bfloat16().requires_grad_()
+    x = torch.randn(4, 1536).bfloat16()
+    c = torch.linspace(-0.05, 0.05, 8).repeat(36, 1)
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in (w.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()):
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    def run(hooks):
+        w.grad = None
+        with hooks:
+            out = (edkm.dkm_linear(x, w, c, None, 1e-5)[0] if fn == "dkm_linear"
+                   else torch.nn.functional.linear(x, edkm.dkm(w, c, 1e-5).clustered))
+        out.float().square().sum().backward()
+        return w.grad.clone()
+
+    grad = run(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+    table_bytes = sum(saved.values()) - (w.numel() * 2 if fn == "dkm" else 0)  # F.linear keeps the clustered weight
+    assert table_bytes < 1.5 * w.numel()  # 12 bytes a weight before
+    # The same gradient as with the static (padded) tables torch.compile keeps.
+    compiled = torch.compile(lambda: run(contextlib.nullcontext()), fullgraph=False)
+    assert torch.equal(compiled(), grad)
 
 
 def test_backward_needs_no_second_weight_sized_buffer():
