@@ -22,9 +22,11 @@ void narrow_saved_tables(at::Tensor& lookup, at::Tensor& values, at::Tensor& cou
   if (!counts.is_cpu() && groups * width * k <= (int64_t(1) << 22)) return;
   const int64_t used = std::max<int64_t>(1, counts.gt(0).sum(1).max().item<int64_t>());
   if (used >= width) return;
-  values = values.narrow(1, 0, used).contiguous();
-  counts = counts.narrow(1, 0, used).contiguous();
-  if (lookup.dim() == 2) lookup = lookup.narrow(1, 0, used).contiguous();
+  // clone, not contiguous(): with one group the narrowed view already counts as contiguous and
+  // would keep the whole padded storage alive.
+  values = values.narrow(1, 0, used).clone(at::MemoryFormat::Contiguous);
+  counts = counts.narrow(1, 0, used).clone(at::MemoryFormat::Contiguous);
+  if (lookup.dim() == 2) lookup = lookup.narrow(1, 0, used).clone(at::MemoryFormat::Contiguous);
 }
 
 }  // namespace edkm

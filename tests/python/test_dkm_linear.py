@@ -77,41 +77,51 @@ def test_torch_compile_fullgraph():
         assert torch.equal(a, b) or rel_error(a, b) <= 1e-12
 
 
+class saved_storages:
+    """Context: the bytes of every storage autograd saves inside it (storage -> bytes), besides
+    those of the tensors given (referenced, not copied)."""
+
+    def __init__(self, *besides):
+        self.skip = {t.untyped_storage().data_ptr() for t in besides}
+        self.saved = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.skip:
+            self.saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self.saved
+
+    def __exit__(self, *exc):
+        return self.hooks.__exit__(*exc)
+
+
 def test_saves_no_clustered_weight():
     """Besides the input (which F.linear saves too) and the weight (referenced), only tables."""
     w = (torch.randn(1024, 1024) * 0.02).bfloat16().requires_grad_()
     x = torch.randn(16, 1024).bfloat16()
     c = torch.linspace(-0.05, 0.05, 8).view(1, 8)
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in (w.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()):
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages(w, x) as saved:
         out = edkm.dkm_linear(x, w, c, None, 1e-5)[0]
     out.float().sum().backward()
     assert sum(saved.values()) < 0.5 * w.numel() * w.element_size()
     assert w.grad is not None and torch.isfinite(w.grad.float()).all()
 
 
+@pytest.mark.parametrize("groups", [1, 36], ids=["one-LUT", "36-LUTs"])
 @pytest.mark.parametrize("fn", ["dkm", "dkm_linear"])
-def test_grouped_luts_save_only_the_used_table_columns(fn):
-    """36 LUTs of 16 rows: the padded tables would be 12 bytes a weight (each group's table as
-    wide as the group); what is saved is each group's used columns, and backward matches."""
+def test_saved_tables_keep_only_the_used_columns(fn, groups):
+    """The tables are padded to min(M, 65536) columns while computing; what is saved is the
+    columns some group uses: 12 bytes (slot, value, count) per column per group, where 36 LUTs
+    of 16 rows padded would be 12 bytes a weight. Backward matches the padded tables."""
     torch.manual_seed(0)
     w = (torch.randn(576, 1536) * 0.02).bfloat16().requires_grad_()
     x = torch.randn(4, 1536).bfloat16()
-    c = torch.linspace(-0.05, 0.05, 8).repeat(36, 1)
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in (w.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()):
-            saved[s.data_ptr()] = s.nbytes()
-        return t
+    c = torch.linspace(-0.05, 0.05, 8).repeat(groups, 1)
 
     def run(hooks):
         w.grad = None
@@ -121,9 +131,12 @@ def test_grouped_luts_save_only_the_used_table_columns(fn):
         out.float().square().sum().backward()
         return w.grad.clone()
 
-    grad = run(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-    table_bytes = sum(saved.values()) - (w.numel() * 2 if fn == "dkm" else 0)  # F.linear keeps the clustered weight
-    assert table_bytes < 1.5 * w.numel()  # 12 bytes a weight before
+    hooks = saved_storages(w, x)
+    grad = run(hooks)
+    table_bytes = sum(hooks.saved.values()) - (w.numel() * 2 if fn == "dkm" else 0)  # F.linear keeps the clustered weight
+    used = max(len(torch.unique(g)) for g in w.detach().view(groups, -1))
+    history = 4 * groups * 8 * 4 + 8  # 3 iterations + the start, G x K float32; iterations int64
+    assert table_bytes <= 12 * groups * used + history
     # The same gradient as with the static (padded) tables torch.compile keeps.
     compiled = torch.compile(lambda: run(contextlib.nullcontext()), fullgraph=False)
     assert torch.equal(compiled(), grad)
