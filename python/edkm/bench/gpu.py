@@ -160,17 +160,10 @@ def table(report: dict) -> str:
         lines[-1] += (f"; reference {ls['reference'] * 1e3:.1f} ms: time ratio **{report['time_ratio']:.1f}x**, "
                       f"peak-memory ratio (largest matrix) **{report['peak_memory_ratio']:.1f}x**")
     if "training_step" in report:
-        ts = report["training_step"]
+        from edkm.bench.llama_layer import training_step_table
+
         lines += ["", "Decoder-layer training step (batch 1 x tokens, bf16, attention + SwiGLU MLP, "
-                  "all seven projections clustered to K=8):", "",
-                  "| variant | step time | ratio | peak memory | ratio |", "|---|---|---|---|---|"]
-        for name, r in ts.items():
-            lines.append(f"| {name} | {r['seconds'] * 1e3:.1f} ms | {r.get('time_ratio', 1.0):.2f}x | "
-                         f"{r['peak_bytes'] / mib:,.0f} MiB | {r.get('memory_ratio', 1.0):.3f}x |")
-        lines += ["", "dkm_linear keeps no clustered weight for backward (rebuilt by one gather); "
-                  "dkm+linear is edkm.dkm followed by F.linear, which saves the clustered weight; "
-                  "palettize_ is the model API (nn.Linear modules made ClusteredLinear, optimal 1-D "
-                  "k-means init, relative temperature)."]
+                  "all seven projections clustered to K=8):", "", *training_step_table(report["training_step"])]
     lines += ["", "Floor fraction = bandwidth-floor time / measured time (1.0 = at the floor); "
               "peaks are CUDA peak allocated above the inputs during one forward+backward."]
     return "\n".join(lines) + "\n"

@@ -141,3 +141,17 @@ def training_step_report(hidden=4096, intermediate=11008, heads=32, tokens=2048,
         out[name]["time_ratio"] = out[name]["seconds"] / out["plain"]["seconds"]
         out[name]["memory_ratio"] = out[name]["peak_bytes"] / max(out["plain"]["peak_bytes"], 1)
     return out
+
+
+def training_step_table(steps: dict) -> list:
+    """Markdown lines of a training_step_report: one row per variant, and what the variants are."""
+    mib = 2**20
+    lines = ["| variant | step time | ratio | peak memory | ratio |", "|---|---|---|---|---|"]
+    for name, r in steps.items():
+        lines.append(f"| {name} | {r['seconds'] * 1e3:,.1f} ms | {r.get('time_ratio', 1.0):.2f}x | "
+                     f"{r['peak_bytes'] / mib:,.1f} MiB | {r.get('memory_ratio', 1.0):.3f}x |")
+    return lines + ["", "dkm_linear keeps no clustered weight for backward (one gather rebuilds it) and "
+                    "writes the weight's gradient over the clustered weight's; dkm+linear is edkm.dkm "
+                    "then F.linear, which saves the clustered weight; palettize_ is the model API "
+                    "(nn.Linear modules made ClusteredLinear, optimal 1-D k-means init, relative "
+                    "temperature)."]

@@ -69,7 +69,8 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    mib = 2**20
+    from edkm.bench.llama_layer import training_step_table
+
     peak = ("tensor bytes allocated (profiler events) plus weights and input" if report["device"] == "cpu"
             else "CUDA peak allocated")
     lines = [
@@ -82,15 +83,8 @@ def table(report: dict) -> str:
         f"batch 1 x {report['tokens']} tokens, bf16; seven projections clustered to K=8, 3 DKM iterations",
         f"- median of {report['repeats']} steps; peak memory = {peak}",
         "",
-        "| variant | step time | ratio | peak memory | ratio |",
-        "|---|---|---|---|---|",
+        *training_step_table(report["training_step"]),
     ]
-    for name, r in report["training_step"].items():
-        lines.append(f"| {name} | {r['seconds'] * 1e3:,.1f} ms | {r.get('time_ratio', 1.0):.2f}x | "
-                     f"{r['peak_bytes'] / mib:,.1f} MiB | {r.get('memory_ratio', 1.0):.3f}x |")
-    lines += ["", "dkm_linear keeps no clustered weight for backward (one gather rebuilds it) and "
-              "writes the weight's gradient over the clustered weight's; dkm+linear is edkm.dkm "
-              "then F.linear, which saves the clustered weight; palettize_ is the model API."]
     return "\n".join(lines) + "\n"
 
 
