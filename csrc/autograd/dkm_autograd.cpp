@@ -17,11 +17,11 @@ class DkmFunction : public torch::autograd::Function<DkmFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight,
                                const at::Tensor& centroids, double temperature, int64_t max_iter,
-                               double epsilon, c10::string_view distance) {
+                               double epsilon, c10::string_view distance, bool recorded) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [clustered, centroids_out, iterations, lookup, values, counts, history] =
         ops::dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
-    narrow_saved_tables(lookup, values, counts, centroids.size(1));
+    if (recorded) narrow_saved_tables(lookup, values, counts, centroids.size(1));
     ctx->save_for_backward({weight, lookup, values, counts, history, iterations});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["distance"] = std::string(distance);
@@ -37,7 +37,8 @@ class DkmFunction : public torch::autograd::Function<DkmFunction> {
         grads[0], grads[1], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
         ctx->saved_data["temperature"].toDouble(), distance,
         static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt()));
-    return {grad_weight, grad_centroids, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_weight,  grad_centroids, at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(),   at::Tensor()};
   }
 };
 
@@ -46,7 +47,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_autograd(const at::Tensor& we
                                                             double temperature, int64_t max_iter,
                                                             double epsilon,
                                                             c10::string_view distance) {
-  auto out = DkmFunction::apply(weight, centroids, temperature, max_iter, epsilon, distance);
+  // Whether autograd records this call (the saved tables are then worth narrowing): decided
+  // here, where the caller's grad mode is still in force.
+  const bool recorded =
+      at::GradMode::is_enabled() && (weight.requires_grad() || centroids.requires_grad());
+  auto out = DkmFunction::apply(weight, centroids, temperature, max_iter, epsilon, distance,
+                                recorded);
   return {out[0], out[1], out[2]};
 }
 

@@ -23,7 +23,8 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const at::Tensor& weight, const at::Tensor& centroids,
                                const c10::optional<at::Tensor>& bias, double temperature,
-                               int64_t max_iter, double epsilon, c10::string_view distance) {
+                               int64_t max_iter, double epsilon, c10::string_view distance,
+                               bool recorded) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const c10::optional<at::Tensor> maybe_bias =
         bias.has_value() && bias->defined() ? bias : c10::nullopt;
@@ -31,7 +32,7 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
     auto [clustered, centroids_out, iterations, lookup, values, counts, history] =
         ops::dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
     auto output = at::linear(input, clustered, maybe_bias);
-    narrow_saved_tables(lookup, values, counts, centroids.size(1));
+    if (recorded) narrow_saved_tables(lookup, values, counts, centroids.size(1));
     ctx->save_for_backward({input, weight, lookup, values, counts, history, iterations});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["distance"] = std::string(distance);
@@ -62,8 +63,10 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
         static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt());
     at::Tensor grad_weight, grad_centroids;
     if (grad_clustered.defined() && grad_clustered.scalar_type() == weight.scalar_type() &&
-        grad_clustered.is_contiguous()) {
+        grad_clustered.is_contiguous() && !grad_clustered.requires_grad()) {
       // grad_clustered is ours: the weight's gradient is written over it (no second buffer).
+      // Not under create_graph (grad_clustered then has a history the in-place write would
+      // falsify); that goes the out-of-place way, whose ops have no double backward.
       grad_centroids = ops::dkm_backward_(grad_clustered, grads[1], weight, saved[2], saved[3],
                                           saved[4], saved[5], saved[6], temperature, distance,
                                           centroids_dtype);
@@ -73,7 +76,7 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
           grad_clustered, grads[1], weight, saved[2], saved[3], saved[4], saved[5], saved[6],
           temperature, distance, centroids_dtype);
     }
-    return {grad_input,  grad_weight,  grad_centroids, grad_bias,
+    return {grad_input,   grad_weight,  grad_centroids, grad_bias,   at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(),   at::Tensor()};
   }
 };
@@ -82,8 +85,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_linear_autograd(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& centroids,
     const c10::optional<at::Tensor>& bias, double temperature, int64_t max_iter, double epsilon,
     c10::string_view distance) {
+  // Whether autograd records this call (the saved tables are then worth narrowing): decided
+  // here, where the caller's grad mode is still in force.
+  const bool recorded = at::GradMode::is_enabled() &&
+                        (input.requires_grad() || weight.requires_grad() ||
+                         centroids.requires_grad() ||
+                         (bias.has_value() && bias->defined() && bias->requires_grad()));
   auto out = DkmLinearFunction::apply(input, weight, centroids, bias, temperature, max_iter,
-                                      epsilon, distance);
+                                      epsilon, distance, recorded);
   return {out[0], out[1], out[2]};
 }
 

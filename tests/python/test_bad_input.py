@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import edkm
+from conftest import DEVICES
 
 W = torch.randn(8, 16)
 C = torch.linspace(-1, 1, 4).view(1, 4)
@@ -66,3 +67,21 @@ def test_slot_tables_outside_the_16bit_range_are_refused(bad_slot, rows, cols):
     table = torch.zeros(slots.shape)
     with pytest.raises(ValueError, match="slot"):
         torch.ops.edkm._slot_gather(w, slots, table)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slot_tables_narrowed_to_their_used_columns_are_accepted(device):
+    """dkm saves its tables narrowed to the columns some group uses; the slot ops take any width
+    from 1 to min(M, 65536), and nothing else."""
+    w = (torch.randn(4, 3000) * 0.02).bfloat16().to(device)
+    slots, counts = torch.ops.edkm._slot_table(w, 2)
+    used = int((counts > 0).sum(1).max())
+    assert used < slots.shape[1]
+    table = torch.randn(slots.shape, device=device)
+    full = torch.ops.edkm._slot_gather(w, slots, table)
+    narrow = torch.ops.edkm._slot_gather(w, slots[:, :used].contiguous(), table[:, :used].contiguous())
+    assert torch.equal(narrow, full)
+    for bad in (torch.zeros(2, 0, dtype=torch.int32, device=device),
+                torch.full((2, 6001), 65536, dtype=torch.int32, device=device)):
+        with pytest.raises(ValueError, match=r"slots must have shape \[G, W\] with 1 <= W <= min\(M, 65536\)"):
+            torch.ops.edkm._slot_gather(w, bad, torch.zeros(bad.shape, device=device))

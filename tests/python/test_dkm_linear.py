@@ -142,6 +142,22 @@ def test_saved_tables_keep_only_the_used_columns(fn, groups):
     assert torch.equal(compiled(), grad)
 
 
+def test_create_graph_does_not_take_the_in_place_backward():
+    """Under create_graph the gradient of the clustered weight has a history; writing the weight's
+    gradient over it would leave that history claiming the result is a plain product. dkm's
+    backward has no double backward, so the second order must warn, as it did before."""
+    torch.manual_seed(0)
+    w = (torch.randn(64, 32) * 0.02).bfloat16().requires_grad_()
+    x = torch.randn(4, 32).bfloat16().requires_grad_()
+    c = torch.linspace(-0.05, 0.05, 8).view(1, 8)
+    (first,) = torch.autograd.grad(edkm.dkm_linear(x, w, c, None, 1e-5)[0].float().square().sum(), w)
+    (graph,) = torch.autograd.grad(edkm.dkm_linear(x, w, c, None, 1e-5)[0].float().square().sum(), w,
+                                   create_graph=True)
+    assert torch.equal(graph.detach(), first)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        torch.autograd.grad(graph.float().sum(), x, allow_unused=True)
+
+
 def test_backward_needs_no_second_weight_sized_buffer():
     """The weight's gradient is written over the clustered weight's (one buffer, as F.linear
     allocates), and the recomputed clustered weight is freed before that buffer exists: the

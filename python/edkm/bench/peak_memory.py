@@ -1,7 +1,8 @@
 """Peak bytes held by tensors while a function runs, above what was held when it started, on
 any device: CUDA from the caching allocator's statistics, CPU from the profiler's allocation
-events (every tensor allocation and free, with the running total). Deterministic: it counts
-tensor bytes, not the process's resident memory."""
+events (every tensor allocation and free, by address). Deterministic: it counts tensor bytes,
+not the process's resident memory. On CPU, blocks that existed before the call and were freed
+during it are not subtracted (callers free what they can first, as the step bench does)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from typing import Callable
 
 def peak_bytes(fn: Callable[[], object], device) -> int:
     """Runs fn() once and returns the largest number of tensor bytes allocated during the call
-    beyond those allocated before it."""
+    and alive at the same time (CUDA: allocator peak minus what was allocated before)."""
     import torch
 
     if str(device).startswith("cuda"):
@@ -37,10 +38,16 @@ def peak_bytes(fn: Callable[[], object], device) -> int:
             events = json.load(f)["traceEvents"]
     finally:
         os.unlink(path)
-    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
-    if not memory:
-        return 0
-    # "Total Allocated" is the running total after each event; before the first one it was
-    # that total minus the first event's bytes (negative for a free).
-    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    return max(0, max(m["Total Allocated"] for m in memory) - start)
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    # Blocks allocated during the call, by address: frees of blocks allocated before it are
+    # left out (the profiler reports them only when an earlier profile saw them allocated).
+    live, total, peak = {}, 0, 0
+    for e in memory:
+        nbytes, addr = e["args"]["Bytes"], e["args"].get("Addr")
+        if nbytes > 0:
+            live[addr] = live.get(addr, 0) + nbytes
+            total += nbytes
+            peak = max(peak, total)
+        elif addr in live:
+            total -= live.pop(addr)
+    return peak
