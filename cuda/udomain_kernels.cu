@@ -31,6 +31,17 @@ struct Table {
   int64_t blocks() const { return groups * chunks; }
 };
 
+// Centroid j of group g: its moments summed over the table's chunks in chunk order (the same
+// bits on every run). partial holds, per (group, chunk), K numerators then K denominators.
+__device__ __forceinline__ void sum_moments(const double* partial, const Table& t, int64_t g,
+                                            int64_t j, double& num, double& den) {
+  for (int64_t ch = 0; ch < t.chunks; ++ch) {
+    const double* p = partial + (g * t.chunks + ch) * 2 * t.k;
+    num += p[j];
+    den += p[t.k + j];
+  }
+}
+
 template <int KMAX, typename T>
 __device__ __forceinline__ void attention(double v, const T* c, int k, double neg_inv_tau,
                                           bool squared, double* a) {
@@ -134,11 +145,7 @@ __global__ void update_kernel(const double* __restrict__ partial, Table t, T* __
   for (int64_t i = threadIdx.x; i < gk; i += kBlock) {
     const int64_t g = i / t.k, j = i % t.k;
     double num = 0, den = 0;
-    for (int64_t ch = 0; ch < t.chunks; ++ch) {
-      const double* p = partial + (g * t.chunks + ch) * 2 * t.k;
-      num += p[j];
-      den += p[t.k + j];
-    }
+    sum_moments(partial, t, g, j, num, den);
     const T ci = c[i];
     const T nx = den > 0 ? static_cast<T>(num / den) : ci;
     const T diff = nx > ci ? nx - ci : ci - nx;
@@ -244,11 +251,7 @@ __global__ void coef_kernel(const double* __restrict__ partial, Table t,
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t g = i / t.k, j = i % t.k;
     double num = 0, den = 0;
-    for (int64_t ch = 0; ch < t.chunks; ++ch) {
-      const double* p = partial + (g * t.chunks + ch) * 2 * t.k;
-      num += p[j];
-      den += p[t.k + j];
-    }
+    sum_moments(partial, t, g, j, num, den);
     const bool attended = den > 0;
     const double safe = attended ? den : 1.0;
     const double next = num / safe;
