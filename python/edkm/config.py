@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 DISTANCES = ("squared", "absolute")
-INITS = ("auto", "optimal", "kmeans++")
+INITS = ("auto", "optimal", "kmeans++", "sensitivity")
+OUTLIER_CRITERIA = ("magnitude", "sensitivity")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "float64": torch.float64}
 
@@ -34,8 +35,16 @@ class Config:
     milestone: training-mode forward passes of the module before clustering starts (the
         weight trains unclustered until then; centroids are initialized at the milestone).
     init: "optimal" (exact 1-D k-means over the distinct values, scalar only), "kmeans++"
-        (seeded k-means++ then Lloyd), or "auto": the one with the lower within-cluster error.
+        (seeded k-means++ then Lloyd), "auto": the one with the lower within-cluster error, or
+        "sensitivity": exact 1-D k-means in which every weight counts by its sensitivity (e.g.
+        the Fisher information from :func:`edkm.fisher`), passed as ``palettize_(...,
+        sensitivity=...)`` (SqueezeLLM's weighted k-means; scalar only).
     seed: for k-means++.
+    outlier_fraction: fraction of each matrix's weights (0 .. 0.1) kept exactly in 16 bits as a
+        sparse side tensor (dense-and-sparse); they are left out of the clustering and added
+        back in the forward pass, stored in the file and counted in its size.
+    outlier_criterion: which weights are the outliers: "magnitude" (the largest |w|) or
+        "sensitivity" (the largest sensitivity * w**2; needs ``palettize_(..., sensitivity=...)``).
     module_types / module_names: overrides. Keys of ``module_names`` are regular expressions
         matched in full against qualified module names (first match wins, before types);
         keys of ``module_types`` are module classes (or their names). A value is a Config,
@@ -53,6 +62,8 @@ class Config:
     milestone: int = 0
     init: str = "auto"
     seed: int = 0
+    outlier_fraction: float = 0.0
+    outlier_criterion: str = "magnitude"
     module_types: Mapping[Union[Type[nn.Module], str], Any] = field(default_factory=dict)
     module_names: Mapping[str, Any] = field(default_factory=dict)
 
@@ -91,8 +102,17 @@ class Config:
             bad("init", f"one of {INITS}", self.init)
         if self.init == "optimal" and self.cluster_dim > 1:
             bad("init", "'kmeans++' or 'auto' when cluster_dim > 1 (optimal k-means is 1-D)", self.init)
-        if not isinstance(self.seed, int):
+        if self.init == "sensitivity" and self.cluster_dim > 1:
+            bad("init", "not 'sensitivity' when cluster_dim > 1 (weighted k-means here is 1-D)", self.init)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             bad("seed", "an integer", self.seed)
+        if isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float)) \
+                or not 0.0 <= self.outlier_fraction <= 0.1:
+            bad("outlier_fraction", "a number in [0, 0.1]", self.outlier_fraction)
+        if self.outlier_criterion not in OUTLIER_CRITERIA:
+            bad("outlier_criterion", f"one of {OUTLIER_CRITERIA}", self.outlier_criterion)
+        if self.outlier_fraction > 0 and self.cluster_dim > 1:
+            bad("outlier_fraction", "0 when cluster_dim > 1 (outliers are single weights)", self.outlier_fraction)
         if not isinstance(self.module_types, Mapping):
             bad("module_types", "a mapping {module class: Config | dict | None}", self.module_types)
         if not isinstance(self.module_names, Mapping):

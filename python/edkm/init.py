@@ -138,20 +138,49 @@ def optimal_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> Tuple[torc
     return c, cost
 
 
+def weighted_distinct_values(weight: torch.Tensor, weights: torch.Tensor, groups: int,
+                             name: str = "weight") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per group: sorted distinct values (float64) and the sum of ``weights`` (same shape as
+    ``weight``, >= 0) over the elements holding each value. Values whose weights sum to 0 are
+    kept with a tiny mass so every value still belongs to some cluster."""
+    w = weight.detach().reshape(groups, -1).cpu()
+    s = weights.detach().reshape(groups, -1).cpu().double()
+    if not torch.isfinite(w).all():
+        raise ValueError(f"edkm: {name} has NaN or Inf values; cannot cluster it")
+    out = []
+    for g in range(groups):
+        vals, inverse = torch.unique(w[g].double(), sorted=True, return_inverse=True)
+        mass = torch.zeros(vals.numel(), dtype=torch.float64).index_add_(0, inverse, s[g])
+        floor = float(mass.max()) * 1e-12 if float(mass.max()) > 0 else 1.0
+        out.append((vals, mass.clamp_min(floor)))
+    return out
+
+
 def init_centroids(weight: torch.Tensor, groups: int, k: int, cluster_dim: int = 1,
-                   method: str = "auto", seed: int = 0, name: str = "weight") -> Init:
+                   method: str = "auto", seed: int = 0, name: str = "weight",
+                   weights: "torch.Tensor | None" = None) -> Init:
     """Centroids for ``weight`` cut into ``groups`` LUT groups, by ``method``
-    ("optimal", "kmeans++" or "auto" = the lower total within-cluster error)."""
+    ("optimal", "kmeans++", "auto" = the lower total within-cluster error, or "sensitivity":
+    exact 1-D k-means where each element counts by ``weights``, its sensitivity)."""
+    if method == "sensitivity":
+        if weights is None or tuple(weights.shape) != tuple(weight.shape):
+            raise ValueError(f"edkm: {name}: init='sensitivity' needs a sensitivity tensor of the "
+                             f"weight's shape {tuple(weight.shape)}")
+        if cluster_dim != 1:
+            raise ValueError(f"edkm: {name}: init='sensitivity' is 1-D (cluster_dim 1)")
     if cluster_dim == 1:
         per_group = distinct_values(weight, groups, name)
     else:
         per_group = distinct_vectors(weight, groups, cluster_dim, name)
+    cost_groups = per_group
+    if method == "sensitivity":
+        cost_groups = weighted_distinct_values(weight, weights, groups, name)
     methods = {"auto": ("optimal", "kmeans++") if cluster_dim == 1 else ("kmeans++",),
-               "optimal": ("optimal",), "kmeans++": ("kmeans++",)}[method]
+               "optimal": ("optimal",), "kmeans++": ("kmeans++",), "sensitivity": ("optimal",)}[method]
     best = None
     for m in methods:
         cs, costs = [], []
-        for g, (vals, cnt) in enumerate(per_group):
+        for g, (vals, cnt) in enumerate(cost_groups):
             c, cost = (optimal_1d(vals, cnt, k) if m == "optimal"
                        else kmeans_plus_plus(vals, cnt, k, seed=seed + g))
             cs.append(c)
@@ -164,7 +193,7 @@ def init_centroids(weight: torch.Tensor, groups: int, k: int, cluster_dim: int =
     sq = sum(float((cnt[:, None] * (v if v.dim() == 2 else v[:, None]).square()).sum()) for v, cnt in per_group)
     d = cluster_dim
     variance = max(sq / mass - d * mean * mean if d == 1 else _vector_variance(per_group, mass), 0.0)
-    return Init(best[1], best[2], best[3], variance)
+    return Init(best[1], best[2], "sensitivity" if method == "sensitivity" else best[3], variance)
 
 
 def _vector_variance(per_group, mass: float) -> float:

@@ -35,9 +35,13 @@ class ClusteredMixin:
     edkm_name: str
 
     # ---- set-up (called by palettize_) ------------------------------------------------------
-    def _edkm_setup(self, name: str, config: Config, leader: Optional["ClusteredMixin"] = None):
+    def _edkm_setup(self, name: str, config: Config, leader: Optional["ClusteredMixin"] = None,
+                    sensitivity: Optional[torch.Tensor] = None):
         self.edkm_config = config
         self.edkm_name = name
+        # Per-weight sensitivity (e.g. Fisher information), same shape as the weight, for
+        # init="sensitivity" and outlier_criterion="sensitivity"; a plain attribute, not state.
+        object.__setattr__(self, "_edkm_sensitivity", sensitivity)
         # A tied follower shares its leader's weight Parameter and centroids (e.g. lm_head tied
         # to the input embedding); it is kept out of the module tree to avoid a cycle.
         object.__setattr__(self, "_edkm_leader", leader)
@@ -143,8 +147,14 @@ class ClusteredMixin:
         """Initialize the centroids from the current weight (config.init) and fix tau."""
         owner = self._owner
         cfg = owner.edkm_config
+        weights = None
+        if cfg.init == "sensitivity":
+            weights = owner.__dict__.get("_edkm_sensitivity")
+            if weights is None:
+                raise ValueError(f"edkm: {owner.edkm_name}: init='sensitivity' needs per-weight "
+                                 f"sensitivities: pass palettize_(model, config, sensitivity=edkm.fisher(...))")
         init = init_centroids(owner.edkm_source(), owner.edkm_groups, cfg.k, cfg.cluster_dim,
-                              cfg.init, cfg.seed, name=f"{owner.edkm_name}.weight")
+                              cfg.init, cfg.seed, name=f"{owner.edkm_name}.weight", weights=weights)
         owner.edkm_centroids.copy_(init.centroids.to(owner.edkm_centroids))
         owner._edkm_state["tau"] = cfg.temperature * (init.variance if init.variance > 0 else 1.0)
         owner._edkm_state["initialized"] = True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ def clustered_modules(model: nn.Module) -> Iterator[Tuple[str, ClusteredMixin]]:
             yield name, m
 
 
-def palettize_(model: nn.Module, config: Optional[Config] = None, *, progress: bool = False) -> nn.Module:
+def palettize_(model: nn.Module, config: Optional[Config] = None, *,
+               sensitivity: Optional[Mapping[str, torch.Tensor]] = None, progress: bool = False) -> nn.Module:
     """Make every nn.Linear and nn.Embedding of ``model`` clustered, in place, per ``config``.
 
     Each module's config comes from ``config.for_module(name, module)`` (name regexes first,
@@ -27,6 +28,11 @@ def palettize_(model: nn.Module, config: Optional[Config] = None, *, progress: b
     original weight stays the trainable Parameter; centroids are buffers in ``state_dict``.
     A weight tied between modules (e.g. lm_head and the input embedding) is clustered once, with
     one set of centroids; the tied modules must get the same config. Returns ``model``.
+
+    ``sensitivity`` maps module names (as in ``named_modules``; for a tied weight, the name of
+    any module that holds it) to a per-weight importance tensor of the weight's shape, e.g. the
+    Fisher information from :func:`edkm.fisher`. Configs with ``init="sensitivity"`` or
+    ``outlier_criterion="sensitivity"`` need it for every module they apply to.
     """
     config = Config() if config is None else config
     if not isinstance(config, Config):
@@ -69,6 +75,7 @@ def palettize_(model: nn.Module, config: Optional[Config] = None, *, progress: b
         for i in idxs[1:]:
             leader_of[i] = idxs[0]
 
+    sens = _check_sensitivity(sensitivity, plans, owners)
     todo = [(i, p) for i, p in enumerate(plans) if p[2] is not None]
     iterator = todo
     if progress:
@@ -77,8 +84,41 @@ def palettize_(model: nn.Module, config: Optional[Config] = None, *, progress: b
     for i, (name, m, cfg, cls) in iterator:
         leader = plans[leader_of[i]][1] if i in leader_of else None
         m.__class__ = cls
-        m._edkm_setup(name, cfg, leader)
+        m._edkm_setup(name, cfg, leader, sensitivity=None if leader is not None else sens.get(id(m.weight)))
     return model
+
+
+def _check_sensitivity(sensitivity, plans, owners) -> Dict[int, torch.Tensor]:
+    """Sensitivities by weight Parameter id, checked against the modules that need them."""
+    if sensitivity is None:
+        sensitivity = {}
+    if not isinstance(sensitivity, Mapping):
+        raise TypeError(f"edkm.palettize_: sensitivity must be a mapping {{module name: tensor}}, "
+                        f"got {type(sensitivity).__name__}")
+    by_name = {p[0]: p for p in plans}
+    out: Dict[int, torch.Tensor] = {}
+    for name, t in sensitivity.items():
+        key = name[: -len(".weight")] if isinstance(name, str) and name.endswith(".weight") else name
+        if key not in by_name:
+            raise ValueError(f"edkm.palettize_: sensitivity key {name!r} names no Linear/Embedding "
+                             f"module of the model")
+        w = by_name[key][1].weight
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(w.shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"edkm.palettize_: sensitivity[{name!r}] must be a tensor of the weight's "
+                             f"shape {tuple(w.shape)}, got {got}")
+        if not t.is_floating_point() or not torch.isfinite(t).all() or bool((t < 0).any()):
+            raise ValueError(f"edkm.palettize_: sensitivity[{name!r}] must hold finite values >= 0")
+        out[id(w)] = t.detach()
+    for name, m, cfg, _ in plans:
+        if cfg is None:
+            continue
+        needs = cfg.init == "sensitivity" or (cfg.outlier_fraction > 0 and cfg.outlier_criterion == "sensitivity")
+        if needs and id(m.weight) not in out:
+            raise ValueError(f"edkm.palettize_: {name} is configured with init={cfg.init!r}, "
+                             f"outlier_criterion={cfg.outlier_criterion!r}, which needs its sensitivity: "
+                             f"pass sensitivity={{'{name}': tensor}} (e.g. from edkm.fisher)")
+    return out
 
 
 @torch.no_grad()
