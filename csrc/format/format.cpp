@@ -32,6 +32,7 @@ constexpr uint64_t kMaxHeaderBytes = 100000000;  // safetensors' limit
 constexpr int64_t kMaxNumel = int64_t(1) << 48;
 constexpr size_t kMaxDims = 64;
 const char* const kReservedMetadata[] = {"format", "edkm.version", "edkm.layout", "edkm.aliases"};
+const char* const kOutlierSuffixes[] = {".outlier_index", ".outlier_values"};
 
 struct DtypeInfo {
   const char* code;
@@ -332,11 +333,12 @@ class Reader {
       return;
     }
     auto version = metadata_.find("edkm.version");
-    if (version == metadata_.end() || version->second != "1") {
+    if (version == metadata_.end() || (version->second != "1" && version->second != "2")) {
       bad("edkm format version " +
           (version == metadata_.end() ? std::string("(missing)") : q(version->second)) +
-          "; this edkm reads version 1");
+          "; this edkm reads versions 1, 2");
     }
+    version_ = std::stoi(version->second);
     const json::Value layout = parse_metadata_json("edkm.layout");
     const json::Value aliases = parse_metadata_json("edkm.aliases");
     for (const auto& [name, d] : layout.object) read_layout(name, d);
@@ -388,21 +390,44 @@ class Reader {
       }
     }
     if (!known) fail("dtype must be one of bfloat16, float16, float32, float64");
+    int64_t outliers = 0;
+    if (d.find("outliers")) {
+      if (version_ < 2) fail("'outliers' needs edkm format version 2");
+      outliers = layout_int(d, name, "outliers");
+      if (outliers < 0) fail("outliers must be >= 0, got " + std::to_string(outliers));
+    }
     if (out_.tensors.count(name)) fail("a plain tensor of the same name is also stored");
-    for (const char* suffix : {".lut", ".indices"}) {
+    std::vector<std::string> parts = {".lut", ".indices"};
+    if (outliers > 0) {
+      parts.insert(parts.end(), std::begin(kOutlierSuffixes), std::end(kOutlierSuffixes));
+    } else if (version_ >= 2) {
+      for (const char* suffix : kOutlierSuffixes) {
+        if (out_.tensors.count(name + suffix)) {
+          fail("the file stores " + q(name + suffix) + " but the layout has no outliers");
+        }
+      }
+    }
+    for (const auto& suffix : parts) {
       if (!out_.tensors.count(name + suffix)) {
         fail("the file has no tensor " + q(name + suffix));
       }
     }
     c.lut = out_.tensors.at(name + ".lut");
     c.packed = out_.tensors.at(name + ".indices");
+    if (outliers > 0) {
+      c.outlier_index = out_.tensors.at(name + ".outlier_index");
+      c.outlier_values = out_.tensors.at(name + ".outlier_values");
+      if (c.outlier_index.dim() != 1 || c.outlier_index.numel() != outliers) {
+        fail("the layout has " + std::to_string(outliers) + " outliers but " +
+             q(name + ".outlier_index") + " has shape " + dims_str(c.outlier_index.sizes().vec()));
+      }
+    }
     try {
       c.check(name);
     } catch (const c10::Error& e) {
       bad(e.what_without_backtrace());
     }
-    out_.tensors.erase(name + ".lut");
-    out_.tensors.erase(name + ".indices");
+    for (const auto& suffix : parts) out_.tensors.erase(name + suffix);
     out_.clustered.emplace(name, std::move(c));
   }
 
@@ -416,6 +441,7 @@ class Reader {
   int fd_ = -1;
   std::unique_ptr<int, Closer> guard_;
   uint64_t size_ = 0, header_len_ = 0, data_start_ = 0, data_len_ = 0;
+  int version_ = 1;
   json::Value header_;
   std::vector<Entry> entries_;
   std::map<std::string, std::string> metadata_;
@@ -556,6 +582,45 @@ void ClusteredTensor::check(const std::string& name) const {
                       ": the unused high bits of the last packed byte must be zero, got byte ",
                       last);
   }
+  check_outliers(who);
+}
+
+at::ScalarType ClusteredTensor::outlier_index_dtype() const {
+  return numel() <= (int64_t(1) << 31) ? at::kInt : at::kLong;
+}
+
+void ClusteredTensor::check_outliers(const std::string& who) const {
+  TORCH_CHECK_VALUE(outlier_index.defined() == outlier_values.defined(), who,
+                    ": outlier_index and outlier_values must both be given or both be absent");
+  if (!outlier_index.defined()) return;
+  const int64_t n = numel();
+  const int64_t count = outlier_index.numel();
+  TORCH_CHECK_VALUE(cluster_dim == 1 || count == 0, who, ": outliers need cluster_dim 1, got ",
+                    cluster_dim);
+  TORCH_CHECK_VALUE(outlier_index.scalar_type() == outlier_index_dtype(), who,
+                    ": outlier_index must be ", outlier_index_dtype(), " for ", n,
+                    " elements, got ", outlier_index.scalar_type());
+  TORCH_CHECK_VALUE(outlier_index.dim() == 1 && outlier_values.dim() == 1 &&
+                        outlier_values.numel() == count && count <= n,
+                    who, ": outlier_index and outlier_values must be 1-D of the same length (at most ",
+                    n, "), got ", outlier_index.sizes(), " and ", outlier_values.sizes());
+  const bool sixteen = dtype == at::kHalf || dtype == at::kBFloat16;
+  const at::ScalarType vt = outlier_values.scalar_type();
+  TORCH_CHECK_VALUE(sixteen ? vt == dtype : (vt == at::kHalf || vt == at::kBFloat16), who,
+                    ": outlier_values must be ", sixteen ? c10::toString(dtype) : "Half or BFloat16",
+                    " for a ", dtype, " weight, got ", vt);
+  if (count == 0) return;
+  const auto idx = outlier_index.cpu().to(at::kLong).contiguous();
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] >= 0 && p[count - 1] < n, who, ": outlier positions must be in [0, ", n,
+                    "), got ", p[0], "..", p[count - 1]);
+  for (int64_t k = 1; k < count; ++k) {
+    TORCH_CHECK_VALUE(p[k] > p[k - 1], who,
+                      ": outlier positions must be strictly increasing (sorted, no repeats); "
+                      "position ", k, " is ", p[k], " after ", p[k - 1]);
+  }
+  TORCH_CHECK_VALUE(at::isfinite(outlier_values).all().item<bool>(), who,
+                    ": outlier_values has NaN or Inf values");
 }
 
 at::Tensor ClusteredTensor::dequantize() const {
@@ -563,11 +628,18 @@ at::Tensor ClusteredTensor::dequantize() const {
   const int64_t n_idx = num_indices();
   auto idx = unpack_indices(packed.cpu(), bits, n_idx);
   auto table = lut.cpu().to(at::kFloat);  // [G, K, d]; exact, as Python's reader does
+  at::Tensor w;
   if (cluster_dim == 1) {
-    return edkm::dequantize(idx.view(shape), table.select(2, 0).contiguous(), dtype);
+    w = edkm::dequantize(idx.view(shape), table.select(2, 0).contiguous(), dtype);
+  } else {
+    auto index = idx.to(at::kLong).view({groups, n_idx / groups, 1}).expand({groups, n_idx / groups, cluster_dim});
+    w = table.gather(1, index).to(dtype).reshape(shape);
   }
-  auto index = idx.to(at::kLong).view({groups, n_idx / groups, 1}).expand({groups, n_idx / groups, cluster_dim});
-  return table.gather(1, index).to(dtype).reshape(shape);
+  if (num_outliers() > 0) {
+    w = w.contiguous();
+    w.view({-1}).index_copy_(0, outlier_index.cpu().to(at::kLong), outlier_values.cpu().to(dtype));
+  }
+  return w;
 }
 
 std::map<std::string, at::Tensor> CompressedFile::state_dict() const {
@@ -599,6 +671,8 @@ void save_compressed(const std::string& path, const CompressedFile& file) {
   };
   std::map<std::string, Out> entries;
   std::string layout = "{";
+  // The lowest version that describes the file: files without outliers stay version 1.
+  std::string version = "1";
   for (const auto& [name, c] : file.clustered) {
     TORCH_CHECK_VALUE(!name.empty(), op, ": a clustered tensor has an empty name");
     try {
@@ -610,10 +684,19 @@ void save_compressed(const std::string& path, const CompressedFile& file) {
                       " is both a clustered and a plain tensor");
     entries[name + ".lut"] = {c.lut.contiguous().cpu(), dtype_by_type(at::kHalf)};
     entries[name + ".indices"] = {c.packed.contiguous().cpu(), dtype_by_type(at::kByte)};
+    const int64_t outliers = c.num_outliers();
+    if (outliers > 0) {
+      entries[name + ".outlier_index"] = {c.outlier_index.contiguous().cpu(),
+                                          dtype_by_type(c.outlier_index.scalar_type())};
+      entries[name + ".outlier_values"] = {c.outlier_values.contiguous().cpu(),
+                                           dtype_by_type(c.outlier_values.scalar_type())};
+      version = "2";
+    }
     layout += (layout.size() > 1 ? "," : "") + json_str(op, name, "clustered tensor name") +
               ":{\"bits\":" + std::to_string(c.bits) + ",\"shape\":" + json_ints(c.shape) +
               ",\"dtype\":\"" + weight_dtype_name(c.dtype) + "\",\"groups\":" +
-              std::to_string(c.groups) + ",\"cluster_dim\":" + std::to_string(c.cluster_dim) + "}";
+              std::to_string(c.groups) + ",\"cluster_dim\":" + std::to_string(c.cluster_dim) +
+              (outliers > 0 ? ",\"outliers\":" + std::to_string(outliers) : std::string()) + "}";
   }
   layout += "}";
   for (const auto& [name, t] : file.tensors) {
@@ -626,6 +709,12 @@ void save_compressed(const std::string& path, const CompressedFile& file) {
                       "bfloat16, float32, float64)");
     TORCH_CHECK_VALUE(!entries.count(name), op, ": tensor ", q(name),
                       " collides with the stored form of a clustered tensor");
+    for (const char* suffix : kOutlierSuffixes) {
+      const std::string s(suffix);
+      TORCH_CHECK_VALUE(!(name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0 &&
+                          file.clustered.count(name.substr(0, name.size() - s.size()))),
+                        op, ": tensor ", q(name), " collides with the stored form of a clustered tensor");
+    }
     entries[name] = {t.contiguous().cpu(), d};
   }
   TORCH_CHECK_VALUE(!entries.count("__metadata__"), op, ": '__metadata__' is reserved");
@@ -641,8 +730,8 @@ void save_compressed(const std::string& path, const CompressedFile& file) {
   }
   aliases += "}";
 
-  std::string header = "{\"__metadata__\":{\"format\":\"edkm\",\"edkm.version\":\"1\",\"edkm.layout\":" +
-                       json::quote(layout);
+  std::string header = "{\"__metadata__\":{\"format\":\"edkm\",\"edkm.version\":\"" + version +
+                       "\",\"edkm.layout\":" + json::quote(layout);
   if (!file.aliases.empty()) header += ",\"edkm.aliases\":" + json::quote(aliases);
   for (const auto& [k, v] : file.metadata) {
     for (const char* reserved : kReservedMetadata) {

@@ -1,7 +1,7 @@
 """The compressed-model file (docs/FORMAT.md): :func:`save`, :func:`load`, :func:`info`.
 
-One safetensors file: per clustered matrix its bit-packed indices and fp16 LUT(s), every other
-tensor as is. Written through :class:`FileWriter` (temp file in the same directory, fsync,
+One safetensors file: per clustered matrix its bit-packed indices and fp16 LUT(s) (and, from
+format version 2, its outliers: positions and 16-bit values), every other tensor as is. Written through :class:`FileWriter` (temp file in the same directory, fsync,
 rename), so an interrupted save never leaves a half-written file under the real name; the
 writer also streams, which is how a 7B model is compressed layer by layer.
 """
@@ -18,7 +18,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # the newest version written; a file without outliers is written as "1"
+READ_VERSIONS = ("1", "2")
+OUTLIER_SUFFIXES = (".outlier_index", ".outlier_values")
 
 DTYPE_CODES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
                torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
@@ -41,10 +43,22 @@ class Layout:
     dtype: torch.dtype
     groups: int
     cluster_dim: int
+    outliers: int = 0  # weights stored exactly as NAME.outlier_index / NAME.outlier_values (v2)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def outlier_index_dtype(self) -> torch.dtype:
+        """int32 when every flat position fits (numel <= 2**31), else int64."""
+        return torch.int32 if self.numel <= 2**31 else torch.int64
+
+    def outlier_value_dtypes(self) -> Tuple[torch.dtype, ...]:
+        """The weight's own dtype when it is 16-bit (so rebuilding is exact), else fp16 or bf16."""
+        if self.dtype in (torch.float16, torch.bfloat16):
+            return (self.dtype,)
+        return (torch.float16, torch.bfloat16)
 
     @property
     def n_indices(self) -> int:
@@ -59,11 +73,14 @@ class Layout:
         return (self.groups, 1 << self.bits, self.cluster_dim)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"bits": self.bits, "shape": list(self.shape), "dtype": DTYPE_NAMES[self.dtype],
-                "groups": self.groups, "cluster_dim": self.cluster_dim}
+        d = {"bits": self.bits, "shape": list(self.shape), "dtype": DTYPE_NAMES[self.dtype],
+             "groups": self.groups, "cluster_dim": self.cluster_dim}
+        if self.outliers:
+            d["outliers"] = self.outliers
+        return d
 
     @classmethod
-    def from_json(cls, name: str, d: Any, path: str) -> "Layout":
+    def from_json(cls, name: str, d: Any, path: str, version: str = FORMAT_VERSION) -> "Layout":
         def bad(what):
             raise FormatError(f"{path}: edkm.layout entry for {name!r}: {what}")
         if not isinstance(d, dict):
@@ -87,7 +104,14 @@ class Layout:
         numel = math.prod(shape)
         if shape[-1] % cdim or numel % (groups * cdim):
             bad(f"shape {shape} cannot be cut into {groups} groups of {cdim}-vectors")
-        return cls(bits, tuple(shape), NAME_DTYPES[d["dtype"]], groups, cdim)
+        outliers = d.get("outliers", 0)
+        if "outliers" in d and version == "1":
+            bad("'outliers' needs edkm format version 2")
+        if not isinstance(outliers, int) or isinstance(outliers, bool) or not 0 <= outliers <= numel:
+            bad(f"outliers must be an integer in 0..numel ({numel}), got {outliers!r}")
+        if outliers and cdim != 1:
+            bad(f"outliers need cluster_dim 1, got {cdim}")
+        return cls(bits, tuple(shape), NAME_DTYPES[d["dtype"]], groups, cdim, outliers)
 
 
 def _tensor_bytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
@@ -208,13 +232,27 @@ class FileWriter:
 
 # ---- save ------------------------------------------------------------------------------------
 
-def clustered_entries(name: str, layout: Layout):
-    return [(f"{name}.indices", torch.uint8, (layout.packed_bytes,)),
-            (f"{name}.lut", torch.float16, layout.lut_shape)]
+def clustered_entries(name: str, layout: Layout, outlier_dtype: torch.dtype = torch.float16):
+    """The file entries of a clustered tensor, in file order (outliers only when it has any)."""
+    entries = [(f"{name}.indices", torch.uint8, (layout.packed_bytes,)),
+               (f"{name}.lut", torch.float16, layout.lut_shape)]
+    if layout.outliers:
+        if outlier_dtype not in layout.outlier_value_dtypes():
+            raise ValueError(f"edkm.save: {name}: outlier values of a {DTYPE_NAMES[layout.dtype]} weight "
+                             f"must be stored as {layout.outlier_value_dtypes()}, got {outlier_dtype}")
+        entries += [(f"{name}.outlier_index", layout.outlier_index_dtype, (layout.outliers,)),
+                    (f"{name}.outlier_values", outlier_dtype, (layout.outliers,))]
+    return entries
+
+
+def format_version(layouts: Mapping[str, Layout]) -> str:
+    """The lowest version that describes the file: "2" only when some tensor has outliers, so
+    files without them stay readable by version-1 readers."""
+    return "2" if any(l.outliers for l in layouts.values()) else "1"
 
 
 def metadata_for(layouts: Mapping[str, Layout], aliases: Mapping[str, str]) -> Dict[str, str]:
-    meta = {"format": "edkm", "edkm.version": FORMAT_VERSION,
+    meta = {"format": "edkm", "edkm.version": format_version(layouts),
             "edkm.layout": json.dumps({n: l.to_json() for n, l in layouts.items()}, separators=(",", ":"))}
     if aliases:
         meta["edkm.aliases"] = json.dumps(dict(aliases), separators=(",", ":"))
@@ -226,6 +264,15 @@ def pack_clustered(indices: torch.Tensor, lut: torch.Tensor, layout: Layout):
     from edkm import ops
     packed = ops.pack_indices(indices.reshape(-1).cpu(), layout.bits)
     return packed, lut.detach().cpu().to(torch.float16).reshape(layout.lut_shape)
+
+
+def pack_outliers(index: torch.Tensor, values: torch.Tensor, layout: Layout):
+    """(positions in the layout's index dtype, 16-bit values) for a clustered tensor's outliers,
+    checked as a reader checks them."""
+    index = index.detach().reshape(-1).cpu()
+    values = values.detach().reshape(-1).cpu()
+    check_outliers(index, values, layout, "edkm.save")
+    return index.to(layout.outlier_index_dtype), values
 
 
 def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = None) -> int:
@@ -248,7 +295,7 @@ def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = No
     aliases: Dict[str, str] = {}
     seen: Dict[Tuple, str] = {}
     for key, t in state.items():
-        if key.endswith("._extra_state") or key == "_extra_state" or key.endswith("edkm_centroids"):
+        if key.endswith("._extra_state") or key == "_extra_state" or _is_edkm_buffer(key):
             continue
         if not isinstance(t, torch.Tensor):
             continue
@@ -262,18 +309,20 @@ def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = No
         if key in clustered:
             m = clustered[key]
             cfg = m.edkm_config
-            layouts[key] = Layout(cfg.bits, tuple(t.shape), t.dtype, m.edkm_groups, cfg.cluster_dim)
+            pos = m.edkm_outlier_positions
+            layouts[key] = Layout(cfg.bits, tuple(t.shape), t.dtype, m.edkm_groups, cfg.cluster_dim,
+                                  0 if pos is None else pos.numel())
         else:
             plain[key] = t
     for key in list(layouts) + list(plain):
-        for suffix in (".indices", ".lut"):
+        for suffix in (".indices", ".lut") + OUTLIER_SUFFIXES:
             if key.endswith(suffix) and key[: -len(suffix)] in layouts:
                 raise ValueError(f"edkm.save: tensor {key!r} collides with the stored form of clustered "
                                  f"{key[: -len(suffix)]!r}")
     entries = []
     for key in state:
         if key in layouts:
-            entries += clustered_entries(key, layouts[key])
+            entries += clustered_entries(key, layouts[key], clustered[key].edkm_outlier_dtype)
         elif key in plain:
             entries.append((key, plain[key].dtype, tuple(plain[key].shape)))
     meta = metadata_for(layouts, aliases)
@@ -291,9 +340,22 @@ def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = No
                 packed, lut = pack_clustered(idx, m.centroids, layouts[key])
                 w.write(f"{key}.indices", packed)
                 w.write(f"{key}.lut", lut)
+                if layouts[key].outliers:
+                    pos = m.edkm_outlier_positions
+                    # The finalized weight holds the stored 16-bit values at these positions.
+                    values = state[key].detach().reshape(-1).index_select(0, pos).to(m.edkm_outlier_dtype)
+                    index, values = pack_outliers(pos, values, layouts[key])
+                    w.write(f"{key}.outlier_index", index)
+                    w.write(f"{key}.outlier_values", values)
             elif key in plain:
                 w.write(key, plain[key])
         return w.commit()
+
+
+def _is_edkm_buffer(key: str) -> bool:
+    """Training state that the file does not store (centroids; outlier positions are stored in
+    their own form)."""
+    return key.endswith("edkm_centroids") or key.endswith("edkm_outlier_index")
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -367,9 +429,10 @@ def read_header(path: str) -> CompressedFile:
     layouts: Dict[str, Layout] = {}
     aliases: Dict[str, str] = {}
     if meta.get("format") == "edkm":
-        if meta.get("edkm.version") != FORMAT_VERSION:
-            raise FormatError(f"{path}: edkm format version {meta.get('edkm.version')!r}; this edkm reads "
-                              f"version {FORMAT_VERSION}")
+        version = meta.get("edkm.version")
+        if version not in READ_VERSIONS:
+            raise FormatError(f"{path}: edkm format version {version!r}; this edkm reads versions "
+                              f"{', '.join(READ_VERSIONS)}")
         try:
             raw_layout = json.loads(meta.get("edkm.layout", "{}"))
             raw_alias = json.loads(meta.get("edkm.aliases", "{}"))
@@ -378,13 +441,24 @@ def read_header(path: str) -> CompressedFile:
         if not isinstance(raw_layout, dict) or not isinstance(raw_alias, dict):
             raise FormatError(f"{path}: edkm.layout and edkm.aliases must be JSON objects")
         for name, d in raw_layout.items():
-            lay = Layout.from_json(name, d, path)
-            for suffix, dtype, shape in ((".indices", "U8", [lay.packed_bytes]), (".lut", "F16", list(lay.lut_shape))):
+            lay = Layout.from_json(name, d, path, version)
+            if name in header:
+                raise FormatError(f"{path}: {name!r} is both a clustered and a plain tensor")
+            expected = [(".indices", ("U8",), [lay.packed_bytes]), (".lut", ("F16",), list(lay.lut_shape))]
+            if lay.outliers:
+                expected += [(".outlier_index", (DTYPE_CODES[lay.outlier_index_dtype],), [lay.outliers]),
+                             (".outlier_values", tuple(DTYPE_CODES[t] for t in lay.outlier_value_dtypes()),
+                              [lay.outliers])]
+            elif version != "1":
+                stray = [name + s for s in OUTLIER_SUFFIXES if name + s in header]
+                if stray:
+                    raise FormatError(f"{path}: {stray[0]!r} is stored but the layout of {name!r} has no outliers")
+            for suffix, dtypes, shape in expected:
                 e = header.get(name + suffix)
                 if e is None:
                     raise FormatError(f"{path}: clustered tensor {name!r} has no {name + suffix!r}")
-                if e["dtype"] != dtype or e["shape"] != shape:
-                    raise FormatError(f"{path}: {name + suffix!r} must be {dtype} {shape}, got "
+                if e["dtype"] not in dtypes or e["shape"] != shape:
+                    raise FormatError(f"{path}: {name + suffix!r} must be {' or '.join(dtypes)} {shape}, got "
                                       f"{e['dtype']} {e['shape']}")
             layouts[name] = lay
         for alias, target in raw_alias.items():
@@ -405,21 +479,64 @@ def _read_tensor(f, data_start: int, e: Dict[str, Any]) -> torch.Tensor:
         torch.empty(e["shape"], dtype=dtype)
 
 
-def dequantize_clustered(packed: torch.Tensor, lut: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Rebuild a clustered weight (FORMAT.md) from its packed indices and fp16 LUT."""
+def check_outliers(index: torch.Tensor, values: torch.Tensor, layout: Layout, who: str) -> None:
+    """FORMAT.md's rules for a clustered tensor's outliers: ``layout.outliers`` positions,
+    strictly increasing, in [0, numel); as many finite 16-bit values. Raises FormatError."""
+    if index.dim() != 1 or values.dim() != 1 or index.numel() != layout.outliers \
+            or values.numel() != layout.outliers:
+        raise FormatError(f"{who}: expected {layout.outliers} outlier positions and values, got "
+                          f"{list(index.shape)} and {list(values.shape)}")
+    if values.dtype not in layout.outlier_value_dtypes():
+        raise FormatError(f"{who}: outlier values must be {layout.outlier_value_dtypes()}, got {values.dtype}")
+    if index.is_floating_point() or index.dtype == torch.bool:
+        raise FormatError(f"{who}: outlier positions must be integers, got {index.dtype}")
+    if index.numel():
+        i = index.long()
+        if int(i[0]) < 0 or int(i[-1]) >= layout.numel:
+            raise FormatError(f"{who}: outlier positions must be in [0, {layout.numel}), got "
+                              f"{int(i.min())}..{int(i.max())}")
+        if not bool((i[1:] > i[:-1]).all()):
+            raise FormatError(f"{who}: outlier positions must be strictly increasing (sorted, no repeats)")
+        if not bool(torch.isfinite(values).all()):
+            raise FormatError(f"{who}: outlier values must be finite")
+
+
+def dequantize_clustered(packed: torch.Tensor, lut: torch.Tensor, layout: Layout,
+                         outlier_index: Optional[torch.Tensor] = None,
+                         outlier_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rebuild a clustered weight (FORMAT.md) from its packed indices and fp16 LUT, then its
+    outliers (checked first) at their positions."""
     from edkm import ops
     from edkm.vector_dkm import vector_dequantize
+    if layout.outliers:
+        if outlier_index is None or outlier_values is None:
+            raise FormatError(f"{layout.outliers} outliers declared but no positions or values given")
+        check_outliers(outlier_index, outlier_values, layout, "outliers")
     idx = ops.unpack_indices(packed, layout.bits, layout.n_indices)
     c = lut.to(torch.float32)
     if layout.cluster_dim == 1:
-        return ops.dequantize(idx.reshape(layout.shape), c[:, :, 0], layout.dtype)
-    return vector_dequantize(idx, c, layout.shape, layout.dtype)
+        w = ops.dequantize(idx.reshape(layout.shape), c[:, :, 0], layout.dtype)
+    else:
+        w = vector_dequantize(idx, c, layout.shape, layout.dtype)
+    if layout.outliers:
+        w.view(-1).index_copy_(0, outlier_index.long(), outlier_values.to(layout.dtype))
+    return w
+
+
+def _internal_names(layouts: Mapping[str, Layout]) -> set:
+    """The file entries that store clustered tensors (not model tensors of their own)."""
+    out = set()
+    for n, lay in layouts.items():
+        out |= {n + ".indices", n + ".lut"}
+        if lay.outliers:
+            out |= {n + s for s in OUTLIER_SUFFIXES}
+    return out
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Every tensor of the file under its model name, clustered ones rebuilt, aliases included."""
     cf = read_header(path)
-    internal = {f"{n}{s}" for n in cf.layouts for s in (".indices", ".lut")}
+    internal = _internal_names(cf.layouts)
     out: Dict[str, torch.Tensor] = {}
     with open(cf.path, "rb") as f:
         for name, e in cf.entries.items():
@@ -430,8 +547,13 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
             lut = _read_tensor(f, cf.header_bytes, cf.entries[name + ".lut"])
             if not torch.isfinite(lut).all():
                 raise FormatError(f"{cf.path}: {name}.lut has non-finite values")
+            o_index = o_values = None
+            if lay.outliers:
+                o_index = _read_tensor(f, cf.header_bytes, cf.entries[name + ".outlier_index"])
+                o_values = _read_tensor(f, cf.header_bytes, cf.entries[name + ".outlier_values"])
+                check_outliers(o_index, o_values, lay, f"{cf.path}: {name}")
             try:
-                out[name] = dequantize_clustered(packed, lut, lay)
+                out[name] = dequantize_clustered(packed, lut, lay, o_index, o_values)
             except (RuntimeError, ValueError) as e:
                 raise FormatError(f"{cf.path}: cannot rebuild {name!r}: {e}") from None
     for alias, target in cf.aliases.items():
@@ -447,7 +569,7 @@ def load(path: str, model: Optional[nn.Module] = None):
         return sd
     target = model.state_dict()
     missing = [k for k in target if k not in sd and not k.endswith("_extra_state")
-               and not k.endswith("edkm_centroids")]
+               and not _is_edkm_buffer(k)]
     unexpected = [k for k in sd if k not in target]
     if missing or unexpected:
         raise FormatError(f"{path}: does not match the model: missing {missing[:5]}"
@@ -469,13 +591,17 @@ def info(path: str, *, file=None, verbose: bool = True) -> Dict[str, Any]:
     """Sizes per tensor and in total; the same model in 16 bits. Prints a table unless
     ``verbose`` is False. The parts (header + every tensor) add up to the file size."""
     cf = read_header(path)
-    internal = {f"{n}{s}" for n in cf.layouts for s in (".indices", ".lut")}
+    internal = _internal_names(cf.layouts)
     rows = []
     for name, lay in cf.layouts.items():
+        parts = (".indices", ".lut") + (OUTLIER_SUFFIXES if lay.outliers else ())
         nbytes = sum(cf.entries[name + s]["data_offsets"][1] - cf.entries[name + s]["data_offsets"][0]
-                     for s in (".indices", ".lut"))
+                     for s in parts)
+        outlier_bytes = sum(cf.entries[name + s]["data_offsets"][1] - cf.entries[name + s]["data_offsets"][0]
+                            for s in OUTLIER_SUFFIXES) if lay.outliers else 0
         rows.append({"name": name, "kind": "clustered", "shape": list(lay.shape), "bits": lay.bits,
-                     "groups": lay.groups, "cluster_dim": lay.cluster_dim, "bytes": nbytes,
+                     "groups": lay.groups, "cluster_dim": lay.cluster_dim, "outliers": lay.outliers,
+                     "outlier_bytes": outlier_bytes, "bytes": nbytes,
                      "bytes_16bit": lay.numel * 2, "bits_per_weight": 8 * nbytes / lay.numel})
     for name, e in cf.entries.items():
         if name in internal:
@@ -510,12 +636,17 @@ def _fmt(n: int) -> str:
 def _print_info(r: Dict[str, Any], file=None) -> None:
     p = lambda *a: print(*a, file=file)  # noqa: E731
     p(f"{r['path']}")
-    p(f"{'tensor':<48} {'shape':>16} {'bits':>5} {'LUTs':>5} {'size':>12} {'16-bit':>12}")
+    p(f"{'tensor':<48} {'shape':>16} {'bits':>5} {'LUTs':>5} {'outliers':>9} {'bits/w':>7} {'size':>12} "
+      f"{'16-bit':>12}")
     for t in r["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
-        bits = str(t["bits"]) if t["kind"] == "clustered" else t["dtype"]
-        luts = str(t["groups"]) if t["kind"] == "clustered" else "-"
-        p(f"{t['name']:<48} {shape:>16} {bits:>5} {luts:>5} {_fmt(t['bytes']):>12} {_fmt(t['bytes_16bit']):>12}")
+        clustered = t["kind"] == "clustered"
+        bits = str(t["bits"]) if clustered else t["dtype"]
+        luts = str(t["groups"]) if clustered else "-"
+        outliers = f"{t['outliers']:,}" if clustered and t["outliers"] else "-"
+        bpw = f"{t['bits_per_weight']:.2f}" if clustered else "-"
+        p(f"{t['name']:<48} {shape:>16} {bits:>5} {luts:>5} {outliers:>9} {bpw:>7} {_fmt(t['bytes']):>12} "
+          f"{_fmt(t['bytes_16bit']):>12}")
     for alias, target in r["aliases"].items():
         p(f"{alias:<48} (same tensor as {target})")
     p(f"header: {_fmt(r['header_bytes'])}; clustered tensors: {_fmt(r['clustered_bytes'])}; "

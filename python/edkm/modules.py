@@ -11,6 +11,15 @@ extra state (step, temperature, flags) so training stops and resumes exactly. It
 * eval: the hard assignment to the current centroids (what :func:`edkm.finalize` and the
   exported file give), cached until the weight or the centroids change;
 * finalized: the weight holds its look-up-table values; the plain module's forward.
+
+With ``outlier_fraction > 0`` (dense-and-sparse, see :mod:`edkm.outliers`) the largest (or most
+sensitive) weights are chosen once, when the centroids are initialized, and kept as the buffer
+``edkm_outlier_index`` (sorted flat positions, in ``state_dict``). Clustering sees the weight with
+those positions zeroed (and the initial k-means gives them no mass at all); the weight the
+module computes with is the clustered one with the outlier positions holding the weight's own,
+still trainable, values (16-bit: rounded to the stored dtype in eval and at finalize). Linear
+layers with outliers take the unfused path (``dkm`` then ``F.linear``), which keeps one
+weight-sized tensor for backward.
 """
 from __future__ import annotations
 
@@ -23,6 +32,8 @@ from torch import nn
 from edkm import ops
 from edkm.config import Config
 from edkm.init import init_centroids
+from edkm.outliers import (choose_outliers, dense_part, gather_outliers, merge_outliers, outlier_count,
+                           outlier_dtype)
 from edkm.vector_dkm import vector_assign, vector_dequantize, vector_dkm
 
 _16BIT = (torch.bfloat16, torch.float16)
@@ -69,6 +80,10 @@ class ClusteredMixin:
         cdt = torch.float64 if w.dtype == torch.float64 and clusters_own_dtype else torch.float32
         if leader is None:
             self.register_buffer("edkm_centroids", torch.zeros(shape, dtype=cdt, device=w.device))
+            if config.outlier_fraction > 0:
+                # Filled when the centroids are initialized (the weight at the milestone).
+                n = outlier_count(config.outlier_fraction, w.numel())
+                self.register_buffer("edkm_outlier_index", torch.zeros(n, dtype=torch.int64, device=w.device))
         if config.milestone == 0 and leader is None:
             self.edkm_initialize()
 
@@ -106,6 +121,21 @@ class ClusteredMixin:
     def centroids(self) -> torch.Tensor:
         return self._owner.edkm_centroids
 
+    @property
+    def edkm_outlier_positions(self) -> Optional[torch.Tensor]:
+        """Sorted flat positions of the outliers (int64), or None when the module keeps none
+        or its centroids are not initialized yet."""
+        owner = self._owner
+        idx = owner._buffers.get("edkm_outlier_index")
+        if idx is None or idx.numel() == 0 or not owner._edkm_state["initialized"]:
+            return None
+        return idx
+
+    @property
+    def edkm_outlier_dtype(self) -> torch.dtype:
+        """The dtype outlier values are stored in (the file's NAME.outlier_values)."""
+        return outlier_dtype(self._owner.edkm_source().dtype)
+
     def __getstate__(self):
         # deepcopy / pickle: the per-step caches may hold autograd graph tensors; drop them.
         state = super().__getstate__()
@@ -142,37 +172,64 @@ class ClusteredMixin:
             w = w.to(cd)
         return w
 
+    def edkm_dense_source(self) -> torch.Tensor:
+        """What gets clustered: :meth:`edkm_source` with the outlier positions zeroed."""
+        src = self._owner.edkm_source()
+        idx = self.edkm_outlier_positions
+        return src if idx is None else dense_part(src, idx)
+
     @torch.no_grad()
     def edkm_initialize(self) -> None:
-        """Initialize the centroids from the current weight (config.init) and fix tau."""
+        """Choose the outliers (if any), initialize the centroids from the current weight
+        (config.init) and fix tau."""
         owner = self._owner
         cfg = owner.edkm_config
+        name = f"{owner.edkm_name}.weight"
+        sens = owner.__dict__.get("_edkm_sensitivity")
         weights = None
         if cfg.init == "sensitivity":
-            weights = owner.__dict__.get("_edkm_sensitivity")
+            weights = sens
             if weights is None:
                 raise ValueError(f"edkm: {owner.edkm_name}: init='sensitivity' needs per-weight "
                                  f"sensitivities: pass palettize_(model, config, sensitivity=edkm.fisher(...))")
-        init = init_centroids(owner.edkm_source(), owner.edkm_groups, cfg.k, cfg.cluster_dim,
-                              cfg.init, cfg.seed, name=f"{owner.edkm_name}.weight", weights=weights)
+        src = owner.edkm_source().detach()
+        method = cfg.init
+        buf = owner._buffers.get("edkm_outlier_index")
+        if buf is not None and buf.numel():
+            idx = choose_outliers(src, buf.numel(), cfg.outlier_criterion, sens, name)
+            buf.copy_(idx.to(buf.device))
+            src = dense_part(src, idx)
+            if cfg.init != "kmeans++":
+                # The outliers get no mass in the initial k-means (their zeros in D would pull
+                # a centroid towards 0); "auto" is the exact 1-D k-means, as it picks it anyway.
+                mass = torch.ones_like(src, dtype=torch.float64) if weights is None else weights.double().clone()
+                weights = mass.reshape(-1).index_fill_(0, idx.to(mass.device), 0.0).view(src.shape)
+                method = "sensitivity"
+        init = init_centroids(src, owner.edkm_groups, cfg.k, cfg.cluster_dim,
+                              method, cfg.seed, name=name, weights=weights)
         owner.edkm_centroids.copy_(init.centroids.to(owner.edkm_centroids))
         owner._edkm_state["tau"] = cfg.temperature * (init.variance if init.variance > 0 else 1.0)
         owner._edkm_state["initialized"] = True
-        owner._edkm_state["init_method"] = init.method
+        owner._edkm_state["init_method"] = (init.method if method == cfg.init
+                                            else "optimal" if cfg.init in ("auto", "optimal") else cfg.init)
         owner._edkm_cache = None
 
     def _soft_weight(self) -> torch.Tensor:
         """DKM-clustered weight (differentiable); moves the centroids (warm start)."""
         cfg = self.edkm_config
         src = self.edkm_source()
+        idx = self.edkm_outlier_positions
+        dense = src if idx is None else dense_part(src, idx)
         c = self.edkm_centroids
         tau = self._edkm_state["tau"]
         if cfg.cluster_dim == 1:
-            clustered, new_c, _ = ops.dkm(src, c.detach(), tau, cfg.max_iter, cfg.epsilon, cfg.distance)
+            clustered, new_c, _ = ops.dkm(dense, c.detach(), tau, cfg.max_iter, cfg.epsilon, cfg.distance)
         else:
-            clustered, new_c = vector_dkm(src, c.detach(), tau, cfg.max_iter, cfg.epsilon)
+            clustered, new_c = vector_dkm(dense, c.detach(), tau, cfg.max_iter, cfg.epsilon)
         with torch.no_grad():
             c.copy_(new_c.detach().to(c.dtype))
+        if idx is not None:
+            clustered = merge_outliers(clustered, gather_outliers(src, idx), idx)
         return clustered.to(self.weight.dtype)
 
     @torch.no_grad()
@@ -180,7 +237,7 @@ class ClusteredMixin:
         """Index of each weight's (or d-vector's) nearest centroid, flattened."""
         owner = self._owner
         c = owner.edkm_centroids if centroids is None else centroids
-        src = owner.edkm_source().detach()
+        src = owner.edkm_dense_source().detach()
         if owner.edkm_config.cluster_dim == 1:
             return ops.assign(src, c).reshape(-1)
         return vector_assign(src, c)
@@ -188,7 +245,9 @@ class ClusteredMixin:
     @torch.no_grad()
     def _hard_weight(self) -> torch.Tensor:
         owner = self._owner
-        key = (owner.weight._version, owner.weight.data_ptr(), owner.edkm_centroids._version)
+        out_idx = owner.edkm_outlier_positions
+        key = (owner.weight._version, owner.weight.data_ptr(), owner.edkm_centroids._version,
+               None if out_idx is None else out_idx._version)
         if owner._edkm_cache is not None and owner._edkm_cache[0] == key:
             return owner._edkm_cache[1]
         idx = owner.edkm_indices()
@@ -197,8 +256,21 @@ class ClusteredMixin:
             hard = ops.dequantize(idx.reshape(w.shape), owner.edkm_centroids, w.dtype)
         else:
             hard = vector_dequantize(idx, owner.edkm_centroids, w.shape, w.dtype)
+        if out_idx is not None:
+            hard = merge_outliers(hard, owner._edkm_stored_outliers(), out_idx)
         owner._edkm_cache = (key, hard)
         return hard
+
+    @torch.no_grad()
+    def _edkm_stored_outliers(self) -> torch.Tensor:
+        """The outlier values as the file stores them (16-bit), checked to be finite."""
+        owner = self._owner
+        vals = gather_outliers(owner.edkm_source().detach(), owner.edkm_outlier_positions)
+        stored = vals.to(outlier_dtype(vals.dtype))
+        if not torch.isfinite(stored).all():
+            raise ValueError(f"edkm: {owner.edkm_name}: an outlier exceeds {stored.dtype}'s range; "
+                             f"the file format stores outliers in 16 bits (set cluster_dtype=torch.bfloat16)")
+        return stored
 
     def clustered_weight(self) -> torch.Tensor:
         """The weight this module computes with now (see the module docstring)."""
@@ -257,6 +329,9 @@ class ClusteredMixin:
             hard = ops.dequantize(idx.reshape(w.shape), c, w.dtype)
         else:
             hard = vector_dequantize(idx, c, w.shape, w.dtype)
+        out_idx = self.edkm_outlier_positions
+        if out_idx is not None:
+            hard = merge_outliers(hard, self._edkm_stored_outliers(), out_idx)
         w.copy_(hard)
         self._edkm_indices = idx
         self._edkm_state["finalized"] = True
@@ -265,8 +340,9 @@ class ClusteredMixin:
     def extra_repr(self) -> str:
         cfg = self.edkm_config
         tied = f", tied to {self.edkm_leader.edkm_name}" if self.edkm_leader is not None else ""
+        outliers = f", outliers={cfg.outlier_fraction:g}" if cfg.outlier_fraction else ""
         return (f"{super().extra_repr()}, bits={cfg.bits}, groups={self.edkm_groups}, "
-                f"cluster_dim={cfg.cluster_dim}{tied}")
+                f"cluster_dim={cfg.cluster_dim}{outliers}{tied}")
 
 
 class ClusteredLinear(ClusteredMixin, nn.Linear):
@@ -277,7 +353,7 @@ class ClusteredLinear(ClusteredMixin, nn.Linear):
             return F.linear(x, self._hard_weight(), self.bias)
         cfg = self.edkm_config
         fused = (self.edkm_leader is None and cfg.cluster_dim == 1 and x.dtype == self.weight.dtype
-                 and self.edkm_source() is self.weight)
+                 and self.edkm_source() is self.weight and self.edkm_outlier_positions is None)
         if fused:
             out, new_c, _ = ops.dkm_linear(x, self.weight, self.edkm_centroids.detach(), self.bias,
                                            self._edkm_state["tau"], cfg.max_iter, cfg.epsilon, cfg.distance)

@@ -1,6 +1,7 @@
-// Reading and writing the edkm compressed-model file (docs/FORMAT.md, version 1): one
-// safetensors file with, per clustered tensor NAME, its fp16 look-up table `NAME.lut` [G, K, d]
-// and its bit-packed indices `NAME.indices` (uint8), and every other tensor as is.
+// Reading and writing the edkm compressed-model file (docs/FORMAT.md, versions 1 and 2): one
+// safetensors file with, per clustered tensor NAME, its fp16 look-up table `NAME.lut` [G, K, d],
+// its bit-packed indices `NAME.indices` (uint8) and, in version 2, its outliers kept exact
+// (`NAME.outlier_index`, `NAME.outlier_values`), and every other tensor as is.
 // Files written here open with any safetensors reader (Python's `safetensors.safe_open`) and
 // with Python's `edkm.load`; files from `edkm.save` load here.
 #pragma once
@@ -23,21 +24,36 @@ struct ClusteredTensor {
   at::ScalarType dtype = at::kFloat;  // the weight's dtype: bfloat16, float16, float32, float64
   int64_t groups = 1;          // G: numel splits into G equal contiguous groups, one LUT each
   int64_t cluster_dim = 1;     // d: vectors of d consecutive elements (d divides shape.back())
+  // Outliers kept exact (format version 2; both undefined when there are none): flat row-major
+  // positions, 1-D, strictly increasing, in [0, numel) -- int32 when numel <= 2^31, else int64 --
+  // and their values, 1-D of the same length, finite, in the weight's dtype when that is 16-bit,
+  // else float16 or bfloat16. Only with cluster_dim 1.
+  at::Tensor outlier_index;
+  at::Tensor outlier_values;
 
   int64_t numel() const;
   int64_t num_indices() const { return numel() / cluster_dim; }
+  int64_t num_outliers() const { return outlier_index.defined() ? outlier_index.numel() : 0; }
+  // The dtype outlier_index must have for this shape (int32 when numel <= 2^31, else int64).
+  at::ScalarType outlier_index_dtype() const;
 
   // Raises (c10::ValueError, naming `name`) when the fields do not describe a valid tensor:
-  // bits, shape, dtype, groups/cluster_dim divisibility, lut and packed dtypes and shapes.
+  // bits, shape, dtype, groups/cluster_dim divisibility, lut and packed dtypes and shapes, the
+  // outliers' dtypes, lengths, order, range and finiteness.
   void check(const std::string& name) const;
 
-  // The weight rebuilt as FORMAT.md says: lut[g, index].to(dtype), shape `shape`, on the CPU.
+  // The weight rebuilt as FORMAT.md says: lut[g, index].to(dtype), then each outlier value
+  // (.to(dtype)) at its position; shape `shape`, on the CPU.
   at::Tensor dequantize() const;
+
+ private:
+  void check_outliers(const std::string& who) const;
 };
 
 struct CompressedFile {
   std::map<std::string, at::Tensor> tensors;           // stored as is
-  std::map<std::string, ClusteredTensor> clustered;    // stored as NAME.lut + NAME.indices
+  // stored as NAME.lut + NAME.indices (+ NAME.outlier_index + NAME.outlier_values)
+  std::map<std::string, ClusteredTensor> clustered;
   std::map<std::string, std::string> aliases;          // alias name -> stored name (tied tensors)
   // __metadata__ entries besides those edkm writes itself ("format", "edkm.version",
   // "edkm.layout", "edkm.aliases"). Loading a plain (non-edkm) safetensors file keeps all of
@@ -57,10 +73,11 @@ struct CompressedFile {
 // Tensors are on the CPU.
 CompressedFile load_compressed(const std::string& path);
 
-// Writes `file` to `path` (tensors in name order, header padded with spaces to 8 bytes): into a
+// Writes `file` to `path` (tensors in name order, header padded with spaces to 8 bytes; format
+// version 2 when some clustered tensor has outliers, else version 1): into a
 // temporary file in the same directory, fsync, then rename over `path`, so an error never
 // leaves a half-written file under `path`. Validates everything first (names unique after
-// expansion to NAME.lut / NAME.indices, clustered tensors consistent, dtypes storable,
+// expansion to NAME.lut / NAME.indices / NAME.outlier_*, clustered tensors consistent, dtypes storable,
 // aliases pointing at stored names, no reserved metadata keys); raises c10::ValueError naming
 // the tensor, or c10::Error for I/O failures.
 void save_compressed(const std::string& path, const CompressedFile& file);
