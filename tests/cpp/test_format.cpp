@@ -9,7 +9,10 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <random>
 #include <set>
 #include <string>
@@ -104,6 +107,13 @@ edkm::ClusteredTensor make_clustered(std::vector<int64_t> shape, int bits, int64
   auto idx = torch::randint(0, int64_t(1) << bits, {numel / d}, torch::kLong);
   c.packed = edkm::pack_indices(idx, bits);
   return c;
+}
+
+// Outliers (format version 2) at `positions` with random values of dtype `vdtype`.
+void add_outliers(edkm::ClusteredTensor& c, const std::vector<int64_t>& positions,
+                  at::ScalarType vdtype) {
+  c.outlier_index = torch::tensor(positions, torch::kLong).to(c.outlier_index_dtype());
+  c.outlier_values = (torch::randn({static_cast<int64_t>(positions.size())}) * 10).to(vdtype);
 }
 
 edkm::CompressedFile sample_file() {
@@ -271,6 +281,204 @@ TEST(Format, PlainSafetensorsWithAnyTensorOrderLoads) {
   EXPECT_TRUE(f.clustered.empty());
 }
 
+TEST(Format, OutliersRoundTripAsVersion2) {
+  TempDir dir;
+  auto f = sample_file();
+  const auto v1 = dir.file("v1.safetensors");
+  edkm::save_compressed(v1, f);
+  EXPECT_NE(read_all(v1).find("\"edkm.version\":\"1\""), std::string::npos);  // none: still v1
+
+  auto& c = f.clustered.at("layer.weight");  // bfloat16 [6, 10]
+  const auto without = c.dequantize().view(-1);
+  add_outliers(c, {0, 7, 59}, torch::kBFloat16);
+  f.clustered["f32.weight"] = make_clustered({3, 4}, 2, 1, 1, torch::kFloat);
+  const auto f32_without = f.clustered.at("f32.weight").dequantize().view(-1);
+  add_outliers(f.clustered.at("f32.weight"), {5}, torch::kHalf);
+  const auto path = dir.file("v2.safetensors");
+  edkm::save_compressed(path, f);
+  const std::string bytes = read_all(path);
+  EXPECT_NE(bytes.find("\"edkm.version\":\"2\""), std::string::npos);
+  EXPECT_NE(bytes.find("\\\"outliers\\\":3"), std::string::npos);
+
+  const auto g = edkm::load_compressed(path);
+  EXPECT_FALSE(g.tensors.count("layer.weight.outlier_index"));
+  EXPECT_FALSE(g.tensors.count("layer.weight.outlier_values"));
+  const auto& d = g.clustered.at("layer.weight");
+  EXPECT_EQ(d.num_outliers(), 3);
+  EXPECT_EQ(d.outlier_index.scalar_type(), torch::kInt);
+  EXPECT_TRUE(torch::equal(d.outlier_index, c.outlier_index));
+  EXPECT_TRUE(torch::equal(d.outlier_values, c.outlier_values));
+  EXPECT_EQ(g.clustered.at("emb.weight").num_outliers(), 0);
+
+  const auto w = d.dequantize().view(-1);
+  for (int64_t i = 0; i < 60; ++i) {
+    const int64_t k = i == 0 ? 0 : i == 7 ? 1 : i == 59 ? 2 : -1;
+    const auto want = k >= 0 ? c.outlier_values[k] : without[i];
+    ASSERT_TRUE(torch::equal(w[i], want)) << i;
+  }
+  const auto sd = g.state_dict();
+  EXPECT_TRUE(torch::equal(sd.at("layer.weight").view(-1), w));
+  auto f32 = sd.at("f32.weight").view(-1);
+  EXPECT_EQ(f32[5].item<float>(), f.clustered.at("f32.weight").outlier_values[0].item<float>());
+  f32[5] = f32_without[5];
+  EXPECT_TRUE(torch::equal(f32, f32_without));
+}
+
+TEST(Format, OutlierFileEveryTruncationIsAClearError) {
+  TempDir dir;
+  auto f = sample_file();
+  add_outliers(f.clustered.at("layer.weight"), {1, 2, 30, 44}, torch::kBFloat16);
+  const auto path = dir.file("m.safetensors");
+  edkm::save_compressed(path, f);
+  const std::string bytes = read_all(path);
+  const auto cut = dir.file("cut.safetensors");
+  for (size_t len = 0; len < bytes.size(); ++len) {
+    write_all(cut, bytes.substr(0, len));
+    const std::string msg = error_of([&] { edkm::load_compressed(cut); });
+    ASSERT_NE(msg.find(cut), std::string::npos) << len << ": " << msg;
+  }
+}
+
+TEST(Format, BadOutliersAreRefusedOnSave) {
+  TempDir dir;
+  const auto path = dir.file("m.safetensors");
+  struct Case {
+    std::vector<int64_t> positions;
+    std::function<void(edkm::CompressedFile&)> edit;
+    std::string expect;
+  };
+  const auto none = [](edkm::CompressedFile&) {};
+  const std::vector<Case> cases = {
+      {{7, 0, 59}, none, "outlier positions must be strictly increasing"},
+      {{0, 7, 7}, none, "outlier positions must be strictly increasing"},
+      {{0, 7, 60}, none, "outlier positions must be in [0, 60)"},
+      {{-1, 7, 8}, none, "outlier positions must be in [0, 60)"},
+      {{0, 1},
+       [](edkm::CompressedFile& f) {
+         auto& c = f.clustered.at("layer.weight");
+         c.outlier_index = c.outlier_index.to(torch::kLong);
+       },
+       "outlier_index must be Int for 60 elements, got Long"},
+      {{0, 1},
+       [](edkm::CompressedFile& f) {
+         auto& c = f.clustered.at("layer.weight");
+         c.outlier_values = c.outlier_values.to(torch::kHalf);
+       },
+       "outlier_values must be BFloat16 for a BFloat16 weight, got Half"},
+      {{0, 1},
+       [](edkm::CompressedFile& f) {
+         auto& c = f.clustered.at("layer.weight");
+         c.outlier_values = c.outlier_values.narrow(0, 0, 1);
+       },
+       "must be 1-D of the same length"},
+      {{0, 1},
+       [](edkm::CompressedFile& f) {
+         f.clustered.at("layer.weight").outlier_values[1] = std::numeric_limits<float>::infinity();
+       },
+       "outlier_values has NaN or Inf"},
+      {{0, 1},
+       [](edkm::CompressedFile& f) { f.clustered.at("layer.weight").outlier_values = at::Tensor(); },
+       "must both be given or both be absent"},
+      {{0, 1},
+       [](edkm::CompressedFile& f) { f.tensors["layer.weight.outlier_values"] = torch::zeros({2}); },
+       "collides with the stored form of a clustered tensor"},
+      {{0, 1},
+       [](edkm::CompressedFile& f) { f.tensors["emb.weight.outlier_index"] = torch::zeros({2}); },
+       "collides with the stored form of a clustered tensor"},
+      {{0, 1},
+       [](edkm::CompressedFile& f) {
+         auto& e = f.clustered.at("emb.weight");  // cluster_dim 2
+         e.outlier_index = torch::tensor({0, 1}, torch::kInt);
+         e.outlier_values = torch::zeros({2});
+       },
+       "outliers need cluster_dim 1"},
+  };
+  for (const auto& c : cases) {
+    auto f = sample_file();
+    add_outliers(f.clustered.at("layer.weight"), c.positions, torch::kBFloat16);
+    c.edit(f);
+    EXPECT_ERROR_HAS(edkm::save_compressed(path, f), c.expect);
+    EXPECT_TRUE(dir.files().empty());
+  }
+}
+
+TEST(Format, LyingOutlierHeadersAreClearErrors) {
+  TempDir dir;
+  const auto path = dir.file("o.safetensors");
+  const auto entry = [](const std::string& name, const std::string& dtype, const std::string& shape,
+                        const std::string& offsets) {
+    return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape +
+           ",\"data_offsets\":" + offsets + "}";
+  };
+  // w: float32 [2, 8], 3 bits, one LUT: indices [0, 6), lut [6, 22), then the outliers.
+  const auto meta = [](const std::string& version, const std::string& outliers) {
+    return "\"__metadata__\":{\"format\":\"edkm\",\"edkm.version\":\"" + version +
+           "\",\"edkm.layout\":\"{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,8],"
+           "\\\"dtype\\\":\\\"float32\\\",\\\"groups\\\":1,\\\"cluster_dim\\\":1" +
+           (outliers.empty() ? std::string() : ",\\\"outliers\\\":" + outliers) + "}}\"}";
+  };
+  const std::string base = entry("w.indices", "U8", "[6]", "[0,6]") + "," +
+                           entry("w.lut", "F16", "[1,8,1]", "[6,22]");
+  const std::string i32 = entry("w.outlier_index", "I32", "[2]", "[22,30]");
+  const std::string f16 = entry("w.outlier_values", "F16", "[2]", "[30,34]");
+  // Data: zero indices and LUT, positions (int32 little-endian), values (float16 1.0 = 0x3C00).
+  const auto data = [](int32_t p0, int32_t p1, uint16_t v1 = 0x3C00) {
+    std::string d(34, '\0');
+    std::memcpy(&d[22], &p0, 4);
+    std::memcpy(&d[26], &p1, 4);
+    const uint16_t v0 = 0x3C00;
+    std::memcpy(&d[30], &v0, 2);
+    std::memcpy(&d[32], &v1, 2);
+    return d;
+  };
+  // The valid file first: positions 3 and 9 hold 1.0, everything else the LUT's 0.
+  write_all(path, raw_file("{" + meta("2", "2") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9)));
+  const auto w = edkm::load_compressed(path).state_dict().at("w").view(-1);
+  auto want = torch::zeros({16});
+  want[3] = 1.0f;
+  want[9] = 1.0f;
+  EXPECT_TRUE(torch::equal(w, want));
+
+  struct Case {
+    std::string header, data, expect;
+  };
+  const std::vector<Case> cases = {
+      {"{" + meta("1", "2") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9),
+       "'outliers' needs edkm format version 2"},
+      {"{" + meta("2", "3") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9),
+       "the layout has 3 outliers but 'w.outlier_index' has shape [2]"},
+      {"{" + meta("2", "-1") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9),
+       "outliers must be >= 0"},
+      {"{" + meta("2", "2") + "," + base + "," + entry("w.outlier_index", "I32", "[2]", "[22,30]") + "}",
+       data(3, 9).substr(0, 30), "the file has no tensor 'w.outlier_values'"},
+      {"{" + meta("2", "") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9),
+       "the file stores 'w.outlier_index' but the layout has no outliers"},
+      {"{" + meta("2", "2") + "," + base + "," + i32 + "," + f16 + "}", data(9, 3),
+       "outlier positions must be strictly increasing"},
+      {"{" + meta("2", "2") + "," + base + "," + i32 + "," + f16 + "}", data(3, 3),
+       "outlier positions must be strictly increasing"},
+      {"{" + meta("2", "2") + "," + base + "," + i32 + "," + f16 + "}", data(3, 16),
+       "outlier positions must be in [0, 16)"},
+      {"{" + meta("2", "2") + "," + base + "," + i32 + "," + f16 + "}", data(-2, 3),
+       "outlier positions must be in [0, 16)"},
+      {"{" + meta("2", "2") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9, 0x7E00),
+       "outlier_values has NaN or Inf"},
+      {"{" + meta("2", "2") + "," + base + "," + entry("w.outlier_index", "I64", "[2]", "[22,38]") + "," +
+           entry("w.outlier_values", "F16", "[2]", "[38,42]") + "}",
+       std::string(42, '\0'), "outlier_index must be Int for 16 elements, got Long"},
+      {"{" + meta("2", "2") + "," + base + "," + i32 + "," +
+           entry("w.outlier_values", "F32", "[2]", "[30,38]") + "}",
+       std::string(38, '\0'), "outlier_values must be Half or BFloat16 for a Float weight"},
+  };
+  for (const auto& c : cases) {
+    write_all(path, raw_file(c.header, c.data));
+    const std::string msg = error_of([&] { edkm::load_compressed(path).state_dict(); });
+    EXPECT_NE(msg.find(c.expect), std::string::npos)
+        << "header: " << c.header << "\nexpected: " << c.expect << "\ngot: " << msg;
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  }
+}
+
 // ------------------------------------------------------------------------------ bad files
 
 TEST(Format, EveryTruncationIsAClearError) {
@@ -334,7 +542,7 @@ TEST(Format, LyingHeadersAreClearErrors) {
       {"{\"a\":[]}", 0, "entry must be an object"},
       {"{\"__metadata__\":{\"k\":1}}", 0, "__metadata__['k'] must be a string"},
       {"{\"__metadata__\":[]}", 0, "__metadata__ must be an object"},
-      {"{\"__metadata__\":{\"format\":\"edkm\",\"edkm.version\":\"2\"}}", 0, "edkm format version '2'"},
+      {"{\"__metadata__\":{\"format\":\"edkm\",\"edkm.version\":\"3\"}}", 0, "edkm format version '3'"},
       {"{" + meta + "\"[\"}}", 0, "__metadata__['edkm.layout'] is not valid JSON"},
       {"{" + meta + "\"" + lay + "\"}}", 0, "the file has no tensor 'w.lut'"},
       {"{" + meta + "\"" + lay + "\"}," + entry("w.indices", "U8", "[5]", "[0,5]") + "," +
