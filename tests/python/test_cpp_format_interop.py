@@ -166,3 +166,38 @@ def test_errors_reach_python_as_value_errors(tmp_path):
     assert not any(p.name.startswith(".x.safetensors") for p in tmp_path.iterdir())
     with pytest.raises(RuntimeError, match="cannot open"):
         _C._load_compressed(str(tmp_path / "missing.safetensors"))
+
+
+def test_python_written_outliers_read_in_cpp(tmp_path):
+    """Format version 2: the C++ reader rebuilds the outliers at their positions, bit for bit
+    as the Python reader and the finalized model."""
+    from edkm import format as fmt
+    from edkm.config import Config
+    from edkm.palettize import finalize, palettize_
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 12), torch.nn.ReLU(),
+                                torch.nn.Linear(12, 8, bias=False)).bfloat16()
+    palettize_(model, Config(bits=2, group_size=4, outlier_fraction=0.05))
+    model.train()
+    model(torch.randint(0, 16, (3, 5))).float().square().mean().backward()
+    finalize(model).eval()
+    path = str(tmp_path / "outliers.safetensors")
+    fmt.save(model, path)
+    raw = _C._load_compressed(path)
+    assert raw["metadata"] == {}
+    assert not any(".outlier_" in name for name in raw["tensors"])  # consumed by the layouts
+    cpp = _C._load_compressed_state_dict(path)
+    py = fmt.load_state_dict(path)
+    state = model.state_dict()
+    for name in ("0.weight", "1.weight", "3.weight"):
+        m = dict(model.named_modules())[name[:-len(".weight")]]
+        idx = m.edkm_outlier_positions
+        assert idx.numel() == round(0.05 * state[name].numel())
+        assert torch.equal(cpp[name], py[name]) and torch.equal(cpp[name], state[name]), name
+        # The LUT values alone differ from the rebuilt weight at outlier positions only.
+        c = raw["clustered"][name]
+        lut_only = fmt.dequantize_clustered(c["packed"], c["lut"], fmt.Layout(
+            c["bits"], tuple(c["shape"]), c["dtype"], c["groups"], c["cluster_dim"]))
+        differs = (lut_only.reshape(-1) != cpp[name].reshape(-1)).nonzero().reshape(-1)
+        assert set(differs.tolist()) <= set(idx.tolist()) and differs.numel() > 0

@@ -236,3 +236,117 @@ def test_saved_file_gets_the_usual_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---- outliers (format version 2) ------------------------------------------------------------
+
+def outlier_file(tmp_path):
+    """Linear 8x8 with round(0.1 * 64) = 6 outliers, plus a LayerNorm stored as is."""
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    palettize_(lin, Config(bits=3, outlier_fraction=0.1, module_types={"LayerNorm": None}))
+    finalize(lin)
+    path = tmp_path / "outliers.safetensors"
+    edkm.save(lin, path)
+    return path, lin
+
+
+def test_outlier_file_layout_and_load_into_a_palettized_model(tmp_path):
+    path, lin = outlier_file(tmp_path)
+    cf = fmt.read_header(path)
+    assert cf.metadata["edkm.version"] == "2"
+    assert json.loads(cf.metadata["edkm.layout"])["0.weight"]["outliers"] == 6
+    assert cf.entries["0.weight.outlier_index"]["dtype"] == "I32"
+    assert cf.entries["0.weight.outlier_values"]["dtype"] == "BF16"  # fp32 clustered as bf16
+    assert "0.edkm_outlier_index" not in cf.entries  # training state, stored in its own form
+    target = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    palettize_(target, Config(bits=3, outlier_fraction=0.1, module_types={"LayerNorm": None}))
+    edkm.load(path, target)  # the outlier buffer is not required from the file
+    assert torch.equal(target[0].weight, lin[0].weight)
+
+
+def test_every_truncation_of_an_outlier_file_is_a_clear_error(tmp_path):
+    path, _ = outlier_file(tmp_path)
+    data = path.read_bytes()
+    edkm.load(path)
+    bad = tmp_path / "cut.safetensors"
+    for n in range(len(data)):
+        bad.write_bytes(data[:n])
+        with pytest.raises(fmt.FormatError):
+            edkm.load(bad)
+
+
+def _layout_edit(**changes):
+    def edit(h):
+        layout = json.loads(h["__metadata__"]["edkm.layout"])
+        for k, v in changes.items():
+            if v is None:
+                layout["0.weight"].pop(k)
+            else:
+                layout["0.weight"][k] = v
+        h["__metadata__"]["edkm.layout"] = json.dumps(layout)
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h["0.weight.outlier_index"].update(dtype="I64"), "do not hold|must be I32"),
+    (lambda h: h["0.weight.outlier_index"].update(dtype="F32"), "must be I32"),
+    (lambda h: h["0.weight.outlier_values"].update(dtype="I16"), "must be F16 or BF16"),
+    (lambda h: h["0.weight.outlier_values"].update(dtype="U8", shape=[12]), "must be F16 or BF16"),
+    (_layout_edit(outliers=7), r"'0.weight.outlier_index' must be I32 \[7\]"),
+    (_layout_edit(outliers=-1), r"outliers must be an integer in 0..numel \(64\)"),
+    (_layout_edit(outliers=65), r"outliers must be an integer in 0..numel \(64\)"),
+    (_layout_edit(outliers=True), r"outliers must be an integer"),
+    (_layout_edit(outliers=None), r"'0.weight.outlier_index' is stored but the layout of '0.weight' has no outliers"),
+    (lambda h: h["__metadata__"].update({"edkm.version": "1"}), "'outliers' needs edkm format version 2"),
+    (lambda h: h.pop("0.weight.outlier_values"), "tile|has no"),
+])
+def test_outlier_header_lies_are_clear_errors(tmp_path, edit, match):
+    path, _ = outlier_file(tmp_path)
+    _rewrite_header(path, edit)
+    with pytest.raises(fmt.FormatError, match=match):
+        edkm.load(path)
+
+
+def _edit_tensor(path, name, edit):
+    """Rewrite the data of tensor ``name`` in place through ``edit(tensor)``."""
+    cf = fmt.read_header(path)
+    data = bytearray(path.read_bytes())
+    e = cf.entries[name]
+    begin, end = (cf.header_bytes + o for o in e["data_offsets"])
+    t = torch.frombuffer(bytearray(data[begin:end]), dtype=torch.uint8).view(fmt.CODE_DTYPES[e["dtype"]]).clone()
+    edit(t)
+    data[begin:end] = t.view(torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _swap01(t):
+    t[0], t[1] = t[1].clone(), t[0].clone()
+
+
+@pytest.mark.parametrize("name, edit, match", [
+    ("0.weight.outlier_index", _swap01, "strictly increasing"),
+    ("0.weight.outlier_index", lambda t: t.__setitem__(1, t[0]), "strictly increasing"),
+    ("0.weight.outlier_index", lambda t: t.__setitem__(-1, 64), r"must be in \[0, 64\)"),
+    ("0.weight.outlier_index", lambda t: t.__setitem__(0, -1), r"must be in \[0, 64\)"),
+    ("0.weight.outlier_values", lambda t: t.__setitem__(2, float("nan")), "must be finite"),
+    ("0.weight.outlier_values", lambda t: t.__setitem__(0, float("inf")), "must be finite"),
+])
+def test_bad_outlier_data_is_a_clear_error_in_both_readers(tmp_path, name, edit, match):
+    from edkm import _C
+    path, _ = outlier_file(tmp_path)
+    _edit_tensor(path, name, edit)
+    with pytest.raises(fmt.FormatError, match=match):
+        edkm.load(path)
+    with pytest.raises(ValueError, match=match.replace("must be finite", "NaN or Inf")):
+        _C._load_compressed(str(path))
+
+
+def test_outlier_values_rebuild_exactly(tmp_path):
+    path, lin = outlier_file(tmp_path)
+    _edit_tensor(path, "0.weight.outlier_values", lambda t: t.fill_(3.0))
+    w = edkm.load(path)["0.weight"].reshape(-1)
+    idx = lin[0].edkm_outlier_positions
+    assert bool((w[idx] == 3.0).all())
+    rest = torch.ones(64, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(w[rest], lin[0].weight.detach().reshape(-1)[rest])
