@@ -168,3 +168,43 @@ def token_blocks(tokenizer, texts: Sequence[str], block_len: int, max_blocks: in
     if max_blocks is not None:
         order = order[:max_blocks]
     return blocks[order].contiguous()
+
+
+def is_test_file(path) -> bool:
+    """True for a file of the suggested held-out split (``corpus_split``'s test list): a SOTU
+    address from TEST_SOTU_FROM_YEAR on, or one of TEST_AUSTEN, judged by folder and name."""
+    p = Path(path)
+    if p.parent.name == "sotu":
+        m = _SOTU_NAME.match(p.name)
+        return bool(m) and int(m.group(1)) >= TEST_SOTU_FROM_YEAR
+    return p.parent.name == "austen" and p.name in TEST_AUSTEN
+
+
+def train_validation_split(train_files: Sequence, fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """(train, validation): whole documents of ``train_files`` set aside for validation.
+
+    ``round(fraction * n)`` files (at least one when fraction > 0), drawn with
+    ``random.Random(seed)`` from the files sorted by path, go to validation; the rest stay
+    train, so no document is in both. Both lists are sorted by path. Made for choosing
+    hyperparameters on data the model is not trained on without touching the test split: a
+    file of the test split (``is_test_file``) is refused. ``fraction`` = 0 gives (train, []).
+    """
+    import random
+
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"train_validation_split: fraction must be a number in [0, 1), got {fraction!r}")
+    files = sorted(Path(f) for f in train_files)
+    test = [f for f in files if is_test_file(f)]
+    if test:
+        raise ValueError(f"train_validation_split: train_files holds {len(test)} file(s) of the test split "
+                         f"(e.g. {test[0]}); validation must be cut from the train split only")
+    if fraction == 0:
+        return files, []
+    n_val = max(1, int(round(fraction * len(files))))
+    if n_val >= len(files):
+        raise ValueError(f"train_validation_split: a fraction of {fraction:g} of {len(files)} train file(s) "
+                         f"leaves none to train on; pass more files or a smaller fraction")
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    validation = set(order[:n_val])
+    return [f for f in files if f not in validation], sorted(validation)
