@@ -79,6 +79,15 @@ def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the machine may be shared); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SMALL = dict(lr=1e-3, batch_size=2, block_len=16, validation_tokens=32)
 
 
@@ -278,58 +287,70 @@ def test_resume_in_process_reaches_the_same_weights(tmp_path):
         finetune(other, TOK, TEXTS, 4, **dict(kw, config=TrainConfig(**{**cfg.to_dict(), "lr": 2e-3})))
 
 
+def killed_run(out: str, stop_at: int) -> None:
+    """The run the test kills: checkpoints every step; after step ``stop_at`` it signals and waits."""
+    def cb(step, _):
+        if step == stop_at:
+            open(out + ".stop", "w").close()
+            time.sleep(120)
+
+    model, teacher = student_and_teacher()
+    finetune(model, TOK, TEXTS, 4, config=everything_on(), teacher=teacher,
+             validation_texts=made_up_texts(1, seed=5), checkpoint=out + ".ckpt", teacher_cache=out + ".topk",
+             data_free_cache=out + ".datafree", on_step=cb, progress=False)
+
+
 CHILD = r'''
-import copy, os, sys, time, torch
+import os, sys, torch
 sys.path.insert(0, os.environ["EDKM_TEST_PYTHONPATH"])
 sys.path.insert(0, os.environ["EDKM_TEST_DIR"])
-torch.use_deterministic_algorithms(True)
 from test_finetune import TOK, TEXTS, everything_on, student_and_teacher, made_up_texts
 from edkm.finetune import finetune
 
-mode, out = sys.argv[1], sys.argv[2]
+out = sys.argv[1]
 kw = dict(config=everything_on(), validation_texts=made_up_texts(1, seed=5), progress=False)
-
-
-def stop_at(k):
-    def cb(step, _):
-        if step == k:
-            open(out + ".stop", "w").close()
-            time.sleep(120)
-    return cb
-
-
+# resume the killed run in this fresh process (the cache paths come from the checkpoint) ...
 model, teacher = student_and_teacher()
-if mode == "killed":
-    finetune(model, TOK, TEXTS, 4, teacher=teacher, checkpoint=out + ".ckpt", teacher_cache=out + ".topk",
-             data_free_cache=out + ".datafree", on_step=stop_at(2), **kw)
-else:  # resume the killed run in this fresh process, then run it uninterrupted here too
-    res = finetune(model, TOK, TEXTS, 4, teacher=teacher, checkpoint=out + ".ckpt", **kw)
-    assert res.resumed_from == 2, res.resumed_from
-    torch.save(model.state_dict(), out + ".resumed")
-    full, teacher2 = student_and_teacher()
-    finetune(full, TOK, TEXTS, 4, teacher=teacher2, **kw)
-    torch.save(full.state_dict(), out + ".full")
+res = finetune(model, TOK, TEXTS, 4, teacher=teacher, checkpoint=out + ".ckpt", **kw)
+assert res.resumed_from == 2, res.resumed_from
+torch.save(model.state_dict(), out + ".resumed")
+# ... and run it uninterrupted, from scratch, without a checkpoint
+full, teacher = student_and_teacher()
+finetune(full, TOK, TEXTS, 4, teacher=teacher, **kw)
+torch.save(full.state_dict(), out + ".full")
 '''
 
 
 def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
+    """Killed (SIGKILL) after step 2 of 4 with distillation from the top-k cache, data-free
+    blocks, accumulation and validation on; resumed in a fresh process: the same weights, bit
+    for bit, as an uninterrupted run. The killed run is a fork of this process (no second
+    interpreter start-up); resume and the uninterrupted run are a fresh interpreter, one thread."""
+    out = str(tmp_path / "run")
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            killed_run(out, 2)
+        finally:
+            os._exit(code)
+    t0 = time.time()
+    while not os.path.exists(out + ".stop"):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            raise AssertionError(f"the forked run exited early (status {status})")
+        if time.time() - t0 > 240:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the forked run")
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert os.path.exists(out + ".ckpt") and os.path.exists(out + ".topk")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, EDKM_TEST_PYTHONPATH=str(ROOT / "python"), EDKM_TEST_DIR=str(Path(__file__).parent),
                OMP_NUM_THREADS="1")
-    out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, str(script), "killed", out], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    t0 = time.time()
-    while not os.path.exists(out + ".stop"):
-        if proc.poll() is not None:
-            raise AssertionError(f"child exited early: {proc.stderr.read().decode()[-3000:]}")
-        assert time.time() - t0 < 240, "timed out"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert os.path.exists(out + ".ckpt") and os.path.exists(out + ".topk")
-    done = subprocess.run([sys.executable, str(script), "resume", out], env=env, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), out], env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     a = torch.load(out + ".full", weights_only=False)
     b = torch.load(out + ".resumed", weights_only=False)
