@@ -42,7 +42,7 @@ _CACHE_FORMAT = "edkm.teacher_topk/1"
 class TeacherTopK:
     """A teacher's top-k next-token distribution, per position, at one temperature.
 
-    ``logprobs`` [..., k] float32: log p_i of the k most likely tokens (descending),
+    ``logprobs`` [..., k] float32 (float64 from float64 logits): log p_i of the k most likely tokens (descending),
     ``indices`` [..., k] int64: those tokens, ``rest`` [...] float32: log p_R of all other tokens,
     ``temperature``: the T of p = softmax(logits / T), ``vocab_size``: V.
     """
@@ -87,7 +87,8 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> Te
     V = teacher_logits.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
         raise ValueError(f"top_k must be an integer in [1, {V}] (the vocabulary), got {k!r}")
-    logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    dt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    logp = F.log_softmax(teacher_logits.to(dt) / temperature, dim=-1)
     values, indices = logp.topk(k, dim=-1)
     if k == V:
         rest = torch.full(values.shape[:-1], float("-inf"), dtype=values.dtype, device=values.device)
