@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -12,10 +13,17 @@ namespace edkm {
 // same length U >= 1 on one device, k >= 1. One clear error naming the argument each.
 void check_kmeans1d_args(const at::Tensor& values, const at::Tensor& counts, int64_t k);
 
+// optimal_kmeans_1d_grouped's checks that do not read values: weight 2-D [G, M] floating with
+// G, M >= 1, k >= 1, importance (if given) floating, of weight's shape and device.
+void check_kmeans1d_grouped_args(const at::Tensor& weight, int64_t k,
+                                 const std::optional<at::Tensor>& importance);
+
 namespace generic {
 // Any device: runs the CPU kernel on host copies and returns the results on values' device.
 std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d(const at::Tensor& values,
                                                      const at::Tensor& counts, int64_t k);
+std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d_grouped(
+    const at::Tensor& weight, int64_t k, const std::optional<at::Tensor>& importance);
 }  // namespace generic
 
 }  // namespace edkm

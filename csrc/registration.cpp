@@ -33,6 +33,11 @@ TORCH_LIBRARY(edkm, m) {
   // (ascending) and the optimal cost (0-d float64). Runs on the CPU (other devices copy).
   m.def("optimal_kmeans_1d(Tensor values, Tensor counts, int k) -> (Tensor centroids, "
         "Tensor cost)", kSyncing);
+  // The same for every group of a weight viewed as [G, M] at once (CPU threads over groups):
+  // each group's distinct values with mass = count, or = the summed per-element importance
+  // (>= 0, weight's shape). Sorted centroids [G, k] and costs [G], float64.
+  m.def("optimal_kmeans_1d_grouped(Tensor weight, int k, Tensor? importance=None) -> "
+        "(Tensor centroids, Tensor cost)", kSyncing);
 
   // dkm's forward and backward below autograd. `lookup` is the sorted slot table [G, Ucap] for
   // 16-bit weights (the index is rebuilt from the weight's bits) or the int32 index [N] for

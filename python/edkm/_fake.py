@@ -147,6 +147,13 @@ def _optimal_kmeans_1d_fake(values, counts, k):
     return values.new_empty((k,), dtype=torch.float64), values.new_empty((), dtype=torch.float64)
 
 
+@torch.library.register_fake("edkm::optimal_kmeans_1d_grouped")
+def _optimal_kmeans_1d_grouped_fake(weight, k, importance=None):
+    groups = weight.shape[0]
+    return (weight.new_empty((groups, k), dtype=torch.float64),
+            weight.new_empty((groups,), dtype=torch.float64))
+
+
 @torch.library.register_fake("edkm::_udomain_forward")
 def _udomain_forward_fake(values, counts, centroids, temperature, max_iter, epsilon, distance):
     groups, k = centroids.shape

@@ -1,7 +1,9 @@
 """Centroid initialization over a weight's distinct values: exact 1-D k-means and k-means++.
 
-Both work on the weight's distinct values (vectors when cluster_dim > 1) with their counts, so a
-16-bit weight of any size costs one slot histogram plus work on at most 65536 values per group.
+Both work on the weight's distinct values (vectors when cluster_dim > 1) with their counts (or
+summed sensitivities). Exact 1-D k-means runs for all groups in one C++ call, threads over
+groups (ops.optimal_kmeans_1d_grouped), so one LUT per row costs about as much as one per
+matrix; k-means++ works per group in Python on the distinct values.
 """
 from __future__ import annotations
 
@@ -160,40 +162,72 @@ def init_centroids(weight: torch.Tensor, groups: int, k: int, cluster_dim: int =
                    method: str = "auto", seed: int = 0, name: str = "weight",
                    weights: "torch.Tensor | None" = None) -> Init:
     """Centroids for ``weight`` cut into ``groups`` LUT groups, by ``method``
-    ("optimal", "kmeans++", "auto" = the lower total within-cluster error, or "sensitivity":
-    exact 1-D k-means where each element counts by ``weights``, its sensitivity)."""
+    ("optimal", "kmeans++", "auto" = the lower total within-cluster error: the exact optimum in
+    1-D, k-means++ for vectors; or "sensitivity": exact 1-D k-means where each element counts
+    by ``weights``, its sensitivity)."""
     if method == "sensitivity":
         if weights is None or tuple(weights.shape) != tuple(weight.shape):
             raise ValueError(f"edkm: {name}: init='sensitivity' needs a sensitivity tensor of the "
                              f"weight's shape {tuple(weight.shape)}")
         if cluster_dim != 1:
             raise ValueError(f"edkm: {name}: init='sensitivity' is 1-D (cluster_dim 1)")
+    if cluster_dim == 1 and method in ("optimal", "auto", "sensitivity"):
+        # Exact 1-D k-means is optimal, so k-means++ + Lloyd can at best tie it (up to the
+        # rounding of two different cost sums): "auto" is the exact optimum, without running
+        # k-means++ only to discard it.
+        return _init_exact_1d(weight, groups, k, name, weights if method == "sensitivity" else None,
+                              "sensitivity" if method == "sensitivity" else "optimal")
     if cluster_dim == 1:
         per_group = distinct_values(weight, groups, name)
     else:
         per_group = distinct_vectors(weight, groups, cluster_dim, name)
-    cost_groups = per_group
-    if method == "sensitivity":
-        cost_groups = weighted_distinct_values(weight, weights, groups, name)
-    methods = {"auto": ("optimal", "kmeans++") if cluster_dim == 1 else ("kmeans++",),
-               "optimal": ("optimal",), "kmeans++": ("kmeans++",), "sensitivity": ("optimal",)}[method]
-    best = None
-    for m in methods:
-        cs, costs = [], []
-        for g, (vals, cnt) in enumerate(cost_groups):
-            c, cost = (optimal_1d(vals, cnt, k) if m == "optimal"
-                       else kmeans_plus_plus(vals, cnt, k, seed=seed + g))
-            cs.append(c)
-            costs.append(cost)
-        total = float(torch.stack(costs).sum())
-        if best is None or total < best[0]:
-            best = (total, torch.stack(cs), torch.stack(costs), m)
+    # What is left is k-means++ ("kmeans++", or "auto" for vectors, where no exact method exists).
+    cs, costs = [], []
+    for g, (vals, cnt) in enumerate(per_group):
+        c, cost = kmeans_plus_plus(vals, cnt, k, seed=seed + g)
+        cs.append(c)
+        costs.append(cost)
+    best = (None, torch.stack(cs), torch.stack(costs), "kmeans++")
     mass = sum(float(cnt.sum()) for _, cnt in per_group)
     mean = sum(float((cnt[:, None] * (v if v.dim() == 2 else v[:, None])).sum()) for v, cnt in per_group) / mass
     sq = sum(float((cnt[:, None] * (v if v.dim() == 2 else v[:, None]).square()).sum()) for v, cnt in per_group)
     d = cluster_dim
     variance = max(sq / mass - d * mean * mean if d == 1 else _vector_variance(per_group, mass), 0.0)
-    return Init(best[1], best[2], "sensitivity" if method == "sensitivity" else best[3], variance)
+    return Init(best[1], best[2], best[3], variance)
+
+
+def _init_exact_1d(weight: torch.Tensor, groups: int, k: int, name: str,
+                   importance: "torch.Tensor | None", method: str) -> Init:
+    """All groups at once in the C++ library (threads over groups): each group's distinct
+    values with count (or summed ``importance``) as mass, exact weighted 1-D k-means."""
+    w = weight.detach()
+    if w.numel() == 0:
+        raise ValueError(f"edkm: {name} is empty; nothing to cluster")
+    if w.numel() % groups:
+        raise ValueError(f"edkm: {name} with {w.numel()} elements cannot be cut into {groups} groups")
+    w = w.cpu()
+    imp = None
+    if importance is not None:
+        imp = importance.detach().cpu()
+        imp = (imp if imp.is_floating_point() else imp.double()).reshape(groups, -1)
+    try:
+        centroids, cost = ops.optimal_kmeans_1d_grouped(w.reshape(groups, -1), k, imp)
+    except ValueError as e:  # the op checks values as it reads them; say which weight
+        if "NaN or Inf" in str(e):
+            raise ValueError(f"edkm: {name} has NaN or Inf values; cannot cluster it") from None
+        if "importance" in str(e):
+            raise ValueError(f"edkm: {name}: the sensitivity (importance) of every weight must "
+                             f"be finite and >= 0") from None
+        raise
+    # The weight's own variance (every element counted once), as over distinct values x counts,
+    # in float64 a few million elements at a time (no float64 copy of a large weight).
+    flat, s1, s2 = w.reshape(-1), 0.0, 0.0
+    for start in range(0, flat.numel(), 1 << 22):
+        x = flat[start:start + (1 << 22)].double()
+        s1 += float(x.sum())
+        s2 += float(x.square().sum())
+    var = s2 / flat.numel() - (s1 / flat.numel()) ** 2
+    return Init(centroids, cost, method, max(float(var), 0.0))
 
 
 def _vector_variance(per_group, mass: float) -> float:

@@ -100,3 +100,14 @@ def optimal_kmeans_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> KMe
     ``cost`` = sum counts * (values - nearest centroid)**2 (0-d float64). When k >= U the
     centroids are the values padded by repeating the last one (cost 0). O(k U log U)."""
     return KMeans1dResult(*torch.ops.edkm.optimal_kmeans_1d(values, counts, k))
+
+
+def optimal_kmeans_1d_grouped(weight: torch.Tensor, k: int,
+                              importance: Optional[torch.Tensor] = None) -> KMeans1dResult:
+    """:func:`optimal_kmeans_1d` for every row of ``weight`` [G, M] (bf16, fp16, fp32, fp64) at
+    once, each over its own distinct values (+0 and -0 as one), on CPU threads across groups.
+    A value's mass is its count, or with ``importance`` (>= 0, weight's shape) the sum of its
+    elements' importances (sensitivity-weighted k-means; a value whose importances sum to 0
+    keeps mass 1e-12 of its group's largest, or 1 if all are 0). Returns float64 ``centroids``
+    [G, k] (ascending per row) and ``cost`` [G]."""
+    return KMeans1dResult(*torch.ops.edkm.optimal_kmeans_1d_grouped(weight, k, importance))
