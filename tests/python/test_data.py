@@ -125,3 +125,30 @@ def test_token_blocks_errors():
         data.token_blocks(tok, ["abc"], block_len=64)
     with pytest.raises(ValueError, match="block_len"):
         data.token_blocks(tok, ["abc"], block_len=1)
+
+
+def test_train_validation_split(tmp_path):
+    train = [tmp_path / "corpus" / "sotu" / f"{1900 + i}_x_y.txt" for i in range(10)] + \
+        [tmp_path / "corpus" / "austen" / "emma.txt"]
+    tr, val = data.train_validation_split(train, 0.2, seed=0)
+    assert len(val) == 2 and len(tr) == 9  # whole documents: round(0.2 * 11) files
+    assert set(tr) | set(val) == set(train) and not set(tr) & set(val)
+    assert tr == sorted(tr) and val == sorted(val)
+    assert data.train_validation_split(list(reversed(train)), 0.2, seed=0) == (tr, val)  # order-free
+    assert data.train_validation_split(train, 0.2, seed=1) != (tr, val)
+    assert data.train_validation_split(train, 0.01, seed=0)[1].__len__() == 1  # at least one
+    assert data.train_validation_split(train, 0.0) == (sorted(train), [])
+
+
+def test_train_validation_split_refuses_the_test_split(tmp_path):
+    root = make_corpus(tmp_path / "data")
+    train, test = data.corpus_split(root)
+    assert not any(data.is_test_file(f) for f in train) and all(data.is_test_file(f) for f in test)
+    with pytest.raises(ValueError, match="file\\(s\\) of the test split"):
+        data.train_validation_split(train + test[:1], 0.3)
+    with pytest.raises(ValueError, match=r"fraction must be a number in \[0, 1\)"):
+        data.train_validation_split(train, 1.0)
+    with pytest.raises(ValueError, match=r"fraction must be a number in \[0, 1\)"):
+        data.train_validation_split(train, -0.1)
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        data.train_validation_split(train[:1], 0.5)

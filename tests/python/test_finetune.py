@@ -360,3 +360,21 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
             assert torch.equal(a[name], b[name]), name
         else:
             assert a[name] == b[name], name
+
+
+def test_pick_train_and_validation_texts(tmp_path):
+    files = []
+    for i in range(6):
+        f = tmp_path / "corpus" / "sotu" / f"{1900 + i}_a_b.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"doc{i} " * 50, encoding="utf-8")
+        files.append(f)
+    cfg = TrainConfig(validation_fraction=0.34, **SMALL)
+    texts, vtexts = ft.pick_train_and_validation_texts(files, 2, cfg)
+    assert texts and vtexts and not set(texts) & set(vtexts)  # different documents
+    from edkm.data import train_validation_split
+    _, val = train_validation_split(files, 0.34, 0)
+    assert len(val) == 2 and set(vtexts) <= {f.read_text() for f in val}
+    # all data-free: no corpus text read at all
+    none, _ = ft.pick_train_and_validation_texts(files, 2, TrainConfig(data_free_fraction=1.0, **SMALL))
+    assert none == []
