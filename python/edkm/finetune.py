@@ -222,7 +222,7 @@ def _bos_token_id(tokenizer, teacher) -> Optional[int]:
     return None if tid is None else int(tid)
 
 
-def _training_blocks(model, tokenizer, texts, steps, cfg, teacher, teacher_id, data_free_cache, progress):
+def _training_blocks(tokenizer, texts, steps, cfg, teacher, teacher_id, data_free_cache, progress):
     from edkm.data import token_blocks
     from edkm.datafree import generate_blocks, mix_blocks
 
@@ -234,13 +234,10 @@ def _training_blocks(model, tokenizer, texts, steps, cfg, teacher, teacher_id, d
                              f"(data_free_fraction={cfg.data_free_fraction:g}) but no texts/tokenizer were given")
         corpus = token_blocks(tokenizer, texts, cfg.block_len, max_blocks=n_corpus, seed=cfg.seed)
         if corpus.shape[0] < n_corpus:
-            per_step = cfg.batch_size * cfg.accumulate
             raise ValueError(
                 f"edkm.finetune: the texts give {corpus.shape[0]} blocks of {cfg.block_len} tokens; "
                 f"{steps} steps of {cfg.batch_size}" + (f" x {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
-                + (f" ({per_step} blocks per step)" if cfg.accumulate > 1 else "")
-                + (f", {1 - cfg.data_free_fraction:g} of them from the texts," if n_gen else "")
-                + f" need {n_corpus}")
+                + (f" with data_free_fraction={cfg.data_free_fraction:g}" if n_gen else "") + f" need {n_corpus}")
     if n_gen:
         generated = generate_blocks(teacher, n_gen, cfg.block_len, batch_size=DATA_FREE_BATCH, seed=cfg.seed,
                                     first_token=cfg.data_free_first_token,
@@ -402,7 +399,7 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
     if teacher is not None and (ckpt_path is not None or any(p is not None for p in cache_paths)):
         teacher_id = fingerprint_model(teacher)
 
-    blocks = _training_blocks(model, tokenizer, texts, steps, cfg, teacher, teacher_id, cache_paths[1], progress)
+    blocks = _training_blocks(tokenizer, texts, steps, cfg, teacher, teacher_id, cache_paths[1], progress)
     val_blocks = None
     if validation_texts:
         from edkm.data import token_blocks

@@ -120,7 +120,7 @@ def test_data_free_and_mixed_finetuning(tmp_path):
     from edkm.finetune import _training_blocks
 
     half = TrainConfig(data_free_fraction=0.5, **SMALL)
-    blocks = _training_blocks(m, TOK, TEXTS, 4, half, teacher, None, tmp_path, False)
+    blocks = _training_blocks(TOK, TEXTS, 4, half, teacher, None, tmp_path, False)
     assert blocks.shape == (8, 16)
     gen = generate_blocks(teacher, 4, 16, batch_size=16, seed=0, bos_token_id=1, progress=False)
     from_teacher = {tuple(r) for r in gen.tolist()}
