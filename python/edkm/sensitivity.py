@@ -73,6 +73,10 @@ def fisher(model: nn.Module, batches: Union[torch.Tensor, Iterable[torch.Tensor]
     its first module's name; :func:`sensitivity_targets`). ``num_batches``: use exactly this
     many batches; a calibration set with fewer is a ValueError.
 
+    The Fisher of a batch's mean loss is about 1/(B * (L - 1)) of the per-token Fisher when the
+    per-token gradients are uncorrelated: scale (not ranking) depends on the batch shape, so
+    compare sensitivities computed with the same B and L.
+
     The model runs in eval mode (no dropout) and is left as it was: its weights, their
     ``.grad`` and ``requires_grad`` flags and its train/eval mode are not changed.
     """
