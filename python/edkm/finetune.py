@@ -35,8 +35,11 @@ class TrainConfig:
     warmup: fraction of the steps over which the lr rises linearly, (s + 1) / W for step s < W,
         W = max(1, round(warmup * steps)). min_lr: the decay's floor, as a fraction of lr.
     batch_size: blocks per micro-batch. accumulate: micro-batches per optimizer step (their
-        gradients are summed with each loss scaled by 1 / accumulate: the same update as one
-        batch of batch_size * accumulate). block_len: tokens per block.
+        gradients are summed with each loss scaled by 1 / accumulate, and every micro-batch of a
+        clustered model starts DKM from the same centroids: the update of one batch of
+        batch_size * accumulate, to float rounding; with Config.cluster_dtype bf16 (the default)
+        each micro-batch's weight gradient comes back through the weight's bf16 rounding, so the
+        agreement is to bf16 precision). block_len: tokens per block.
     max_grad_norm: gradient clipping (0: none). weight_decay: AdamW's. seed: data order and sampling.
     alpha: distillation weight: loss = alpha * T^2 KL(teacher || student) + (1 - alpha) * CE
         (0: plain next-token loss, no teacher needed). temperature: T of the distillation.
