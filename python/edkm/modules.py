@@ -134,7 +134,7 @@ class ClusteredMixin:
     @property
     def edkm_outlier_dtype(self) -> torch.dtype:
         """The dtype outlier values are stored in (the file's NAME.outlier_values)."""
-        return outlier_dtype(self._owner.edkm_source().dtype)
+        return outlier_dtype(self._owner._edkm_source_dtype())
 
     def __getstate__(self):
         # deepcopy / pickle: the per-step caches may hold autograd graph tensors; drop them.
@@ -171,6 +171,12 @@ class ClusteredMixin:
         if cd is not None and w.dtype not in _16BIT:
             w = w.to(cd)
         return w
+
+    def _edkm_source_dtype(self) -> torch.dtype:
+        """edkm_source().dtype without rounding the whole weight."""
+        dt = self.weight.dtype
+        cd = self.edkm_config.cluster_dtype
+        return cd if cd is not None and dt not in _16BIT else dt
 
     def edkm_dense_source(self) -> torch.Tensor:
         """What gets clustered: :meth:`edkm_source` with the outlier positions zeroed."""
@@ -265,7 +271,8 @@ class ClusteredMixin:
     def _edkm_stored_outliers(self) -> torch.Tensor:
         """The outlier values as the file stores them (16-bit), checked to be finite."""
         owner = self._owner
-        vals = gather_outliers(owner.edkm_source().detach(), owner.edkm_outlier_positions)
+        # Rounded as edkm_source rounds the whole weight (elementwise, so gathering first is the same).
+        vals = gather_outliers(owner.weight.detach(), owner.edkm_outlier_positions).to(owner._edkm_source_dtype())
         stored = vals.to(outlier_dtype(vals.dtype))
         if not torch.isfinite(stored).all():
             raise ValueError(f"edkm: {owner.edkm_name}: an outlier exceeds {stored.dtype}'s range; "
