@@ -76,6 +76,20 @@ def test_positions_by_sensitivity_times_w_squared():
     assert not torch.equal(want, brute_force_top(src.abs(), n))  # the criterion matters here
 
 
+def test_initial_centroids_are_the_exact_k_means_of_the_inliers():
+    m = linear(seed=10, heavy=True)
+    src = m.weight.detach().bfloat16().double().reshape(-1)
+    palettize_(m, Config(bits=2, outlier_fraction=0.05))
+    keep = torch.ones(src.numel(), dtype=torch.bool)
+    keep[m.edkm_outlier_positions] = False
+    vals, counts = torch.unique(src[keep], return_counts=True)
+    want, _ = edkm.ops.optimal_kmeans_1d(vals, counts.double(), 4)
+    torch.testing.assert_close(m.edkm_centroids.double(), want.reshape(1, 4), rtol=1e-6, atol=0)
+    assert m._edkm_state["init_method"] == "optimal"
+    # The outliers lie outside the range the LUT covers: none was left to pull a centroid out.
+    assert float(src[~keep].abs().min()) > float(m.edkm_centroids.abs().max())
+
+
 # ---- forward, gradient, eval, finalize -----------------------------------------------------
 
 def test_training_forward_is_clustered_dense_part_plus_exact_outliers():
