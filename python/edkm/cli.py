@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edkm.bench import gpu as bench_gpu
     from edkm.bench import layer as bench_layer
     from edkm.bench import memory as bench_memory
+    from edkm.bench import sensitivity as bench_sensitivity
     from edkm.bench import step as bench_step
     from edkm.bench import udomain as bench_udomain
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("accuracy", help="SmolLM2-135M at 3 bits: baseline / round-to-nearest / k-means / eDKM / plain fine-tune, zero-shot accuracy and perplexity at the same storage")
     bench_accuracy.add_arguments(p)
     p.set_defaults(run=bench_accuracy.main)
+    p = bench_sub.add_parser("sensitivity", help="cluster one matrix at a time (post-training): KL and perplexity increase per matrix, heatmap, rank correlation with the Fisher proxy")
+    bench_sensitivity.add_arguments(p)
+    p.set_defaults(run=bench_sensitivity.main)
     return parser
 
 

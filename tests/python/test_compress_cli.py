@@ -1,5 +1,6 @@
 """`edkm compress` / `edkm info` / loading a compressed file as a model, on a tiny local model."""
 import json
+import math
 import os
 
 import pytest
@@ -97,3 +98,61 @@ def test_compress_with_clustering_fine_tune(tmp_path, capsys):
         outs[steps] = edkm.load(out)
     changed = [n for n in outs[0] if not torch.equal(outs[0][n], outs[3][n])]
     assert "model.layers.0.mlp.up_proj.weight" in changed
+
+
+def _tiny_with_tokenizer(tmp_path, tie=True):
+    from test_evaluate import char_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = char_tokenizer(bos=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    d = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_compress_full_recipe_without_a_corpus(tmp_path, capsys):
+    """Data-free distillation, Fisher-weighted init, sensitive outliers and a bits budget, with
+    no corpus at all: every stage runs and the file meets the budget."""
+    d = _tiny_with_tokenizer(tmp_path)
+    out = tmp_path / "r.safetensors"
+    assert main(["compress", str(d), "--out", str(out), "--steps", "2", "--block-len", "16",
+                 "--batch-size", "2", "--distill", "1", "--data-free", "1", "--init", "sensitivity",
+                 "--outlier-fraction", "0.01", "--outlier-criterion", "sensitivity", "--data", "none",
+                 "--target-bits", "5", "--calibration-batches", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["losses"]) == 2 and all(math.isfinite(l) for l in summary["losses"])
+    r = edkm.info(out, verbose=False)
+    n = sum(p for p in [summary["weights"]])
+    assert 8 * (r["file_bytes"] - r["header_bytes"]) / n <= 5.0
+    assert summary["predicted_bits_per_weight"] <= 5.0
+    bits = {t["name"]: t.get("bits") for t in r["tensors"] if t["kind"] == "clustered"}
+    assert bits and set(bits.values()) <= set(range(2, 9))
+    assert any(t.get("outliers") for t in r["tensors"] if t["kind"] == "clustered")
+
+
+def test_compress_steps_without_corpus_asks_for_data_free(tmp_path):
+    d = _tiny_with_tokenizer(tmp_path)
+    with pytest.raises(SystemExit, match="--data-free 1"):
+        main(["compress", str(d), "--out", str(tmp_path / "x.safetensors"), "--steps", "2", "--data", "none"])
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_demo_runs_data_free_on_a_tiny_model(tmp_path, capsys):
+    """make demo's path without a corpus, end to end on a tiny random LLaMA: post-training and
+    eDKM rows with KL and top-1 agreement, perplexity skipped and said so, prompts side by side."""
+    d = _tiny_with_tokenizer(tmp_path)
+    out = tmp_path / "demo" / "m.safetensors"
+    assert main(["demo", "--model", str(d), "--data", "none", "--steps", "3", "--block-len", "16",
+                 "--batch-size", "2", "--eval-blocks", "2", "--bits", "3", "--outlier-fraction", "0.01",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out perplexity is skipped" in text and "skipped" in text.split("prompt completions")[0]
+    assert "n/a" not in text
+    for label in ("original", "post-training clustering", "eDKM, 3 steps (from the file)"):
+        assert label in text
+    assert text.count("\n    compressed: ") == 3 and text.count("\n    original:   ") == 3
+    assert out.exists() and edkm.info(out, verbose=False)["file_bytes"] == out.stat().st_size
