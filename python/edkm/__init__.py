@@ -14,6 +14,13 @@ from edkm.config import Config
 from edkm.modules import ClusteredEmbedding, ClusteredLinear
 from edkm.palettize import clustered_modules, clustered_weight, finalize, palettize_
 from edkm.format import FormatError, info, load, load_state_dict, save
+from edkm.sensitivity import calibration_batches, fisher
+from edkm.mixed_precision import choose_bits, matrix_costs, mixed_precision_config
+from edkm.finetune import FinetuneResult, TrainConfig
+from edkm.distill import distillation_loss
+from edkm.datafree import generate_blocks
+from edkm.recipe import compress_model
+from edkm.evaluate import teacher_agreement
 
 __version__ = _native._C.__version__
 cuda_compiled = _native.cuda_compiled
@@ -23,5 +30,7 @@ __all__ = [
     "clustered_weight", "finalize", "info", "load", "load_state_dict", "palettize_", "save",
     "DkmResult", "KMeans1dResult", "SavedTensorStore", "assign", "cuda_compiled", "dequantize",
     "dkm", "dkm_linear", "dkm_reference", "optimal_kmeans_1d", "pack_indices", "saved_tensors",
-    "unpack_indices",
+    "unpack_indices", "calibration_batches", "fisher", "choose_bits", "matrix_costs",
+    "mixed_precision_config", "FinetuneResult", "TrainConfig", "distillation_loss",
+    "generate_blocks", "compress_model", "teacher_agreement",
 ]
