@@ -34,6 +34,20 @@ at::Tensor dkm_recompute(const at::Tensor& weight, const at::Tensor& lookup,
                          const at::Tensor& history, const at::Tensor& iterations,
                          double temperature, c10::string_view distance);
 
+// The N-domain (csrc/cpu/ndomain_kernel.cpp): clustered, centroids_out, iterations, history.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ndomain_forward(
+    const at::Tensor& weight, const at::Tensor& centroids, double temperature, int64_t max_iter,
+    double epsilon, c10::string_view distance);
+
+std::tuple<at::Tensor, at::Tensor> ndomain_backward(
+    const at::Tensor& grad_clustered, const at::Tensor& grad_centroids, const at::Tensor& weight,
+    const at::Tensor& history, const at::Tensor& iterations, double temperature,
+    c10::string_view distance, at::ScalarType centroids_dtype);
+
+at::Tensor ndomain_recompute(const at::Tensor& weight, const at::Tensor& history,
+                             const at::Tensor& iterations, double temperature,
+                             c10::string_view distance);
+
 }  // namespace ops
 
 void check_dkm_linear_args(const at::Tensor& input, const at::Tensor& weight,

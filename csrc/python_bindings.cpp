@@ -8,6 +8,7 @@
 #include <edkm/saved_tensor_store.h>
 #include <pybind11/stl.h>
 
+#include "ndomain.h"
 #include "settings.h"
 #include "udomain.h"
 
@@ -82,6 +83,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("udomain_cuda_registered", &edkm::udomain_cuda_registered,
         "True when the CUDA U-domain kernels are compiled in and registered");
   m.def("fused_udomain", &edkm::fused_udomain);
+  m.def(
+      "set_ndomain",
+      [](const std::string& mode) {
+        if (mode == "auto") edkm::set_ndomain_mode(edkm::NDomainMode::kAuto);
+        else if (mode == "always") edkm::set_ndomain_mode(edkm::NDomainMode::kAlways);
+        else if (mode == "never") edkm::set_ndomain_mode(edkm::NDomainMode::kNever);
+        else throw py::value_error("set_ndomain: mode must be 'auto', 'always' or 'never', got '" + mode + "'");
+      },
+      py::arg("mode"),
+      "CPU dkm / dkm_linear: 'auto' (default: iterate over each group's weights, the N-domain, "
+      "for groups of at most ndomain_max_group() weights, over distinct values otherwise), "
+      "'always' the N-domain, 'never' the U-domain");
+  m.def("ndomain", [] {
+    switch (edkm::ndomain_mode()) {
+      case edkm::NDomainMode::kAlways: return std::string("always");
+      case edkm::NDomainMode::kNever: return std::string("never");
+      default: return std::string("auto");
+    }
+  });
+  m.def("ndomain_max_group", [] { return edkm::kNDomainMaxGroup; },
+        "Largest group (weights per LUT) that takes the N-domain under set_ndomain('auto')");
   m.def("deterministic_scatter", &edkm::deterministic_scatter);
 
   py::class_<edkm::SavedTensorStore, std::shared_ptr<edkm::SavedTensorStore>>(

@@ -75,6 +75,17 @@ TORCH_LIBRARY(edkm, m) {
         "float temperature, str distance, Tensor grad_soft, Tensor? grad_centroids) -> "
         "(Tensor direct, Tensor indirect, Tensor grad_centroids)", kSyncing);
 
+  // dkm over each group's weights directly (the N-domain, for small groups on CPU): the same
+  // outputs as _dkm_forward's first three, and the centroid history, all it saves.
+  m.def("_ndomain_forward(Tensor weight, Tensor centroids, float temperature, int max_iter, "
+        "float epsilon, str distance) -> (Tensor clustered, Tensor centroids_out, "
+        "Tensor iterations, Tensor history)", kSyncing);
+  m.def("_ndomain_backward(Tensor? grad_clustered, Tensor? grad_centroids, Tensor weight, "
+        "Tensor history, Tensor iterations, float temperature, str distance, "
+        "ScalarType centroids_dtype) -> (Tensor grad_weight, Tensor grad_centroids)", kSyncing);
+  m.def("_ndomain_recompute(Tensor weight, Tensor history, Tensor iterations, "
+        "float temperature, str distance) -> Tensor", kSyncing);
+
   // The N-element passes of the 16-bit path (weight viewed as [G, M], slot = bit pattern).
   m.def("_slot_table(Tensor weight, int groups) -> (Tensor slots, Tensor counts)", kSyncing);
   m.def("_slot_gather(Tensor weight, Tensor slots, Tensor table) -> Tensor", kSyncing);

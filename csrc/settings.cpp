@@ -11,6 +11,7 @@ std::atomic<bool> g_deterministic_scatter{true};
 std::atomic<bool> g_fused_udomain{true};
 std::atomic<bool> g_fused_udomain_cuda{false};
 std::atomic<bool> g_privatized_slot_atomics{false};
+std::atomic<NDomainMode> g_ndomain_mode{NDomainMode::kAuto};
 thread_local bool t_slot_table_trusted = false;
 }
 
@@ -29,6 +30,10 @@ bool slot_table_trusted() { return t_slot_table_trusted; }
 void set_fused_udomain_cuda(bool fused) { g_fused_udomain_cuda = fused; }
 
 bool fused_udomain_cuda() { return g_fused_udomain_cuda; }
+
+void set_ndomain_mode(NDomainMode mode) { g_ndomain_mode = mode; }
+
+NDomainMode ndomain_mode() { return g_ndomain_mode; }
 
 void set_fused_udomain(bool fused) { g_fused_udomain = fused; }
 

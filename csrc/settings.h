@@ -20,6 +20,13 @@ bool fused_udomain();
 void set_fused_udomain_cuda(bool fused);
 bool fused_udomain_cuda();
 
+// Which domain dkm and dkm_linear iterate in on CPU: "auto" (the N-domain for groups of at most
+// ndomain.h's kNDomainMaxGroup weights, the U-domain otherwise), "always" N-domain, "never"
+// (always the U-domain). Other devices always take the U-domain.
+enum class NDomainMode { kAuto, kAlways, kNever };
+void set_ndomain_mode(NDomainMode mode);
+NDomainMode ndomain_mode();
+
 // CUDA slot histogram and gradient scatter-add (cuda/slot_privatized.cuh): per-block
 // shared-memory histograms and warp-aggregated atomics, with the deterministic scatter's scale
 // found on the device (no host sync), or one global atomic per weight (the default until the

@@ -10,6 +10,7 @@
 
 #include "autograd/saved_tables.h"
 #include "dkm_ops.h"
+#include "ndomain.h"
 
 namespace edkm {
 
@@ -29,15 +30,26 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
     const c10::optional<at::Tensor> maybe_bias =
         bias.has_value() && bias->defined() ? bias : c10::nullopt;
     check_dkm_linear_args(input, weight, maybe_bias);
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["distance"] = std::string(distance);
+    ctx->saved_data["centroids_dtype"] = static_cast<int64_t>(centroids.scalar_type());
+    ctx->saved_data["has_bias"] = maybe_bias.has_value();
+    ctx->saved_data["ndomain"] = ndomain_applies(weight, centroids);
+    if (ctx->saved_data["ndomain"].toBool()) {
+      // Small groups: the centroid history is all that is saved; backward recomputes the
+      // clustered weight from it.
+      auto [clustered, centroids_out, iterations, history] =
+          ops::ndomain_forward(weight, centroids, temperature, max_iter, epsilon, distance);
+      auto output = at::linear(input, clustered, maybe_bias);
+      ctx->save_for_backward({input, weight, history, iterations});
+      ctx->mark_non_differentiable({iterations});
+      return {output, centroids_out, iterations};
+    }
     auto [clustered, centroids_out, iterations, lookup, values, counts, history] =
         ops::dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
     auto output = at::linear(input, clustered, maybe_bias);
     if (recorded) narrow_saved_tables(lookup, values, counts, centroids.size(1));
     ctx->save_for_backward({input, weight, lookup, values, counts, history, iterations});
-    ctx->saved_data["temperature"] = temperature;
-    ctx->saved_data["distance"] = std::string(distance);
-    ctx->saved_data["centroids_dtype"] = static_cast<int64_t>(centroids.scalar_type());
-    ctx->saved_data["has_bias"] = maybe_bias.has_value();
     ctx->mark_non_differentiable({iterations});
     return {output, centroids_out, iterations};
   }
@@ -50,9 +62,12 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
     const auto distance = ctx->saved_data["distance"].toStringRef();
     at::Tensor grad_input, grad_clustered, grad_bias;
     const auto& grad_output = grads[0];
+    const bool ndomain = ctx->saved_data["ndomain"].toBool();
     if (grad_output.defined()) {
-      auto clustered = ops::dkm_recompute(weight, saved[2], saved[3], saved[4], saved[5],
-                                          saved[6], temperature, distance);
+      auto clustered = ndomain ? ops::ndomain_recompute(weight, saved[2], saved[3], temperature,
+                                                        distance)
+                               : ops::dkm_recompute(weight, saved[2], saved[3], saved[4],
+                                                    saved[5], saved[6], temperature, distance);
       auto g2 = grad_output.reshape({-1, weight.size(0)});
       grad_input = grad_output.matmul(clustered);
       clustered.reset();  // weight-sized: free it before the weight's gradient is allocated
@@ -62,7 +77,11 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
     const auto centroids_dtype =
         static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt());
     at::Tensor grad_weight, grad_centroids;
-    if (grad_clustered.defined() && grad_clustered.scalar_type() == weight.scalar_type() &&
+    if (ndomain) {
+      std::tie(grad_weight, grad_centroids) =
+          ops::ndomain_backward(grad_clustered, grads[1], weight, saved[2], saved[3], temperature,
+                                distance, centroids_dtype);
+    } else if (grad_clustered.defined() && grad_clustered.scalar_type() == weight.scalar_type() &&
         grad_clustered.is_contiguous() && !grad_clustered.requires_grad()) {
       // grad_clustered is ours: the weight's gradient is written over it (no second buffer).
       // Not under create_graph (grad_clustered then has a history the in-place write would

@@ -165,3 +165,24 @@ def _udomain_forward_fake(values, counts, centroids, temperature, max_iter, epsi
 def _udomain_backward_fake(values, counts, history, iterations, temperature, distance, grad_soft,
                            grad_centroids=None):
     return torch.empty_like(values), torch.empty_like(values), values.new_empty(history.shape[1:])
+
+
+@torch.library.register_fake("edkm::_ndomain_forward")
+def _ndomain_forward_fake(weight, centroids, temperature, max_iter, epsilon, distance):
+    groups, k = centroids.shape
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(centroids),
+            weight.new_empty((), dtype=torch.int64),
+            weight.new_empty((max_iter + 1, groups, k), dtype=_compute_dtype(weight.dtype)))
+
+
+@torch.library.register_fake("edkm::_ndomain_backward")
+def _ndomain_backward_fake(grad_clustered, grad_centroids, weight, history, iterations,
+                           temperature, distance, centroids_dtype):
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty((history.shape[1], history.shape[2]), dtype=centroids_dtype))
+
+
+@torch.library.register_fake("edkm::_ndomain_recompute")
+def _ndomain_recompute_fake(weight, history, iterations, temperature, distance):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)

@@ -1,0 +1,337 @@
+// DKM directly over each group's weights (the N-domain), for small LUT groups on CPU, where a
+// group has about as many distinct values as weights and building the U-domain tables (slot
+// histogram, gather, scatter) costs more than it saves.
+//
+// Forward: one at::parallel_for over groups per iteration (the early stop is decided over all
+// groups together, as in the U-domain), attention in float64 registers, never an N x K tensor.
+// Saved for backward: the centroid history [T+1, G, K] only; the weight is referenced.
+// Backward: each group is one task that recomputes its attention per iteration in reverse,
+// O(N K T). A group is always summed by one thread in element order, so results do not depend
+// on the thread count. The arithmetic is the U-domain's (udomain_kernel.cpp) with every count 1.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../ndomain.h"
+
+namespace edkm {
+
+namespace {
+
+// exp(x) is exactly 0 in float64 below this: skipping the call changes no bit.
+constexpr double kExpUnderflow = -746.0;
+
+// a_j = softmax_j(-dist(v, c_j) / tau) in float64 (see udomain_kernel.cpp's attention).
+template <typename T>
+inline void attention(double v, const T* c, int64_t k, double neg_inv_tau, bool squared, double* a) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < k; ++j) {
+    const double d = v - double(c[j]);
+    const double s = (squared ? d * d : std::abs(d)) * neg_inv_tau;
+    a[j] = s;
+    m = std::max(m, s);
+  }
+  double z = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const double x = a[j] - m;
+    a[j] = x < kExpUnderflow ? 0.0 : std::exp(x);
+    z += a[j];
+  }
+  for (int64_t j = 0; j < k; ++j) a[j] /= z;
+}
+
+inline double slope_of(double diff, bool squared) {
+  return squared ? diff * 2 : double((diff > 0) - (diff < 0));
+}
+
+// Attention entries a backward task may keep for one group (1 MiB of float64).
+constexpr int64_t kCacheEntries = int64_t(1) << 17;
+
+int64_t grain_of(int64_t m) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1)); }
+
+// F_n = sum_j a_nj c_j of every weight, rounded to T (as the U-domain's soft values) then W.
+template <typename W, typename T>
+void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
+                  double temperature, bool squared, W* out) {
+  const double neg_inv_tau = -1.0 / temperature;
+  at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
+    std::vector<double> a(k);
+    for (int64_t g = g0; g < g1; ++g) {
+      const T* cg = c + g * k;
+      for (int64_t n = 0; n < m; ++n) {
+        attention(double(w[g * m + n]), cg, k, neg_inv_tau, squared, a.data());
+        double f = 0;
+        for (int64_t j = 0; j < k; ++j) f += a[j] * double(cg[j]);
+        out[g * m + n] = W(T(f));
+      }
+    }
+  });
+}
+
+template <typename W, typename T>
+NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centroids_in,
+                            double temperature, int64_t max_iter, double epsilon, bool squared) {
+  const char* op = "dkm";
+  auto weight = weight_in.contiguous();
+  const int64_t groups = centroids_in.size(0), k = centroids_in.size(1);
+  const int64_t m = weight.numel() / groups;
+  const double neg_inv_tau = -1.0 / temperature;
+  at::Tensor history = at::empty({max_iter + 1, groups, k},
+                                 centroids_in.options().dtype(c10::CppTypeToScalarType<T>::value));
+  history[0].copy_(centroids_in);
+  T* h = history.data_ptr<T>();
+  const W* w = weight.const_data_ptr<W>();
+  const int64_t gk = groups * k;
+  for (int64_t i = 0; i < gk; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(double(h[i])), op, ": centroids contain NaN or Inf");
+  }
+  std::vector<double> move(groups);
+  std::atomic<bool> bad_weight{false};
+  int64_t t = 0;
+  while (t < max_iter) {
+    const T* c = h + t * gk;
+    T* next = h + (t + 1) * gk;
+    at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
+      std::vector<double> a(k), num(k), den(k);
+      for (int64_t g = g0; g < g1; ++g) {
+        const T* cg = c + g * k;
+        std::fill(num.begin(), num.end(), 0.0);
+        std::fill(den.begin(), den.end(), 0.0);
+        bool finite = true;
+        for (int64_t n = 0; n < m; ++n) {
+          const double v = double(w[g * m + n]);
+          finite = finite && std::isfinite(v);
+          attention(v, cg, k, neg_inv_tau, squared, a.data());
+          for (int64_t j = 0; j < k; ++j) {
+            num[j] += a[j] * v;
+            den[j] += a[j];
+          }
+        }
+        if (!finite) bad_weight = true;
+        double mv = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t i = g * k + j;
+          next[i] = den[j] > 0 ? T(num[j] / den[j]) : cg[j];
+          mv = std::max(mv, double(std::abs(next[i] - cg[j])));
+        }
+        move[g] = mv;
+      }
+    });
+    TORCH_CHECK_VALUE(!bad_weight, op, ": weight contains NaN or Inf");
+    ++t;
+    if (*std::max_element(move.begin(), move.end()) <= epsilon) break;
+  }
+  for (int64_t r = t + 1; r <= max_iter; ++r) std::copy(h + t * gk, h + (t + 1) * gk, h + r * gk);
+  auto clustered = at::empty(weight.sizes(), weight.options());
+  ndomain_soft<W, T>(w, h + t * gk, groups, m, k, temperature, squared, clustered.data_ptr<W>());
+  return {clustered, history[t].clone(), history,
+          at::scalar_tensor(t, weight.options().dtype(at::kLong))};
+}
+
+// One group's whole backward: dL/dw (written to out, which may alias gf) and dL/dc_0.
+template <typename W, typename T>
+void backward_group(const W* w, const W* gf, const T* h, const T* gct, int64_t groups,
+                    int64_t g, int64_t m, int64_t k, int64_t iterations, double inv_tau,
+                    bool squared, std::vector<double>& a, std::vector<double>& grad_a,
+                    std::vector<double>& cache, std::vector<T>& acc, W* out, T* gc_out) {
+  // A small group's attention at c_t is computed once per iteration and read twice (for the
+  // centroid sums, then for the gradient); a large one (forced N-domain) recomputes it.
+  const bool cached = int64_t(cache.size()) >= m * k;
+  const double neg_inv_tau = -inv_tau;
+  const int64_t gk = groups * k;
+  std::vector<double> gc(k, 0.0), num(k), den(k), g_num(k), g_den(k), part(k);
+  // Final soft assignment at c_T: the direct slope dF/dw, and dL/dc_T through F.
+  const T* c = h + iterations * gk + g * k;
+  for (int64_t n = 0; n < m; ++n) {
+    const double v = double(w[g * m + n]);
+    attention(v, c, k, neg_inv_tau, squared, a.data());
+    double f = 0;
+    for (int64_t j = 0; j < k; ++j) f += a[j] * double(c[j]);
+    double d = 0;
+    const double gu = gf ? double(gf[g * m + n]) : 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      const double s = slope_of(v - double(c[j]), squared);
+      const double sg = a[j] * (double(c[j]) - f);
+      d += sg * s;
+      if (gu != 0) gc[j] += gu * a[j] + gu * sg * s * inv_tau;
+    }
+    acc[n] = T(gu * T(-d * inv_tau));
+  }
+  if (gct) {
+    for (int64_t j = 0; j < k; ++j) gc[j] = double(T(gc[j])) + double(gct[g * k + j]);
+  }
+  for (int64_t t = iterations - 1; t >= 0; --t) {
+    const T* ct = h + t * gk + g * k;
+    std::fill(num.begin(), num.end(), 0.0);
+    std::fill(den.begin(), den.end(), 0.0);
+    for (int64_t n = 0; n < m; ++n) {
+      const double v = double(w[g * m + n]);
+      double* an = cached ? cache.data() + n * k : a.data();
+      attention(v, ct, k, neg_inv_tau, squared, an);
+      for (int64_t j = 0; j < k; ++j) {
+        const double aj = an[j];
+        num[j] += aj * v;
+        den[j] += aj;
+      }
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const bool attended = den[j] > 0;
+      const double safe = attended ? den[j] : 1.0;
+      const double next = num[j] / safe;
+      g_num[j] = attended ? gc[j] / safe : 0.0;
+      g_den[j] = attended ? -gc[j] * next / safe : 0.0;
+      part[j] = attended ? 0.0 : gc[j];
+    }
+    for (int64_t n = 0; n < m; ++n) {
+      const double v = double(w[g * m + n]);
+      const double* an = a.data();
+      if (cached) an = cache.data() + n * k;
+      else attention(v, ct, k, neg_inv_tau, squared, a.data());
+      double through = 0, sum_ag = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        through += an[j] * g_num[j];
+        grad_a[j] = v * g_num[j] + g_den[j];
+        sum_ag += an[j] * grad_a[j];
+      }
+      double back = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const double term = an[j] * (grad_a[j] - sum_ag) * slope_of(v - double(ct[j]), squared);
+        back += term;
+        part[j] += term * inv_tau;
+      }
+      acc[n] = T(double(acc[n]) + through - back * inv_tau);
+    }
+    std::copy(part.begin(), part.end(), gc.begin());
+  }
+  for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(acc[n]);
+  for (int64_t j = 0; j < k; ++j) gc_out[g * k + j] = T(gc[j]);
+}
+
+template <typename W, typename T>
+void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
+                   const at::Tensor& grad_centroids, const at::Tensor& history,
+                   int64_t iterations, double temperature, bool squared, at::Tensor& grad_weight,
+                   at::Tensor& grad_c0) {
+  const int64_t groups = history.size(1), k = history.size(2);
+  const int64_t m = weight.numel() / groups;
+  const W* w = weight.const_data_ptr<W>();
+  const W* gf = grad_clustered.defined() ? grad_clustered.const_data_ptr<W>() : nullptr;
+  const T* gct = grad_centroids.defined() ? grad_centroids.const_data_ptr<T>() : nullptr;
+  const T* h = history.const_data_ptr<T>();
+  W* out = grad_weight.data_ptr<W>();
+  T* gco = grad_c0.data_ptr<T>();
+  at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
+    std::vector<double> a(k), grad_a(k);
+    std::vector<double> cache(m * k <= kCacheEntries ? m * k : 0);
+    std::vector<T> acc(m);
+    for (int64_t g = g0; g < g1; ++g) {
+      backward_group<W, T>(w, gf, h, gct, groups, g, m, k, iterations, 1.0 / temperature,
+                           squared, a, grad_a, cache, acc, out, gco);
+    }
+  });
+}
+
+// W = the weight's scalar type, T = the compute dtype (float64 for float64 weights, else float).
+#define EDKM_DISPATCH_WT(wtype, name, ...)                                         \
+  [&] {                                                                            \
+    switch (wtype) {                                                               \
+      case at::kDouble: { using W = double; using T = double; return __VA_ARGS__(); } \
+      case at::kFloat: { using W = float; using T = float; return __VA_ARGS__(); }    \
+      case at::kBFloat16: { using W = at::BFloat16; using T = float; return __VA_ARGS__(); } \
+      case at::kHalf: { using W = at::Half; using T = float; return __VA_ARGS__(); }  \
+      default: TORCH_CHECK_TYPE(false, name, ": unsupported weight dtype ", wtype); \
+    }                                                                              \
+  }()
+
+void check_ndomain_args(const char* op, const at::Tensor& weight, const at::Tensor& history,
+                        const at::Tensor& iterations) {
+  TORCH_CHECK_VALUE(history.dim() == 3 && history.size(0) >= 2 && history.size(1) >= 1, op,
+                    ": history must be [max_iter + 1, groups, K], got shape ", history.sizes());
+  TORCH_CHECK_VALUE(weight.numel() % history.size(1) == 0, op, ": history's ",
+                    history.size(1), " groups do not divide the weight's ", weight.numel(),
+                    " elements");
+  TORCH_CHECK_TYPE(history.scalar_type() == compute_dtype(weight.scalar_type()), op,
+                   ": history must be ", compute_dtype(weight.scalar_type()), ", got ",
+                   history.scalar_type());
+  TORCH_CHECK_VALUE(iterations.numel() == 1, op, ": iterations must be a scalar");
+  const int64_t t = iterations.item<int64_t>();
+  TORCH_CHECK_VALUE(t >= 1 && t < history.size(0), op, ": iterations out of range: ", t);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ndomain_forward_cpu(
+    const at::Tensor& weight, const at::Tensor& centroids, double temperature, int64_t max_iter,
+    double epsilon, c10::string_view distance) {
+  const char* op = "dkm";
+  check_dkm_args(op, weight, centroids, temperature, max_iter, epsilon);
+  const bool squared = parse_distance(op, distance) == Distance::kSquared;
+  auto c = centroids.to(compute_dtype(weight.scalar_type())).contiguous();
+  auto r = EDKM_DISPATCH_WT(weight.scalar_type(), op, [&] {
+    return forward_impl<W, T>(weight, c, temperature, max_iter, epsilon, squared);
+  });
+  return {r.clustered.view(weight.sizes()), r.centroids.to(centroids.scalar_type()), r.iterations,
+          r.history};
+}
+
+std::tuple<at::Tensor, at::Tensor> ndomain_backward_cpu(
+    const c10::optional<at::Tensor>& grad_clustered,
+    const c10::optional<at::Tensor>& grad_centroids, const at::Tensor& weight_in,
+    const at::Tensor& history_in, const at::Tensor& iterations, double temperature,
+    c10::string_view distance, at::ScalarType centroids_dtype) {
+  const char* op = "_ndomain_backward";
+  const bool squared = parse_distance(op, distance) == Distance::kSquared;
+  check_ndomain_args(op, weight_in, history_in, iterations);
+  auto weight = weight_in.contiguous();
+  auto history = history_in.contiguous();
+  const auto ct = history.scalar_type();
+  at::Tensor gf, gct;
+  if (grad_clustered.has_value() && grad_clustered->defined()) {
+    TORCH_CHECK_VALUE(grad_clustered->numel() == weight.numel(), op,
+                      ": grad_clustered must have the weight's ", weight.numel(), " elements");
+    gf = grad_clustered->to(weight.scalar_type()).contiguous();
+  }
+  if (grad_centroids.has_value() && grad_centroids->defined()) {
+    gct = grad_centroids->to(ct).contiguous();
+  }
+  auto grad_weight = at::empty(weight.sizes(), weight.options());
+  auto grad_c0 = at::empty({history.size(1), history.size(2)}, history.options());
+  const int64_t t = iterations.item<int64_t>();
+  EDKM_DISPATCH_WT(weight.scalar_type(), op, [&] {
+    backward_impl<W, T>(weight, gf, gct, history, t, temperature, squared, grad_weight, grad_c0);
+  });
+  return {grad_weight, grad_c0.to(centroids_dtype)};
+}
+
+at::Tensor ndomain_recompute_cpu(const at::Tensor& weight_in, const at::Tensor& history,
+                                 const at::Tensor& iterations, double temperature,
+                                 c10::string_view distance) {
+  const char* op = "_ndomain_recompute";
+  const bool squared = parse_distance(op, distance) == Distance::kSquared;
+  check_ndomain_args(op, weight_in, history, iterations);
+  auto weight = weight_in.contiguous();
+  const int64_t groups = history.size(1), k = history.size(2);
+  auto c = history[iterations.item<int64_t>()].contiguous();
+  auto out = at::empty(weight.sizes(), weight.options());
+  EDKM_DISPATCH_WT(weight.scalar_type(), op, [&] {
+    ndomain_soft<W, T>(weight.const_data_ptr<W>(), c.const_data_ptr<T>(), groups,
+                       weight.numel() / groups, k, temperature, squared, out.data_ptr<W>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(edkm, CPU, m) {
+  m.impl("_ndomain_forward", &ndomain_forward_cpu);
+  m.impl("_ndomain_backward", &ndomain_backward_cpu);
+  m.impl("_ndomain_recompute", &ndomain_recompute_cpu);
+}
+
+}  // namespace edkm
