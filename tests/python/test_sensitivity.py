@@ -253,3 +253,61 @@ def test_sensitivity_init_beats_optimal_on_fisher_weighted_error():
         assert errors["sensitivity"][n] <= errors["optimal"][n] * (1 + 1e-3), n
     total = {k: sum(v.values()) for k, v in errors.items()}
     assert total["sensitivity"] < 0.995 * total["optimal"], total
+
+
+# ---- edkm bench sensitivity: its parts on a tiny model ------------------------------------------
+
+def test_layer_runner_reruns_from_a_layer_exactly_as_the_full_model():
+    from edkm.bench.sensitivity import LayerRunner
+    model = tiny_llama(layers=3).eval()
+    ids = LLAMA_BATCHES[0]
+    runner = LayerRunner(model, ids)
+    for start in (None, 1, 2):
+        torch.testing.assert_close(runner.logits(start), runner.base_logits, rtol=0, atol=1e-5)
+    assert len(model.model.layers) == 3  # the layer list is put back
+    w = model.model.layers[2].mlp.up_proj.weight
+    with torch.no_grad():
+        w.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(4))  # a change the logits feel
+        full = model(input_ids=ids).logits
+    torch.testing.assert_close(runner.logits(2), full, rtol=0, atol=1e-5)
+    kl, nll = runner.kl_and_nll(full)
+    logp, base = torch.log_softmax(full.double(), -1), torch.log_softmax(runner.base_logits.double(), -1)
+    assert kl == pytest.approx(float((base.exp() * (base - logp)).sum(-1).mean()), rel=1e-3) and kl > 1e-3
+    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, 64).double(), ids[:, 1:].reshape(-1))
+    assert nll == pytest.approx(float(ref), rel=1e-5)
+    assert runner.kl_and_nll(runner.base_logits)[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_spearman_and_layer_index():
+    from edkm.bench.sensitivity import layer_index, spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get their average rank: ranks (0.5, 0.5, 2, 3) against (0, 1, 2, 3)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert layer_index("model.layers.12.mlp.up_proj") == 12 and layer_index("model.embed_tokens") is None
+
+
+def test_bench_report_renders(tmp_path):
+    from edkm.bench import sensitivity as bench
+    rows = [{"name": "model.embed_tokens", "tied": ["lm_head"], "layer": None, "type": "embed_tokens",
+             "shape": [64, 32], "kl": 0.5, "ppl": 30.0, "sq_error": 3.0, "fisher_proxy": 0.01, "seconds": 1.0}]
+    rows += [{"name": f"model.layers.{l}.{t}", "tied": [], "layer": l, "type": t.split(".")[-1], "shape": [32, 32],
+              "kl": 1e-3 * (l + 1) * (i + 1), "ppl": 20.0, "sq_error": 1.0, "fisher_proxy": 1e-5 * (l + 1) * (i + 1),
+              "seconds": 0.5} for l in range(2) for i, t in enumerate(["self_attn.q_proj", "mlp.down_proj"])]
+    report = {"benchmark": "sensitivity", "date": "today", "machine": {"platform": "test"}, "command": "edkm bench sensitivity",
+              "settings": {"model": "tiny", "bits": 3, "group_size": None, "init": "optimal", "seqs": 2, "seq_len": 8,
+                           "fisher_batches": 2, "fisher_len": 8, "quick": True, "threads": 1,
+                           "validation_files": ["a.txt"], "calibration_files": ["b.txt"]},
+              "baseline": {"ppl": 20.0, "kl": 0.0, "replay_max_abs_diff": 0.0, "replay_from_layer": 1},
+              "summary": {"matrices": 5, "spearman_kl_fisher": 1.0, "spearman_kl_sq_error": 0.5,
+                          "pearson_log_kl_log_fisher": 1.0, "median_kl_over_second_order": 2.0, "top10_overlap": 5},
+              "rows": rows, "seconds": 1.0}
+    path = tmp_path / "r.json"
+    path.write_text(__import__("json").dumps(report))
+    bench.render(path)
+    md = (tmp_path / "r.md").read_text()
+    assert "| model.embed_tokens (tied: lm_head) | 0.5 |" in md and "Spearman rank correlation, KL vs Fisher proxy | 1.000" in md
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    labels, types, grid = bench._grid(rows, "kl")
+    assert labels == ["embed_tokens (tied)", "0", "1"] and types == ["q_proj", "down_proj"]
+    assert grid[0][0] == 0.5 and grid[2][1] == pytest.approx(4e-3) and grid[0][1] != grid[0][1]
