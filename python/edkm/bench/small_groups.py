@@ -105,26 +105,34 @@ def run(args) -> dict:
     names = _check(args)
     _C.set_ndomain(args.ndomain)
     report = {"benchmark": "small_groups", "model": args.model, "bits": args.bits,
-              "batch": args.batch, "tokens": args.tokens, "steps": args.steps,
+              "batch": args.batch, "tokens": args.tokens, "timed_steps": args.steps,
               "ndomain": args.ndomain, "ndomain_max_group": _C.ndomain_max_group(),
               "torch_threads": torch.get_num_threads(), **_results.stamp()}
+    out = args.out or _results.default_results_dir()
+    base = f"{out}/small_groups"
+    report["steps"] = {}
     try:
         if not args.skip_init:
             report["init_per_row"] = time_init(args)
         with tqdm(total=len(names) * (args.steps + 1), desc="bench small-groups", unit="step") as bar:
-            report["steps"] = {n: time_steps(args, VARIANTS[n], bar) for n in names}
+            for n in names:
+                report["steps"][n] = time_steps(args, VARIANTS[n], bar)
+                _write(report, base)  # a slow variant later still leaves these results
     finally:
         _C.set_ndomain("auto")
-    base_time = report["steps"].get("per-matrix", {}).get("median_seconds")
-    if base_time:
-        for r in report["steps"].values():
-            r["ratio_to_per_matrix"] = r["median_seconds"] / base_time
-    out = args.out or _results.default_results_dir()
-    base = f"{out}/small_groups"
-    _results.write_json(base + ".json", report)
-    _results.write_atomic(base + ".md", markdown(report))
+    _write(report, base)
     report["files"] = {"json": base + ".json", "md": base + ".md"}
     return report
+
+
+def _write(report: dict, base: str) -> None:
+    from edkm import _results
+
+    base_time = report["steps"].get("per-matrix", {}).get("median_seconds")
+    for r in report["steps"].values():
+        r["ratio_to_per_matrix"] = r["median_seconds"] / base_time if base_time else None
+    _results.write_json(base + ".json", report)
+    _results.write_atomic(base + ".md", markdown(report))
 
 
 def table(report: dict) -> str:
@@ -146,7 +154,7 @@ def markdown(report: dict) -> str:
              f"- command: `{report['command']}`",
              f"- machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {report['torch_threads']} threads",
              f"- step: forward + backward, batch {report['batch']} x {report['tokens']} tokens, fp32 model "
-             f"clustered by palettize_; median of {report['steps']} steps after a warm-up; all variants in one "
+             f"clustered by palettize_; median of {report['timed_steps']} steps after a warm-up; all variants in one "
              f"process (peak RSS is the process's running maximum)",
              f"- DKM domain: {report['ndomain']} (N-domain for groups of <= {report['ndomain_max_group']} "
              "weights under auto)",
