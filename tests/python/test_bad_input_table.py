@@ -61,6 +61,31 @@ def _k_above_distinct():
     return lin
 
 
+def _tiny_lm(vocab=32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=32))
+
+
+def _finetune_with_teacher(vocab_student, vocab_teacher):
+    from edkm.finetune import finetune
+    blocks = ["x"]  # never reached: the teacher is checked first
+    return finetune(_tiny_lm(vocab_student), None, blocks, 1, config=edkm.TrainConfig(alpha=1.0),
+                    teacher=_tiny_lm(vocab_teacher), progress=False)
+
+
+def _fisher_short():
+    return edkm.fisher(_tiny_lm(), torch.randint(0, 32, (2, 1, 8)), num_batches=3, progress=False)
+
+
+def _budget_too_small():
+    m = _lin()
+    sens = {n: torch.ones_like(mod.weight) for n, mod in m.named_modules() if isinstance(mod, nn.Linear)}
+    return edkm.mixed_precision_config(m, 0.5, sens, edkm.Config(), progress=False)
+
+
 W = torch.randn(8, 16)
 
 
@@ -128,6 +153,40 @@ TABLE = [
      SystemExit, "neither a known name"),
     ("edkm compress", "bits 9", lambda t: cli(["compress", "smollm2-135m", "--bits", "9", "--out", str(t / "o")]),
      SystemExit, "bits must be an integer in 1..8"),
+    ("Config", "outlier_fraction 0.2", lambda t: edkm.Config(outlier_fraction=0.2), ValueError,
+     r"outlier_fraction must be a number in \[0, 0.1\]"),
+    ("Config", "outlier_criterion 'largest'", lambda t: edkm.Config(outlier_criterion="largest"), ValueError,
+     "outlier_criterion must be one of"),
+    ("Config", "outliers with cluster_dim 2", lambda t: edkm.Config(outlier_fraction=0.01, cluster_dim=2,
+                                                                     init="kmeans++"), ValueError,
+     "outlier_fraction must be 0 when cluster_dim > 1"),
+    ("palettize_", "init 'sensitivity' without sensitivities", lambda t: edkm.palettize_(_lin(), edkm.Config(
+        init="sensitivity")), ValueError, "needs its sensitivity"),
+    ("palettize_", "outlier_criterion 'sensitivity' without sensitivities", lambda t: edkm.palettize_(
+        _lin(), edkm.Config(outlier_fraction=0.05, outlier_criterion="sensitivity")), ValueError,
+     "needs its sensitivity"),
+    ("palettize_", "sensitivity of the wrong shape", lambda t: edkm.palettize_(_lin(), edkm.Config(
+        init="sensitivity"), sensitivity={"0": torch.ones(3)}), ValueError, "must be a tensor of the weight's shape"),
+    ("palettize_", "sensitivity for a module that does not exist", lambda t: edkm.palettize_(_lin(), edkm.Config(),
+        sensitivity={"decoder": torch.ones(3)}), ValueError, "names no Linear/Embedding module"),
+    ("TrainConfig", "schedule 'step'", lambda t: edkm.TrainConfig(schedule="step"), ValueError,
+     "schedule must be one of"),
+    ("TrainConfig", "distillation weight alpha 1.5", lambda t: edkm.TrainConfig(alpha=1.5), ValueError,
+     r"alpha must be a finite number in \[0, 1\]"),
+    ("TrainConfig", "distillation temperature 0", lambda t: edkm.TrainConfig(temperature=0), ValueError,
+     "temperature must be a finite number"),
+    ("finetune", "teacher with another vocabulary", lambda t: _finetune_with_teacher(32, 40), ValueError,
+     "teacher's vocabulary has 40 tokens, the student's 32"),
+    ("fisher", "calibration set shorter than num_batches", lambda t: _fisher_short(), ValueError,
+     "has 2 batches, fewer than the num_batches=3"),
+    ("mixed_precision_config", "target bits/weight below the smallest achievable", lambda t: _budget_too_small(),
+     ValueError, "cannot be met: the smallest achievable file is"),
+    ("edkm compress", "--steps without a corpus and without --data-free 1", lambda t: cli([
+        "compress", "smollm2-135m", "--steps", "2", "--data", "none", "--out", str(t / "o")]), SystemExit,
+     "--data-free 1"),
+    ("edkm compress", "--target-bits with --embedding-bits", lambda t: cli([
+        "compress", "smollm2-135m", "--target-bits", "3.2", "--embedding-bits", "4", "--out", str(t / "o")]),
+     SystemExit, "drop --embedding-bits"),
     ("edkm info", "missing file", lambda t: cli(["info", str(t / "none.safetensors")]), SystemExit,
      "no such file"),
     ("edkm info", "corrupted file", lambda t: cli(["info", str(_truncated(t))]), SystemExit,
