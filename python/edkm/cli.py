@@ -14,12 +14,13 @@ def build_parser() -> argparse.ArgumentParser:
     from edkm.bench import layer as bench_layer
     from edkm.bench import memory as bench_memory
     from edkm.bench import sensitivity as bench_sensitivity
+    from edkm.bench import small_groups as bench_small_groups
     from edkm.bench import step as bench_step
     from edkm.bench import udomain as bench_udomain
 
     parser = argparse.ArgumentParser(prog="edkm", description="Train-time weight clustering (eDKM).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="compress SmolLM2-135M to 3 bits with a short clustering fine-tune: size and perplexity before/after")
+    p = sub.add_parser("demo", help="compress SmolLM2-135M (4 bits, outliers, data-free distillation): sizes, KL and top-1 agreement with the original, prompts side by side")
     demo.add_arguments(p)
     p.set_defaults(run=demo.main)
     p = sub.add_parser("compress", help="compress a model to n-bit indices + LUTs in one file")
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("sensitivity", help="cluster one matrix at a time (post-training): KL and perplexity increase per matrix, heatmap, rank correlation with the Fisher proxy")
     bench_sensitivity.add_arguments(p)
     p.set_defaults(run=bench_sensitivity.main)
+    p = bench_sub.add_parser("small-groups", help="per-row and small-group LUTs on SmolLM2-135M: initialization time, training-step time vs one LUT per matrix")
+    bench_small_groups.add_arguments(p)
+    p.set_defaults(run=bench_small_groups.main)
     return parser
 
 
