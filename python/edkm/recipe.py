@@ -82,13 +82,16 @@ def compress_model(model: nn.Module, tokenizer, config: Config, *, steps: int = 
                    validation_texts: Optional[Sequence[str]] = None, target_bits: Optional[float] = None,
                    calibration_batches: int = 8, calibration_batch_size: int = 2,
                    calibration_block_len: int = 256, teacher: Optional[nn.Module] = None,
+                   bits_choices: Sequence[int] = (2, 3, 4, 6, 16),
                    checkpoint=None, cache_dir=None, keep_teacher: bool = False,
                    progress: bool = True) -> RecipeResult:
     """Run the recipe on ``model`` in place (palettized, fine-tuned for ``steps``, finalized).
 
     config: what to cluster and how (``edkm.Config``). target_bits: a bits/weight budget for
     the whole file; bits per matrix are then chosen from the Fisher-weighted error of each
-    width (``edkm.mixed_precision``), the rest of ``config`` kept. train: the fine-tuning
+    width (``edkm.mixed_precision``) among ``bits_choices`` (16: left unclustered, stored in
+    the model's dtype; each width costs one post-training clustering of every matrix), the
+    rest of ``config`` kept. train: the fine-tuning
     hyperparameters (``TrainConfig``; distillation when alpha > 0, teacher-sampled blocks when
     data_free_fraction > 0). texts / validation_texts: training and validation documents (from
     the train split; may be None when data_free_fraction is 1). teacher: the uncompressed model
@@ -122,7 +125,7 @@ def compress_model(model: nn.Module, tokenizer, config: Config, *, steps: int = 
     if target_bits is not None:
         from edkm.mixed_precision import mixed_precision_config
         t0 = time.perf_counter()
-        mp = mixed_precision_config(model, target_bits, sensitivity, config, progress=progress)
+        mp = mixed_precision_config(model, target_bits, sensitivity, config, bits_choices, progress=progress)
         result.mixed_precision = mp
         config = result.config = mp.config
         result.seconds["mixed_precision"] = time.perf_counter() - t0
