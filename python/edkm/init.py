@@ -210,15 +210,14 @@ def _init_exact_1d(weight: torch.Tensor, groups: int, k: int, name: str,
     if importance is not None:
         imp = importance.detach().cpu()
         imp = (imp if imp.is_floating_point() else imp.double()).reshape(groups, -1)
-    try:
-        centroids, cost = ops.optimal_kmeans_1d_grouped(w.reshape(groups, -1), k, imp)
-    except ValueError as e:  # the op checks values as it reads them; say which weight
-        if "NaN or Inf" in str(e):
-            raise ValueError(f"edkm: {name} has NaN or Inf values; cannot cluster it") from None
-        if "importance" in str(e):
-            raise ValueError(f"edkm: {name}: the sensitivity (importance) of every weight must "
-                             f"be finite and >= 0") from None
-        raise
+    if imp is None and w.dtype in _16BIT and w.numel() // groups > 65536:
+        # Few large 16-bit groups: a parallel slot histogram beats sorting each group on one
+        # thread (the grouped op's threads are over groups), and U <= 65536 keeps the DP small.
+        per = distinct_values(w, groups, name)
+        cs, costs = zip(*(ops.optimal_kmeans_1d(v, c, k) for v, c in per))
+        centroids, cost = torch.stack(cs), torch.stack(costs)
+    else:
+        centroids, cost = _grouped(w.reshape(groups, -1), k, imp, name)
     # The weight's own variance (every element counted once), as over distinct values x counts,
     # in float64 a few million elements at a time (no float64 copy of a large weight).
     flat, s1, s2 = w.reshape(-1), 0.0, 0.0
@@ -228,6 +227,18 @@ def _init_exact_1d(weight: torch.Tensor, groups: int, k: int, name: str,
         s2 += float(x.square().sum())
     var = s2 / flat.numel() - (s1 / flat.numel()) ** 2
     return Init(centroids, cost, method, max(float(var), 0.0))
+
+
+def _grouped(w2d: torch.Tensor, k: int, imp: "torch.Tensor | None", name: str):
+    try:
+        return ops.optimal_kmeans_1d_grouped(w2d, k, imp)
+    except ValueError as e:  # the op checks values as it reads them; say which weight
+        if "NaN or Inf" in str(e):
+            raise ValueError(f"edkm: {name} has NaN or Inf values; cannot cluster it") from None
+        if "importance" in str(e):
+            raise ValueError(f"edkm: {name}: the sensitivity (importance) of every weight must "
+                             f"be finite and >= 0") from None
+        raise
 
 
 def _vector_variance(per_group, mass: float) -> float:

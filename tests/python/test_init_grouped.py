@@ -197,3 +197,13 @@ def test_under_torch_compile_fullgraph():
     got = compiled(w, imp)
     want = f(w, imp)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_large_16bit_groups_take_the_slot_histogram_and_agree():
+    # Groups over 65536 bf16 weights go through the per-group slot-table path: same result.
+    w = (torch.randn(2, 70000, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    init = init_centroids(w, 2, 8, method="optimal")
+    c, cost = edkm.ops.optimal_kmeans_1d_grouped(w, 8)
+    assert torch.equal(init.centroids, c) and torch.equal(init.cost, cost)
+    with pytest.raises(ValueError, match=r"edkm: big.weight has NaN or Inf values"):
+        init_centroids(torch.full((1, 70000), float("nan"), dtype=torch.bfloat16), 1, 8, name="big.weight")
