@@ -7,7 +7,7 @@ from edkm import _native
 from edkm import _fake  # noqa: F401  (registers fake kernels)
 from edkm.ops import (
     DkmResult, KMeans1dResult, assign, dequantize, dkm, dkm_linear, dkm_reference,
-    optimal_kmeans_1d, pack_indices, unpack_indices,
+    optimal_kmeans_1d, optimal_kmeans_1d_grouped, pack_indices, unpack_indices,
 )
 from edkm.store import SavedTensorStore, saved_tensors
 from edkm.config import Config
@@ -30,7 +30,7 @@ __all__ = [
     "clustered_weight", "finalize", "info", "load", "load_state_dict", "palettize_", "save",
     "DkmResult", "KMeans1dResult", "SavedTensorStore", "assign", "cuda_compiled", "dequantize",
     "dkm", "dkm_linear", "dkm_reference", "optimal_kmeans_1d", "pack_indices", "saved_tensors",
-    "unpack_indices", "calibration_batches", "fisher", "choose_bits", "matrix_costs",
+    "unpack_indices", "optimal_kmeans_1d_grouped", "calibration_batches", "fisher", "choose_bits", "matrix_costs",
     "mixed_precision_config", "FinetuneResult", "TrainConfig", "distillation_loss",
     "generate_blocks", "compress_model", "teacher_agreement",
 ]

@@ -11,10 +11,13 @@ from edkm import _C
 def cpu_udomain(request):
     """Every test here runs twice on CPU: the U-domain as fused loops (the default) and as the
     composition of ATen ops that CUDA runs (device-side early stop, no host syncs), so that
-    path is checked against the reference on every machine. On CUDA both runs are the same."""
+    path is checked against the reference on every machine. On CUDA both runs are the same.
+    The N-domain (which 'auto' picks for small groups) is forced off: test_ndomain.py checks it."""
     _C.set_fused_udomain(request.param == "fused")
+    _C.set_ndomain("never")
     yield request.param
     _C.set_fused_udomain(True)
+    _C.set_ndomain("auto")
 
 
 def run_both(w, c, tau, max_iter, eps, distance, seed=2):
