@@ -189,7 +189,7 @@ def training_texts(args, train_cfg, steps: int, needs_texts: bool):
     from edkm.data import corpus_split, default_data_dir
     from edkm.finetune import pick_train_and_validation_texts
 
-    data_dir = None if str(args.data).lower() == "none" else (args.data or default_data_dir())
+    data_dir = None if args.data is not None and str(args.data).lower() == "none" else (args.data or default_data_dir())
     if data_dir is None:
         if needs_texts:
             raise SystemExit("edkm compress: --steps needs --data DIR (no ../shared/data found), "

@@ -83,7 +83,7 @@ def main(args) -> int:
     held_out = generate_blocks(teacher, args.eval_blocks, args.block_len, seed=args.seed + 10_000,
                                bos_token_id=tok.bos_token_id, cache_dir=cache,
                                desc="edkm: held-out samples")
-    data_dir = None if str(args.data).lower() == "none" else (args.data or default_data_dir())
+    data_dir = None if args.data is not None and str(args.data).lower() == "none" else (args.data or default_data_dir())
     test_texts = None
     if data_dir is None:
         print("edkm demo: no corpus (../shared/data or --data): held-out perplexity is skipped; "

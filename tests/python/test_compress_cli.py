@@ -156,3 +156,19 @@ def test_demo_runs_data_free_on_a_tiny_model(tmp_path, capsys):
         assert label in text
     assert text.count("\n    compressed: ") == 3 and text.count("\n    original:   ") == 3
     assert out.exists() and edkm.info(out, verbose=False)["file_bytes"] == out.stat().st_size
+
+
+def test_compress_finds_the_default_corpus_without_data(tmp_path, monkeypatch, capsys):
+    """No --data: the default data folder is used (a missing --data is not '--data none')."""
+    d = _tiny_with_tokenizer(tmp_path)
+    data = tmp_path / "data"
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
+    for rel in ("corpus/sotu/1990_bush_republican.txt", "corpus/austen/emma.txt",
+                "corpus/sotu/2005_bush_republican.txt", "corpus/austen/persuasion.txt"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text(text)
+    monkeypatch.setenv("EDKM_DATA_DIR", str(data))
+    out = tmp_path / "c.safetensors"
+    assert main(["compress", str(d), "--steps", "1", "--block-len", "16", "--batch-size", "2",
+                 "--out", str(out), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["losses"]) == 1
