@@ -12,6 +12,17 @@ from edkm.cli import main
 transformers = pytest.importorskip("transformers")
 
 
+def fake_corpus(tmp_path):
+    """A data folder shaped like ../shared/data: two train and two test files."""
+    data = tmp_path / "data"
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
+    for rel in ("corpus/sotu/1990_bush_republican.txt", "corpus/austen/emma.txt",
+                "corpus/sotu/2005_bush_republican.txt", "corpus/austen/persuasion.txt"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text(text)
+    return data
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -82,12 +93,7 @@ def test_compress_with_clustering_fine_tune(tmp_path, capsys):
     d = tmp_path / "tiny"
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
-    data = tmp_path / "data"
-    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
-    for rel in ("corpus/sotu/1990_bush_republican.txt", "corpus/austen/emma.txt",
-                "corpus/sotu/2005_bush_republican.txt", "corpus/austen/persuasion.txt"):
-        (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        (data / rel).write_text(text)
+    data = fake_corpus(tmp_path)
     outs = {}
     for steps in (0, 3):
         out = tmp_path / f"s{steps}.safetensors"
@@ -161,12 +167,7 @@ def test_demo_runs_data_free_on_a_tiny_model(tmp_path, capsys):
 def test_compress_finds_the_default_corpus_without_data(tmp_path, monkeypatch, capsys):
     """No --data: the default data folder is used (a missing --data is not '--data none')."""
     d = _tiny_with_tokenizer(tmp_path)
-    data = tmp_path / "data"
-    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
-    for rel in ("corpus/sotu/1990_bush_republican.txt", "corpus/austen/emma.txt",
-                "corpus/sotu/2005_bush_republican.txt", "corpus/austen/persuasion.txt"):
-        (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        (data / rel).write_text(text)
+    data = fake_corpus(tmp_path)
     monkeypatch.setenv("EDKM_DATA_DIR", str(data))
     out = tmp_path / "c.safetensors"
     assert main(["compress", str(d), "--steps", "1", "--block-len", "16", "--batch-size", "2",
