@@ -63,7 +63,8 @@ def main(args) -> int:
     from edkm.evaluate import perplexity, teacher_agreement
     from edkm.finetune import TrainConfig
     from edkm.models import load_model
-    from edkm.recipe import compress_model, describe_training, frozen_copy
+    from edkm.finetune import finetune
+    from edkm.recipe import describe_training, frozen_copy
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -103,28 +104,41 @@ def main(args) -> int:
 
     cfg = edkm.Config(bits=args.bits, group_size=args.group_size, outlier_fraction=args.outlier_fraction,
                       seed=args.seed)
+    stages = {"load and held-out samples": time.perf_counter() - t_start}
+    t0 = time.perf_counter()
     rows = [("original", n_weights * 2, quality(model, "original"))]
+    stages["quality of the original"] = time.perf_counter() - t0
 
-    ptq = copy.deepcopy(model)
-    compress_model(ptq, tok, cfg, teacher=teacher, progress=True)
+    # One clustering serves both rows: the post-training model is a finalized copy of it, and
+    # eDKM fine-tunes the clustering itself.
+    t0 = time.perf_counter()
+    edkm.palettize_(model, cfg, progress=True)
+    ptq = edkm.finalize(copy.deepcopy(model))
     ptq_path = out.with_name(out.stem + "-post-training.safetensors")
     ptq_size = edkm.save(ptq, ptq_path, metadata={"edkm.base_model": args.model})
+    stages["post-training clustering"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     rows.append(("post-training clustering", ptq_size, quality(ptq, "post-training clustering")))
+    stages["quality of post-training"] = time.perf_counter() - t0
     del ptq
 
-    train = TrainConfig(lr=args.lr, schedule="cosine", batch_size=args.batch_size, block_len=args.block_len,
-                        seed=args.seed, alpha=1.0, data_free_fraction=1.0)
-    r = compress_model(model, tok, cfg, steps=args.steps, train=train, teacher=teacher, cache_dir=cache,
-                       progress=True) if args.steps else None
-    if r is None:
-        edkm.palettize_(model, cfg)
-        edkm.finalize(model)
-    for line in describe_training(r.training if r else None):
+    training = None
+    if args.steps:
+        t0 = time.perf_counter()
+        train = TrainConfig(lr=args.lr, schedule="cosine", batch_size=args.batch_size, block_len=args.block_len,
+                            seed=args.seed, alpha=1.0, data_free_fraction=1.0)
+        training = finetune(model, tok, None, args.steps, config=train, teacher=teacher, data_free_cache=cache,
+                            progress=True)
+        stages["distillation (incl. sampling its text)"] = time.perf_counter() - t0
+    edkm.finalize(model)
+    for line in describe_training(training):
         print(f"  {line}")
+    t0 = time.perf_counter()
     size = edkm.save(model, out, metadata={"edkm.base_model": args.model})
     fresh, _ = load_model(args.model, torch.float32)
     edkm.load(out, fresh)
     rows.append((f"eDKM, {args.steps} steps (from the file)", size, quality(fresh, "eDKM, loaded from the file")))
+    stages["save, reload, quality of eDKM"] = time.perf_counter() - t0
 
     print(f"\n{'model':<34} {'size':>10} {'bits/weight':>11} {'KL':>8} {'top-1':>7} {'held-out ppl':>13}")
     for label, nbytes, q in rows:
@@ -136,11 +150,14 @@ def main(args) -> int:
     print("(size of the original: 16 bits per weight; KL and top-1 on "
           f"{held_out.numel():,} tokens of text the original wrote, never trained on)")
 
+    t0 = time.perf_counter()
     print("\nprompt completions (greedy), original | compressed:")
     for prompt in PROMPTS:
         print(f"  {prompt!r}\n    original:   {complete(teacher, tok, prompt)}\n"
               f"    compressed: {complete(fresh, tok, prompt)}")
-    print(f"\nfile: {out} (inspect with: edkm info {out})")
+    stages["prompts"] = time.perf_counter() - t0
+    print("\ntime per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
+    print(f"file: {out} (inspect with: edkm info {out})")
     print(f"done in {time.perf_counter() - t_start:.0f} s; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return 0
