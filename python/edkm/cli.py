@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edkm.bench import sensitivity as bench_sensitivity
     from edkm.bench import small_groups as bench_small_groups
     from edkm.bench import step as bench_step
+    from edkm.bench import study as bench_study
     from edkm.bench import udomain as bench_udomain
 
     parser = argparse.ArgumentParser(prog="edkm", description="Train-time weight clustering (eDKM).")
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("small-groups", help="per-row and small-group LUTs on SmolLM2-135M: initialization time, training-step time vs one LUT per matrix")
     bench_small_groups.add_arguments(p)
     p.set_defaults(run=bench_small_groups.main)
+    p = bench_sub.add_parser("study", help="which tool at which size: SmolLM2-135M rows from round-to-nearest, k-means, SqueezeLLM-style, llama.cpp k-quants, HQQ and eDKM, evaluated alike; --report for tables and the Pareto chart")
+    bench_study.add_arguments(p)
+    p.set_defaults(run=bench_study.main)
     return parser
 
 
