@@ -360,9 +360,10 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
         side = Path(spec["path"]).with_name("train.json")
         if side.is_file():
             tr = json.loads(side.read_text())
-            info["training"] = {k: tr.get(k) for k in ("target_bits", "steps", "tokens", "tokens_per_second",
-                                                        "seconds", "stage_seconds", "validation", "train",
-                                                        "command")}
+            info["training"] = {k: tr.get(k) for k in ("target_bits", "steps", "planned_steps", "stopped_early",
+                                                        "lr_at_stop", "tokens", "tokens_per_second", "seconds",
+                                                        "train_seconds", "stage_seconds", "validation", "train",
+                                                        "bits", "command")}
             info["train_losses"] = tr.get("losses")
     else:
         raise AssertionError(kind)
@@ -491,6 +492,10 @@ def _fmt_ppl(x: float) -> str:
     return f"{x:,.1f}" if x < 1e5 else f"{x:.2e}"
 
 
+def _fmt_ratio(x: float) -> str:
+    return f"{x:,.2f}" if x < 1e5 else f"{x:.1e}"
+
+
 def _agreement(r: dict) -> str:
     a = r.get("agreement")
     if a is None:
@@ -502,14 +507,14 @@ def table(rows: Sequence[dict], base: dict) -> str:
     from edkm.bench.accuracy import TASK_LABELS
 
     lines = ["| row | method | bits/weight | held-out ppl | x baseline | KL to baseline | top-1 agreement "
-             "| PIQA acc_norm | ARC-Easy acc_norm | LAMBADA acc |",
+             "| PIQA acc | ARC-Easy acc | LAMBADA acc |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     bp = base["metrics"]["ppl"]["ppl"] if base else float("nan")
     for r in sorted(rows, key=lambda r: r["metrics"]["ppl"]["ppl"]):
         p = r["metrics"]["ppl"]["ppl"]
         lines.append(f"| {r['name']} | {r['method']} | {r['bits_per_weight']:.2f} | {_fmt_ppl(p)} | "
-                     f"{p / bp:,.2f} | {_agreement(r)} | "
-                     f"{100 * _acc(r, 'piqa', 'acc_norm'):.1f} | {100 * _acc(r, 'arc_easy', 'acc_norm'):.1f} | "
+                     f"{_fmt_ratio(p / bp)} | {_agreement(r)} | "
+                     f"{100 * _acc(r, 'piqa'):.1f} | {100 * _acc(r, 'arc_easy'):.1f} | "
                      f"{100 * _acc(r, 'lambada_openai'):.1f} |")
     return "\n".join(lines)
 
@@ -558,8 +563,11 @@ def markdown(report: dict) -> str:
             note = "tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["gguf_types"].items()))
         if r.get("training"):
             t = r["training"]
-            note = (f"{t.get('steps')} steps, {t.get('tokens'):,} tokens, {t.get('tokens_per_second', 0):.1f} "
-                    f"tokens/s, {t.get('seconds', 0) / 60:.0f} min")
+            secs = t.get("train_seconds") or t.get("seconds") or 0
+            stop = (f" (stopped at step {t['steps']} of a {t['planned_steps']}-step schedule, lr "
+                    f"{t['lr_at_stop']:.2g})" if t.get("stopped_early") else "")
+            note = (f"{t.get('steps')} steps{stop}, {t.get('tokens') or 0:,} training tokens, "
+                    f"{t.get('tokens_per_second') or 0:.1f} tokens/s, {secs / 60:.0f} min of training")
         elif r.get("train_tokens"):
             note = f"{r['train_tokens']:,} training tokens"
         out.append(f"| {r['name']} | {r['size_kind']} | {r['build_seconds']:.0f} | {r['eval_seconds']:.0f} | {note} |")
