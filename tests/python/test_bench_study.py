@@ -86,7 +86,7 @@ def test_report_writes_tables_chart_and_json(tmp_path):
             _row("Q3_K_M", 4.2, 35.0, "11", "10", "10"),
             _row("edkm3", 3.25, 45.0, "10", "10", "10")]
     rows[2]["gguf_types"] = {"Q3_K": 10, "IQ4_NL": 5}
-    rows[2]["llama_cpp_ppl"] = {"ppl": 35.07}
+    rows[2]["llama_cpp_check"] = {"tokens": 64, "edkm_ppl": 35.0, "llama_cpp_ppl": 35.07}
     _write(tmp_path, rows)
     rep = study.report(tmp_path, {"limit": 2, "eval_tokens": 64, "kl_tokens": 32})
     md = (tmp_path / "study.md").read_text()

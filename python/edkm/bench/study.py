@@ -83,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="take the rtn3, kmeans3, edkm-ce and finetune rows from an `edkm bench accuracy` "
                         "result (one LUT per matrix, 3 bits, the same items and tokens) instead of "
                         "recomputing them; their KL and top-1 agreement are then not measured")
+    p.add_argument("--check-tokens", type=int, default=4096,
+                   help="held-out tokens of the llama.cpp harness check (default 4096)")
     p.add_argument("--redo", action="store_true", help="recompute rows that are already done")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -391,24 +393,31 @@ def run_row(spec: dict, ctx: Context) -> dict:
     return row
 
 
-def llama_cpp_check(ctx: Context, gguf: str) -> dict:
-    """llama.cpp's perplexity on exactly the tokens and windows edkm.evaluate.perplexity scored."""
+def llama_cpp_check(ctx: Context, name: str, gguf: str, tokens: int) -> dict:
+    """Perplexity of the first ``tokens`` held-out tokens by both harnesses: llama.cpp running
+    the GGUF itself, and edkm.evaluate.perplexity on the GGUF as transformers dequantizes it
+    (the model every other metric of the row comes from), on the same tokens and windows."""
     from edkm.bench.accuracy import CONTEXT_LEN, STRIDE
-    from edkm.evaluate import encode_documents, sliding_windows
+    from edkm.evaluate import encode_documents, perplexity, sliding_windows
+    from edkm.models import load_model
 
-    n_max = ctx.args.eval_tokens
-    ids, is_text = encode_documents(ctx.tok, list(ctx.test_texts), max_tokens=n_max)
+    ids, is_text = encode_documents(ctx.tok, list(ctx.test_texts), max_tokens=tokens)
     seen = 0
     for i, t in enumerate(is_text):
         seen += t
-        if seen == n_max:
+        if seen == tokens:
             ids, is_text = ids[: i + 1], is_text[: i + 1]
             break
     t0 = time.perf_counter()
-    r = llama_cpp_perplexity(gguf, ids, is_text, sliding_windows(len(ids), CONTEXT_LEN, STRIDE), CONTEXT_LEN,
-                             threads=max(1, torch.get_num_threads()))
-    r["seconds"] = time.perf_counter() - t0
-    return r
+    ours = perplexity(ctx.model if name == "baseline" else load_model(gguf, torch.float32)[0], ctx.tok,
+                      ctx.test_texts, context_len=CONTEXT_LEN, stride=STRIDE, max_tokens=tokens,
+                      progress=ctx.progress)
+    t1 = time.perf_counter()
+    theirs = llama_cpp_perplexity(gguf, ids, is_text, sliding_windows(len(ids), CONTEXT_LEN, STRIDE),
+                                  CONTEXT_LEN, threads=max(1, torch.get_num_threads()))
+    return {"tokens": tokens, "edkm_ppl": ours["ppl"], "edkm_tokens": ours["tokens"], "llama_cpp_ppl": theirs["ppl"],
+            "llama_cpp_tokens": theirs["tokens"], "edkm_seconds": t1 - t0,
+            "llama_cpp_seconds": time.perf_counter() - t1}
 
 
 ACCURACY_VARIANTS = {"rtn": "rtn3", "kmeans": "kmeans3", "edkm": "edkm-ce", "finetune": "finetune"}
@@ -548,13 +557,16 @@ def markdown(report: dict) -> str:
         out += [f"&dagger; {', '.join(r['name'] for r in imported)}: taken from `{src['command']}` "
                 f"({src['date'][:10]}; same model, items, tokens and harness), which does not measure "
                 f"KL or top-1 agreement.", ""]
-    checks = [r for r in rows.values() if "llama_cpp_ppl" in r]
+    checks = [r for r in rows.values() if "llama_cpp_check" in r]
     if checks:
-        out += ["## harness check: llama.cpp's own perplexity on the same tokens", "",
-                "| row | edkm harness | llama.cpp | ratio |", "|---|---|---|---|"]
+        n = checks[0]["llama_cpp_check"]["tokens"]
+        out += [f"## harness check: llama.cpp's own perplexity on the first {n:,} held-out tokens", "",
+                "| row | edkm harness (GGUF dequantized by the gguf package) | llama.cpp | ratio |",
+                "|---|---|---|---|"]
         for r in checks:
-            a, b = r["metrics"]["ppl"]["ppl"], r["llama_cpp_ppl"]["ppl"]
-            out.append(f"| {r['name']} | {a:.3f} | {b:.3f} | {b / a:.4f} |")
+            c = r["llama_cpp_check"]
+            out.append(f"| {r['name']} | {c['edkm_ppl']:.3f} | {c['llama_cpp_ppl']:.3f} | "
+                       f"{c['llama_cpp_ppl'] / c['edkm_ppl']:.4f} |")
         out.append("")
     out += ["## rows", "", "| row | size accounting | build s | eval s | notes |", "|---|---|---|---|---|"]
     for r in rows.values():
@@ -655,15 +667,17 @@ def main(args) -> int:
     if args.llama_cpp_check:
         # llama.cpp scores the held-out text of every GGUF row (and the baseline, whose GGUF is the
         # source) that does not have it yet
-        rows = [r for r in load_rows(out).values() if "llama_cpp_ppl" not in r
+        rows = [r for r in load_rows(out).values() if "llama_cpp_check" not in r
                 and (r["name"] == "baseline" or r["name"] in GGUF_TYPES)]
         if rows:
             ctx = Context(args) if not todo else ctx
             for r in rows:
-                r["llama_cpp_ppl"] = llama_cpp_check(ctx, r.get("gguf", ctx.source_gguf))
+                r["llama_cpp_check"] = llama_cpp_check(ctx, r["name"], r.get("gguf", ctx.source_gguf),
+                                                       args.check_tokens)
                 _results.write_json(str(out / "rows" / f"{r['name']}.json"), r)
-                tqdm.write(f"edkm bench study: {r['name']}: llama.cpp ppl {r['llama_cpp_ppl']['ppl']:.3f}, "
-                           f"edkm harness {r['metrics']['ppl']['ppl']:.3f}")
+                c = r["llama_cpp_check"]
+                tqdm.write(f"edkm bench study: {r['name']}: llama.cpp ppl {c['llama_cpp_ppl']:.3f}, "
+                           f"edkm harness {c['edkm_ppl']:.3f} ({c['tokens']} tokens)")
     if args.report:
         rep = report(out, settings)
         print(markdown(rep))
