@@ -597,17 +597,25 @@ def plot(report: dict, path: str) -> None:
                         "llama.cpp k-quants", "HQQ", "eDKM, old recipe (40 steps CE)", "eDKM, new recipe",
                         "fine-tune control", "baseline"], "v^sDPXo*h"))
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for method in dict.fromkeys(r["method"] for r in rows.values()):
-        pts = [r for r in rows.values() if r["method"] == method]
-        ax.scatter([r["bits_per_weight"] for r in pts], [r["metrics"]["ppl"]["ppl"] for r in pts],
+    # 16-bit rows are drawn as lines, and perplexities above CAP at the top edge with their
+    # value, so that the compressed rows below 7 bits/weight fill the chart
+    cap = 1e6
+    quantized = [r for r in rows.values() if r["bits_per_weight"] < 15]
+    for method in dict.fromkeys(r["method"] for r in quantized):
+        pts = [r for r in quantized if r["method"] == method]
+        ax.scatter([r["bits_per_weight"] for r in pts], [min(r["metrics"]["ppl"]["ppl"], cap) for r in pts],
                    marker=markers.get(method, "o"), s=70, label=method)
         for r in pts:
-            ax.annotate(r["name"], (r["bits_per_weight"], r["metrics"]["ppl"]["ppl"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-    if "baseline" in rows:
-        ax.axhline(rows["baseline"]["metrics"]["ppl"]["ppl"], color="grey", lw=0.8, ls="--")
-    for _label, limit in SIZE_GROUPS:
-        ax.axvline(limit, color="lightgrey", lw=0.8)
+            p = r["metrics"]["ppl"]["ppl"]
+            label = r["name"] if p <= cap else f"{r['name']} (ppl {p:.0e}, off scale)"
+            ax.annotate(label, (r["bits_per_weight"], min(p, cap)), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    for r in rows.values():
+        if r["bits_per_weight"] >= 15:
+            p = r["metrics"]["ppl"]["ppl"]
+            ax.axhline(p, color="grey" if r["name"] == "baseline" else "lightgrey", lw=0.8, ls="--")
+            ax.annotate(f"{r['name']} (16-bit): {p:.1f}", (ax.get_xlim()[0], p), fontsize=7, xytext=(2, 2),
+                        textcoords="offset points", color="grey")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (whole model, every tensor)")
     ax.set_ylabel("held-out perplexity (log scale)")
