@@ -61,9 +61,8 @@ def main(args) -> int:
     from edkm.data import corpus_split, default_data_dir, read_texts
     from edkm.datafree import generate_blocks
     from edkm.evaluate import perplexity, teacher_agreement
-    from edkm.finetune import TrainConfig
+    from edkm.finetune import TrainConfig, finetune
     from edkm.models import load_model
-    from edkm.finetune import finetune
     from edkm.recipe import describe_training, frozen_copy
 
     t_start = time.perf_counter()

@@ -149,6 +149,19 @@ def sliding_windows(n_tokens: int, context_len: int, stride: int) -> list[tuple[
     return windows
 
 
+def scored_stream(tokenizer, texts: Sequence[str], max_tokens: int | None = None) -> tuple[list, list]:
+    """(ids, is_text): the token stream :func:`perplexity` scores (see there), cut after its
+    first ``max_tokens`` document tokens when given."""
+    ids, is_text = encode_documents(tokenizer, list(texts), max_tokens=max_tokens)
+    if max_tokens is not None:
+        seen = 0
+        for i, t in enumerate(is_text):
+            seen += t
+            if seen == max_tokens:
+                return ids[: i + 1], is_text[: i + 1]
+    return ids, is_text
+
+
 def perplexity(model, tokenizer, texts: Sequence[str] | str, context_len: int = 512, stride: int = 256,
                max_tokens: int | None = None, batch_size: int = 4, progress: bool = True) -> dict:
     """Sliding-window perplexity of ``texts``: {"ppl", "nll", "tokens", ...}.
@@ -175,14 +188,7 @@ def perplexity(model, tokenizer, texts: Sequence[str] | str, context_len: int = 
         raise ValueError(f"context_len {context_len} exceeds the model's {limit} positions")
     sliding_windows(0, context_len, stride)  # argument checks
     start = time.perf_counter()
-    ids, is_text = encode_documents(tokenizer, list(texts), max_tokens=max_tokens)
-    if max_tokens is not None:
-        seen = 0
-        for i, t in enumerate(is_text):
-            seen += t
-            if seen == max_tokens:
-                ids, is_text = ids[: i + 1], is_text[: i + 1]
-                break
+    ids, is_text = scored_stream(tokenizer, texts, max_tokens)
     if not any(is_text[1:]):
         raise ValueError("perplexity: the texts hold no tokens to score")
     windows = sliding_windows(len(ids), context_len, stride)

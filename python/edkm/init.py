@@ -143,40 +143,36 @@ def optimal_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> Tuple[torc
 def weighted_distinct_values(weight: torch.Tensor, weights: torch.Tensor, groups: int,
                              name: str = "weight") -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Per group: sorted distinct values (float64) and the sum of ``weights`` (same shape as
-    ``weight``, >= 0) over the elements holding each value. Values whose weights sum to 0 are
-    kept with a tiny mass so every value still belongs to some cluster."""
+    ``weight``, >= 0) over the elements holding each value (+0 and -0 as one). Values whose
+    weights sum to 0 are kept with a tiny mass (1e-12 of the group's largest, 1 if all are 0)
+    so every value still belongs to some cluster, as in the grouped op."""
     w = weight.detach().reshape(groups, -1).cpu()
     s = weights.detach().reshape(groups, -1).cpu().double()
     if not torch.isfinite(w).all():
         raise ValueError(f"edkm: {name} has NaN or Inf values; cannot cluster it")
-    out = []
-    for g in range(groups):
-        vals, inverse = torch.unique(w[g].double(), sorted=True, return_inverse=True)
-        mass = torch.zeros(vals.numel(), dtype=torch.float64).index_add_(0, inverse, s[g])
-        floor = float(mass.max()) * 1e-12 if float(mass.max()) > 0 else 1.0
-        out.append((vals, mass.clamp_min(floor)))
-    return out
-
-
-def _weighted_slots(weight: torch.Tensor, importance: torch.Tensor, groups: int,
-                    name: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """weighted_distinct_values for a 16-bit weight by a 65536-slot histogram per group (one
-    pass, no sort): the same values and masses as the grouped op's sort (+0 and -0 merged, a
-    zero-mass value kept at 1e-12 of the group's largest mass, 1 if all are 0)."""
-    imp = importance.reshape(groups, -1).double()
-    if not (torch.isfinite(imp).all() and bool((imp >= 0).all())):
+    if not (torch.isfinite(s).all() and bool((s >= 0).all())):
         raise ValueError(f"edkm: {name}: the sensitivity (importance) of every weight must be finite and >= 0")
-    keys = weight.reshape(groups, -1).view(torch.int16).to(torch.int64) & 0xFFFF
-    keys += torch.arange(groups, dtype=torch.int64)[:, None] * 65536
-    counts = torch.bincount(keys.reshape(-1), minlength=groups * 65536).view(groups, 65536)
-    mass = torch.bincount(keys.reshape(-1), weights=imp.reshape(-1), minlength=groups * 65536).view(groups, 65536)
-    slots = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(weight.dtype).double()
+    per = []
+    if w.dtype in _16BIT:
+        # A 65536-slot histogram of the bit patterns per group: one pass, no sort. Each value's
+        # mass is summed in element order, as the grouped op's (value, position) sort does.
+        keys = w.view(torch.int16).to(torch.int64) & 0xFFFF
+        keys += torch.arange(groups, dtype=torch.int64)[:, None] * 65536
+        counts = torch.bincount(keys.reshape(-1), minlength=groups * 65536).view(groups, 65536)
+        sums = torch.bincount(keys.reshape(-1), weights=s.reshape(-1), minlength=groups * 65536)
+        sums = sums.view(groups, 65536)
+        slots = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(w.dtype).double()
+        for g in range(groups):
+            present = counts[g] > 0
+            per.append(_merge_sorted(slots[present], sums[g][present], name))
+    else:
+        for g in range(groups):
+            vals, inverse = torch.unique(w[g].double(), sorted=True, return_inverse=True)
+            per.append((vals, torch.zeros(vals.numel(), dtype=torch.float64).index_add_(0, inverse, s[g])))
     out = []
-    for g in range(groups):
-        present = counts[g] > 0
-        vals, m = _merge_sorted(slots[present], mass[g][present], name)
-        top = float(m.max())
-        out.append((vals, m.clamp_min(top * 1e-12 if top > 0 else 1.0)))
+    for vals, mass in per:
+        top = float(mass.max())
+        out.append((vals, mass.clamp_min(top * 1e-12 if top > 0 else 1.0)))
     return out
 
 
@@ -236,7 +232,7 @@ def _init_exact_1d(weight: torch.Tensor, groups: int, k: int, name: str,
         # Few large 16-bit groups: a slot histogram beats sorting each group on one thread (the
         # grouped op's threads are over groups; sorting the 28M-weight embedding alone took 3 s),
         # and U <= 65536 keeps the DP small.
-        per = distinct_values(w, groups, name) if imp is None else _weighted_slots(w, imp, groups, name)
+        per = distinct_values(w, groups, name) if imp is None else weighted_distinct_values(w, imp, groups, name)
         cs, costs = zip(*(ops.optimal_kmeans_1d(v, c, k) for v, c in per))
         centroids, cost = torch.stack(cs), torch.stack(costs)
     else:

@@ -151,10 +151,6 @@ def use_study_extras(module: str):
                           f"EDKM_STUDY_EXTRAS=$(scripts/setup_study_env.sh)") from None
 
 
-def edkm_file_bytes(path: str) -> int:
-    return os.path.getsize(path)
-
-
 def gguf_tensor_bytes(path: str) -> Dict[str, int]:
     """{"bytes": tensor data bytes, "types": {quant type: tensors}} of a GGUF file."""
     from gguf import GGUFReader
@@ -330,8 +326,7 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
         m = ctx.fresh()
         cfg = edkm.Config(bits=spec["bits"], init="sensitivity", outlier_fraction=SQUEEZELLM_OUTLIERS,
                           outlier_criterion="sensitivity")
-        from edkm.data import read_texts
-        from edkm.data import train_validation_split
+        from edkm.data import read_texts, train_validation_split
         train, _val = train_validation_split(ctx.train_files, 0.05, 0)
         res = compress_model(m, ctx.tok, cfg, steps=0, train=TrainConfig(), texts=read_texts(train[:40]),
                              progress=ctx.progress)
@@ -358,7 +353,7 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
     elif kind == "file":
         from edkm.models import load_model
         m, _tok = load_model(spec["path"], torch.float32)
-        info.update(bytes=edkm_file_bytes(spec["path"]), size_kind="edkm file", path=spec["path"])
+        info.update(bytes=os.path.getsize(spec["path"]), size_kind="edkm file", path=spec["path"])
         side = Path(spec["path"]).with_name("train.json")
         if side.is_file():
             tr = json.loads(side.read_text())
@@ -375,7 +370,7 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
 
 
 def run_row(spec: dict, ctx: Context) -> dict:
-    from edkm.bench.accuracy import CONTEXT_LEN, STRIDE, evaluate_model
+    from edkm.bench.accuracy import evaluate_model
     from edkm.evaluate import teacher_agreement
 
     with tempfile.TemporaryDirectory(prefix="edkm-study-") as tmp:
@@ -398,16 +393,10 @@ def llama_cpp_check(ctx: Context, name: str, gguf: str, tokens: int) -> dict:
     the GGUF itself, and edkm.evaluate.perplexity on the GGUF as transformers dequantizes it
     (the model every other metric of the row comes from), on the same tokens and windows."""
     from edkm.bench.accuracy import CONTEXT_LEN, STRIDE
-    from edkm.evaluate import encode_documents, perplexity, sliding_windows
+    from edkm.evaluate import perplexity, scored_stream, sliding_windows
     from edkm.models import load_model
 
-    ids, is_text = encode_documents(ctx.tok, list(ctx.test_texts), max_tokens=tokens)
-    seen = 0
-    for i, t in enumerate(is_text):
-        seen += t
-        if seen == tokens:
-            ids, is_text = ids[: i + 1], is_text[: i + 1]
-            break
+    ids, is_text = scored_stream(ctx.tok, ctx.test_texts, tokens)
     t0 = time.perf_counter()
     ours = perplexity(ctx.model if name == "baseline" else load_model(gguf, torch.float32)[0], ctx.tok,
                       ctx.test_texts, context_len=CONTEXT_LEN, stride=STRIDE, max_tokens=tokens,
@@ -513,8 +502,6 @@ def _agreement(r: dict) -> str:
 
 
 def table(rows: Sequence[dict], base: dict) -> str:
-    from edkm.bench.accuracy import TASK_LABELS
-
     lines = ["| row | method | bits/weight | held-out ppl | x baseline | KL to baseline | top-1 agreement "
              "| PIQA acc | ARC-Easy acc | LAMBADA acc |",
              "|---|---|---|---|---|---|---|---|---|---|"]
