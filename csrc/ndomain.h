@@ -13,16 +13,24 @@ struct NDomainForward {
   at::Tensor iterations;  // T, int64 scalar
 };
 
-// Groups of at most this many weights take the N-domain on CPU (settings.h's ndomain_mode()
-// "auto"). A group's U-domain costs a slot histogram or sort, a gather and a scatter over its
-// M weights plus the iterations over its U distinct values; the N-domain costs iterations over
-// all M weights and nothing else. Below a few thousand weights a 16-bit group has nearly as many
-// distinct values as weights (U ~ M), so the N-domain does the same iterations without the
-// table work. Measured on a 1536 x 576 bf16 matrix, K = 8, dkm forward + backward on 2 cores:
-// one LUT per row (M = 576) N-domain 6.0 s vs U-domain 9.2 s; per 4 rows (M = 2304) 7.0 vs
-// 5.9 s; per 16 rows 6.0 vs 3.0 s. So rows of up to 2048 weights (a LLaMA row of d_model or
-// d_ff up to 2048) take the N-domain when each row has its own LUT.
+// Largest group (weights per LUT) that takes the N-domain on CPU under settings.h's
+// ndomain_mode() "auto", for a weight of this dtype under the current settings. A group's
+// U-domain costs a slot histogram (16-bit weights) or a sort (32/64-bit), a gather and a scatter
+// over its M weights plus the iterations over its U distinct values; the N-domain costs the
+// iterations over all M weights and nothing else. Measured on a 1536 x 576 weight, K = 8,
+// dkm forward + backward, one thread (benchmarks/results/ndomain_simd_cpu.md):
+// - float32 with the AVX2 kernels: N-domain 0.09 s at every group size from one row to the whole
+//   matrix, U-domain 1.0-1.4 s (a float32 weight has about as many distinct values as weights):
+//   no limit.
+// - bfloat16 / float16 with the AVX2 kernels: N-domain 0.10-0.11 s; U-domain 1.0 s per row,
+//   0.48 s per 4 rows, 0.23 s per 16 rows (9,216 weights), 0.064 s per 64 rows (36,864), 0.016 s
+//   per matrix: groups of up to 16,384 weights.
+// - the scalar float64 loops (float64 weights, or no AVX2): groups of up to 2,048 weights
+//   (measured before the AVX2 kernels on a bf16 weight: per row 6.0 vs 9.2 s, per 4 rows 7.0 vs
+//   5.9 s on 2 cores).
 constexpr int64_t kNDomainMaxGroup = 2048;
+constexpr int64_t kNDomainMaxGroup16Simd = 16384;
+int64_t ndomain_max_group(at::ScalarType dtype);
 
 // Whether dkm / dkm_linear run the N-domain for this weight and centroids (CPU only; decided
 // from shapes and the setting alone, so fake tensors under torch.compile decide the same).

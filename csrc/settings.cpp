@@ -12,6 +12,7 @@ std::atomic<bool> g_fused_udomain{true};
 std::atomic<bool> g_fused_udomain_cuda{false};
 std::atomic<bool> g_privatized_slot_atomics{false};
 std::atomic<NDomainMode> g_ndomain_mode{NDomainMode::kAuto};
+std::atomic<bool> g_ndomain_simd{true};
 thread_local bool t_slot_table_trusted = false;
 }
 
@@ -34,6 +35,10 @@ bool fused_udomain_cuda() { return g_fused_udomain_cuda; }
 void set_ndomain_mode(NDomainMode mode) { g_ndomain_mode = mode; }
 
 NDomainMode ndomain_mode() { return g_ndomain_mode; }
+
+void set_ndomain_simd(bool simd) { g_ndomain_simd = simd; }
+
+bool ndomain_simd() { return g_ndomain_simd; }
 
 void set_fused_udomain(bool fused) { g_fused_udomain = fused; }
 

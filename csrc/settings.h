@@ -21,11 +21,17 @@ void set_fused_udomain_cuda(bool fused);
 bool fused_udomain_cuda();
 
 // Which domain dkm and dkm_linear iterate in on CPU: "auto" (the N-domain for groups of at most
-// ndomain.h's kNDomainMaxGroup weights, the U-domain otherwise), "always" N-domain, "never"
+// ndomain.h's ndomain_max_group(dtype) weights, the U-domain otherwise), "always" N-domain, "never"
 // (always the U-domain). Other devices always take the U-domain.
 enum class NDomainMode { kAuto, kAlways, kNever };
 void set_ndomain_mode(NDomainMode mode);
 NDomainMode ndomain_mode();
+
+// The N-domain's passes for float32 / bfloat16 / float16 weights: float32 AVX2 kernels
+// (cpu/ndomain_simd.cpp, the default where the CPU has AVX2 and FMA) or the scalar float64
+// loops (always for float64 weights). The switch exists so tests can compare the two.
+void set_ndomain_simd(bool simd);
+bool ndomain_simd();
 
 // CUDA slot histogram and gradient scatter-add (cuda/slot_privatized.cuh): per-block
 // shared-memory histograms and warp-aggregated atomics, with the deterministic scatter's scale

@@ -9,9 +9,9 @@
 // O(N K T). A group is always summed by one thread in element order, so results do not depend
 // on the thread count. The arithmetic is the U-domain's (udomain_kernel.cpp) with every count 1.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -21,6 +21,8 @@
 
 #include "../checks.h"
 #include "../ndomain.h"
+#include "../settings.h"
+#include "ndomain_simd.h"
 
 namespace edkm {
 
@@ -57,11 +59,78 @@ constexpr int64_t kCacheEntries = int64_t(1) << 17;
 
 int64_t grain_of(int64_t m) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1)); }
 
+// The largest |x| over n values, NaN when one is NaN or infinite (one parallel pass).
+template <typename X>
+double max_abs_or_nan(const X* x, int64_t n) {
+  constexpr int64_t kSpan = int64_t(1) << 16;
+  const int64_t spans = (n + kSpan - 1) / kSpan;
+  std::vector<double> part(spans, 0.0);
+  at::parallel_for(0, spans, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      double mx = 0;
+      for (int64_t i = s * kSpan; i < std::min(n, (s + 1) * kSpan); ++i) {
+        const double v = std::abs(double(x[i]));
+        mx = std::isfinite(v) ? std::max(mx, v) : std::numeric_limits<double>::quiet_NaN();
+        if (std::isnan(mx)) break;
+      }
+      part[s] = mx;
+    }
+  });
+  double mx = 0;
+  for (double p : part) mx = std::isnan(p) || std::isnan(mx) ? p + mx : std::max(mx, p);
+  return mx;
+}
+
+// Whether the float32 AVX2 passes (ndomain_simd.h) run: compute dtype float32, the setting on,
+// the CPU able, and every exponent dist(w, c) / tau finite in float32 for weights and centroids
+// within +-max_abs (centroids stay within the weights' range once they move). Otherwise the
+// float64 loops below run.
+template <typename T>
+bool simd_applies(double max_abs, double temperature, bool squared) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if (!ndomain_simd() || !ndomain_avx2::available() || !std::isfinite(max_abs)) return false;
+    const double span = 2 * max_abs;
+    const double worst = (squared ? span * span : span) / temperature;
+    return worst < 1e36 && 1.0 / temperature < 1e36;
+  }
+}
+
+// A group's m weights as float32: the weights themselves, or converted into buf.
+template <typename W>
+const float* as_float(const W* w, int64_t m, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<W, float>) {
+    return w;
+  } else {
+    buf.resize(m);
+    for (int64_t n = 0; n < m; ++n) buf[n] = float(w[n]);
+    return buf.data();
+  }
+}
+
 // F_n = sum_j a_nj c_j of every weight, rounded to T (as the U-domain's soft values) then W.
 template <typename W, typename T>
 void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
-                  double temperature, bool squared, W* out) {
+                  double temperature, bool squared, bool simd, W* out) {
   const double neg_inv_tau = -1.0 / temperature;
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd) {
+      at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
+        std::vector<float> buf, f(std::is_same_v<W, float> ? 0 : m);
+        for (int64_t g = g0; g < g1; ++g) {
+          const float* wg = as_float(w + g * m, m, buf);
+          if constexpr (std::is_same_v<W, float>) {
+            ndomain_avx2::soft(wg, m, c + g * k, k, float(neg_inv_tau), squared, out + g * m);
+          } else {
+            ndomain_avx2::soft(wg, m, c + g * k, k, float(neg_inv_tau), squared, f.data());
+            for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(f[n]);
+          }
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
     std::vector<double> a(k);
     for (int64_t g = g0; g < g1; ++g) {
@@ -93,29 +162,37 @@ NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centr
   for (int64_t i = 0; i < gk; ++i) {
     TORCH_CHECK_VALUE(std::isfinite(double(h[i])), op, ": centroids contain NaN or Inf");
   }
+  const double w_max = max_abs_or_nan(w, weight.numel());
+  TORCH_CHECK_VALUE(!std::isnan(w_max), op, ": weight contains NaN or Inf");
+  const bool simd = simd_applies<T>(std::max(w_max, max_abs_or_nan(h, gk)), temperature, squared);
   std::vector<double> move(groups);
-  std::atomic<bool> bad_weight{false};
   int64_t t = 0;
   while (t < max_iter) {
     const T* c = h + t * gk;
     T* next = h + (t + 1) * gk;
     at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
       std::vector<double> a(k), num(k), den(k);
+      std::vector<float> buf;
       for (int64_t g = g0; g < g1; ++g) {
         const T* cg = c + g * k;
-        std::fill(num.begin(), num.end(), 0.0);
-        std::fill(den.begin(), den.end(), 0.0);
-        bool finite = true;
-        for (int64_t n = 0; n < m; ++n) {
-          const double v = double(w[g * m + n]);
-          finite = finite && std::isfinite(v);
-          attention(v, cg, k, neg_inv_tau, squared, a.data());
-          for (int64_t j = 0; j < k; ++j) {
-            num[j] += a[j] * v;
-            den[j] += a[j];
+        if constexpr (std::is_same_v<T, float>) {
+          if (simd) {
+            ndomain_avx2::moments(as_float(w + g * m, m, buf), m, cg, k, float(neg_inv_tau),
+                                  squared, num.data(), den.data(), nullptr);
           }
         }
-        if (!finite) bad_weight = true;
+        if (!simd) {
+          std::fill(num.begin(), num.end(), 0.0);
+          std::fill(den.begin(), den.end(), 0.0);
+          for (int64_t n = 0; n < m; ++n) {
+            const double v = double(w[g * m + n]);
+            attention(v, cg, k, neg_inv_tau, squared, a.data());
+            for (int64_t j = 0; j < k; ++j) {
+              num[j] += a[j] * v;
+              den[j] += a[j];
+            }
+          }
+        }
         double mv = 0;
         for (int64_t j = 0; j < k; ++j) {
           const int64_t i = g * k + j;
@@ -125,13 +202,13 @@ NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centr
         move[g] = mv;
       }
     });
-    TORCH_CHECK_VALUE(!bad_weight, op, ": weight contains NaN or Inf");
     ++t;
     if (*std::max_element(move.begin(), move.end()) <= epsilon) break;
   }
   for (int64_t r = t + 1; r <= max_iter; ++r) std::copy(h + t * gk, h + (t + 1) * gk, h + r * gk);
   auto clustered = at::empty(weight.sizes(), weight.options());
-  ndomain_soft<W, T>(w, h + t * gk, groups, m, k, temperature, squared, clustered.data_ptr<W>());
+  ndomain_soft<W, T>(w, h + t * gk, groups, m, k, temperature, squared, simd,
+                     clustered.data_ptr<W>());
   return {clustered, history[t].clone(), history,
           at::scalar_tensor(t, weight.options().dtype(at::kLong))};
 }
@@ -215,6 +292,42 @@ void backward_group(const W* w, const W* gf, const T* h, const T* gct, int64_t g
   for (int64_t j = 0; j < k; ++j) gc_out[g * k + j] = T(gc[j]);
 }
 
+// backward_group with the float32 AVX2 passes: the same sums, the attention cached as float32.
+template <typename W>
+void backward_group_simd(const W* w, const W* gf, const float* h, const float* gct,
+                         int64_t groups, int64_t g, int64_t m, int64_t k, int64_t iterations,
+                         double inv_tau, bool squared, std::vector<float>& wbuf,
+                         std::vector<float>& gbuf, std::vector<float>& cache,
+                         std::vector<float>& acc, W* out, float* gc_out) {
+  const float* wg = as_float(w + g * m, m, wbuf);
+  const float* gug = gf ? as_float(gf + g * m, m, gbuf) : nullptr;
+  const bool cached = int64_t(cache.size()) >= ndomain_avx2::cache_floats(m, k);
+  const int64_t gk = groups * k;
+  std::vector<double> gc(k, 0.0), num(k), den(k), part(k), keep(k);
+  std::vector<float> next(k), q(k);
+  ndomain_avx2::final_pass(wg, gug, m, h + iterations * gk + g * k, k, float(inv_tau), squared,
+                           acc.data(), gc.data());
+  if (gct) {
+    for (int64_t j = 0; j < k; ++j) gc[j] = double(float(gc[j])) + double(gct[g * k + j]);
+  }
+  for (int64_t t = iterations - 1; t >= 0; --t) {
+    const float* ct = h + t * gk + g * k;
+    ndomain_avx2::moments(wg, m, ct, k, float(-inv_tau), squared, num.data(), den.data(),
+                          cached ? cache.data() : nullptr);
+    for (int64_t j = 0; j < k; ++j) {
+      const bool attended = den[j] > 0;
+      next[j] = attended ? float(num[j] / den[j]) : 0.0f;
+      q[j] = attended ? float(gc[j] / den[j]) : 0.0f;
+      keep[j] = attended ? 0.0 : gc[j];
+    }
+    ndomain_avx2::reverse_pass(wg, m, ct, next.data(), q.data(), k, float(-inv_tau), squared,
+                               cached ? cache.data() : nullptr, acc.data(), part.data());
+    for (int64_t j = 0; j < k; ++j) gc[j] = keep[j] + part[j] * inv_tau;
+  }
+  for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(acc[n]);
+  for (int64_t j = 0; j < k; ++j) gc_out[g * k + j] = float(gc[j]);
+}
+
 template <typename W, typename T>
 void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
                    const at::Tensor& grad_centroids, const at::Tensor& history,
@@ -228,6 +341,22 @@ void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
   const T* h = history.const_data_ptr<T>();
   W* out = grad_weight.data_ptr<W>();
   T* gco = grad_c0.data_ptr<T>();
+  if constexpr (std::is_same_v<T, float>) {
+    const double w_max = max_abs_or_nan(w, weight.numel());
+    if (simd_applies<T>(std::max(w_max, max_abs_or_nan(h, history.numel())), temperature,
+                        squared)) {
+      at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
+        const int64_t cache_floats = ndomain_avx2::cache_floats(m, k);
+        std::vector<float> wbuf, gbuf, acc(m);
+        std::vector<float> cache(cache_floats <= 2 * kCacheEntries ? cache_floats : 0);
+        for (int64_t g = g0; g < g1; ++g) {
+          backward_group_simd<W>(w, gf, h, gct, groups, g, m, k, iterations, 1.0 / temperature,
+                                 squared, wbuf, gbuf, cache, acc, out, gco);
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
     std::vector<double> a(k), grad_a(k);
     std::vector<double> cache(m * k <= kCacheEntries ? m * k : 0);
@@ -320,8 +449,14 @@ at::Tensor ndomain_recompute_cpu(const at::Tensor& weight_in, const at::Tensor& 
   auto c = history[iterations.item<int64_t>()].contiguous();
   auto out = at::empty(weight.sizes(), weight.options());
   EDKM_DISPATCH_WT(weight.scalar_type(), op, [&] {
-    ndomain_soft<W, T>(weight.const_data_ptr<W>(), c.const_data_ptr<T>(), groups,
-                       weight.numel() / groups, k, temperature, squared, out.data_ptr<W>());
+    const W* w = weight.const_data_ptr<W>();
+    const double w_max = max_abs_or_nan(w, weight.numel());
+    // Decided over the whole history, as the forward and backward decide it.
+    auto hist = history.contiguous();
+    const double c_max = max_abs_or_nan(hist.const_data_ptr<T>(), hist.numel());
+    const bool simd = simd_applies<T>(std::max(w_max, c_max), temperature, squared);
+    ndomain_soft<W, T>(w, c.const_data_ptr<T>(), groups, weight.numel() / groups, k,
+                       temperature, squared, simd, out.data_ptr<W>());
   });
   return out;
 }

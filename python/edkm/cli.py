@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edkm.bench import gpu as bench_gpu
     from edkm.bench import layer as bench_layer
     from edkm.bench import memory as bench_memory
+    from edkm.bench import ndomain as bench_ndomain
     from edkm.bench import sensitivity as bench_sensitivity
     from edkm.bench import small_groups as bench_small_groups
     from edkm.bench import step as bench_step
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("udomain", help="CPU U-domain: fused loops vs ATen ops, dkm forward+backward with one or many LUTs per matrix")
     bench_udomain.add_arguments(p)
     p.set_defaults(run=bench_udomain.main)
+    p = bench_sub.add_parser("ndomain", help="CPU dkm by LUT group size: N-domain AVX2 kernels vs their float64 loops vs the U-domain, forward+backward")
+    bench_ndomain.add_arguments(p)
+    p.set_defaults(run=bench_ndomain.main)
     p = bench_sub.add_parser("accuracy", help="SmolLM2-135M at 3 bits: baseline / round-to-nearest / k-means / eDKM / plain fine-tune, zero-shot accuracy and perplexity at the same storage")
     bench_accuracy.add_arguments(p)
     p.set_defaults(run=bench_accuracy.main)

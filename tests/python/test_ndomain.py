@@ -119,7 +119,7 @@ def test_dkm_linear_matches_reference(ndomain_mode, bias):
 
 def test_auto_rule_picks_by_group_size(ndomain_mode):
     """Under 'auto' small groups save only the history, large ones the U-domain tables."""
-    limit = _C.ndomain_max_group()
+    limit = _C.ndomain_max_group(torch.float64)
     assert _C.ndomain() == "auto"
     small = saved_kinds(torch.randn(4, limit, dtype=torch.float64))  # 4 groups of `limit`
     large = saved_kinds(torch.randn(2, limit + 1, dtype=torch.float64))

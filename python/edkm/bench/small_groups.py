@@ -97,6 +97,10 @@ def time_steps(args, group_size, progress) -> dict:
             "peak_rss_bytes_so_far": _peak_rss()}
 
 
+def _max_group_words(limit: int) -> str:
+    return "every size" if limit >= 2 ** 62 else f"<= {limit:,} weights"
+
+
 def run(args) -> dict:
     from tqdm import tqdm
 
@@ -106,7 +110,8 @@ def run(args) -> dict:
     _C.set_ndomain(args.ndomain)
     report = {"benchmark": "small_groups", "model": args.model, "bits": args.bits,
               "batch": args.batch, "tokens": args.tokens, "timed_steps": args.steps,
-              "ndomain": args.ndomain, "ndomain_max_group": _C.ndomain_max_group(),
+              "ndomain": args.ndomain, "ndomain_max_group": _C.ndomain_max_group(torch.float32),
+              "ndomain_simd": _C.ndomain_simd() and _C.ndomain_simd_available(),
               "torch_threads": torch.get_num_threads(), **_results.stamp()}
     out = args.out or _results.default_results_dir()
     base = f"{out}/small_groups"
@@ -156,8 +161,9 @@ def markdown(report: dict) -> str:
              f"- step: forward + backward, batch {report['batch']} x {report['tokens']} tokens, fp32 model "
              f"clustered by palettize_; median of {report['timed_steps']} steps after a warm-up; all variants in one "
              f"process (peak RSS is the process's running maximum)",
-             f"- DKM domain: {report['ndomain']} (N-domain for groups of <= {report['ndomain_max_group']} "
-             "weights under auto)",
+             f"- DKM domain: {report['ndomain']} (under auto the N-domain for float32 groups of "
+             f"{_max_group_words(report['ndomain_max_group'])}; N-domain kernels: "
+             f"{'float32 AVX2' if report.get('ndomain_simd') else 'scalar float64'})",
              ""]
     if "init_per_row" in report:
         r = report["init_per_row"]

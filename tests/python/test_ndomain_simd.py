@@ -1,0 +1,189 @@
+"""The N-domain's float32 AVX2 kernels (csrc/cpu/ndomain_simd.cpp) against the float64 reference
+and the scalar float64 loops they replace for float32 / bfloat16 / float16 weights: forward,
+backward and dkm_linear, block tails, groups larger than one float32 summing block, up to 256
+centroids, unattended centroids; the fallback when exponents would overflow float32; results
+independent of the thread count; the auto rule that follows from their speed."""
+import pytest
+import torch
+
+import edkm
+from conftest import rel_error, spread_centroids
+from edkm import _C
+
+pytestmark = pytest.mark.skipif(not _C.ndomain_simd_available(),
+                                reason="this CPU has no AVX2/FMA: the scalar float64 loops run")
+
+
+@pytest.fixture
+def modes():
+    """set(ndomain=..., simd=...) for one test; restores 'auto' and the AVX2 kernels afterwards."""
+    def set_modes(ndomain="always", simd=True):
+        _C.set_ndomain(ndomain)
+        _C.set_ndomain_simd(simd)
+
+    yield set_modes
+    _C.set_ndomain("auto")
+    _C.set_ndomain_simd(True)
+
+
+def run(w, c, tau, max_iter, distance, seed=3, fn=edkm.dkm):
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(w.shape, generator=g, dtype=torch.float64).to(w.dtype)
+    grad_c = torch.randn(c.shape, generator=g, dtype=torch.float64).to(c.dtype)
+    wi = w.detach().clone().requires_grad_()
+    ci = c.detach().clone().requires_grad_()
+    out = fn(wi, ci, tau, max_iter, 0.0, distance)
+    gw, gc = torch.autograd.grad((out.clustered * grad_out).sum() + (out.centroids * grad_c).sum(), (wi, ci))
+    return out.clustered.detach(), out.centroids.detach(), gw, gc
+
+
+def weight(groups, m, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(groups, m, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+
+
+def centroids(groups, k, seed=1):
+    return (spread_centroids(groups, k, seed=seed) * 0.05).float()
+
+
+@pytest.mark.parametrize("distance", ["squared", "absolute"])
+@pytest.mark.parametrize("groups,m,k", [(48, 37, 8), (16, 576, 8), (3, 5000, 16), (10, 13, 3),
+                                        (2, 1000, 256), (5, 7, 2)],
+                         ids=["tail", "row", "multi-block", "k3", "k256", "one-block"])
+def test_float32_matches_float64_reference(modes, distance, groups, m, k):
+    """float32 weights: the AVX2 path against the exact float64 computation of the same inputs
+    (the scalar float64 loops, themselves checked against the naive reference in test_ndomain.py)."""
+    w, c = weight(groups, m, torch.float32), centroids(groups, k)
+    tau = 2e-4 if distance == "squared" else 5e-3
+    modes(simd=True)
+    got = run(w, c, tau, 3, distance)
+    want = run(w.double(), c.double(), tau, 3, distance)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    names = ("clustered", "centroids", "grad_weight", "grad_centroids")
+    bounds = (1e-6, 1e-6, 1e-5, 1e-5)
+    for name, a, b, bound in zip(names, got, want, bounds):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a.double(), b) <= bound, (name, rel_error(a.double(), b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("distance", ["squared", "absolute"])
+def test_16_bit_weights_match_scalar_loops(modes, dtype, distance):
+    w, c = weight(24, 300, dtype), centroids(24, 8)
+    tau = 2e-4 if distance == "squared" else 5e-3
+    results = {}
+    for simd in (True, False):
+        modes(simd=simd)
+        results[simd] = run(w, c, tau, 3, distance)
+    (a, ca, ga, gca), (b, cb, gb, gcb) = results[True], results[False]
+    assert a.dtype == dtype and ga.dtype == dtype
+    # Both round to the weight's 16-bit dtype in the end: a few elements may round apart.
+    assert rel_error(a.double(), b.double()) <= 1e-3
+    assert rel_error(ca.double(), cb.double()) <= 1e-6
+    assert rel_error(ga.double(), gb.double()) <= 1e-3
+    assert rel_error(gca.double(), gcb.double()) <= 1e-5
+
+
+def test_dkm_linear_matches_scalar_loops(modes):
+    g = torch.Generator().manual_seed(4)
+    w, c = weight(40, 96, torch.float32), centroids(40, 8)
+    x = torch.randn(3, 96, generator=g)
+    results = {}
+    for simd in (True, False):
+        modes(simd=simd)
+        xi, wi, ci = (t.clone().requires_grad_() for t in (x, w, c))
+        out, cf, _ = edkm.dkm_linear(xi, wi, ci, None, 2e-4, 3)
+        grads = torch.autograd.grad(out.square().sum() + cf.sum(), (xi, wi, ci))
+        results[simd] = (out.detach(), cf.detach()) + grads
+    for a, b in zip(results[True], results[False]):
+        assert rel_error(a.double(), b.double()) <= 1e-5
+
+
+def test_unattended_centroid_keeps_its_value_and_gradient(modes):
+    """A centroid far from every weight gets no attention: it stays put and passes its gradient
+    through unchanged, as in the float64 loops."""
+    w = weight(4, 50, torch.float32)
+    c = centroids(4, 4)
+    c[:, -1] = 50.0
+    modes(simd=True)
+    got = run(w, c, 2e-4, 3, "squared")
+    modes(simd=False)
+    want = run(w, c, 2e-4, 3, "squared")
+    assert torch.equal(got[1][:, -1], c[:, -1])
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        assert rel_error(a.double(), b.double()) <= 1e-5
+
+
+def test_overflowing_exponents_fall_back_to_float64(modes):
+    """With 1/tau beyond float32's range the AVX2 path would overflow: the float64 loops run,
+    so both settings give the same bits."""
+    w, c = weight(6, 40, torch.float32), centroids(6, 4)
+    modes(simd=True)
+    got = run(w, c, 1e-40, 2, "squared")
+    modes(simd=False)
+    want = run(w, c, 1e-40, 2, "squared")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_independent_of_thread_count(modes):
+    w, c = weight(64, 200, torch.float32), centroids(64, 8)
+    modes(simd=True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(w, c, 2e-4, 3, "squared")
+        torch.set_num_threads(2)
+        two = run(w, c, 2e-4, 3, "squared")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_nan_weight_is_rejected(modes):
+    w, c = weight(4, 20, torch.float32), centroids(4, 4)
+    w[2, 5] = float("nan")
+    modes(simd=True)
+    with pytest.raises(ValueError, match=r"dkm: weight contains NaN or Inf"):
+        edkm.dkm(w, c, 1e-3, 3)
+
+
+def test_recompute_matches_forward(modes):
+    """_ndomain_recompute (dkm_linear's backward) rebuilds the forward's clustered weight exactly."""
+    w, c = weight(8, 77, torch.float32), centroids(8, 8)
+    modes(simd=True)
+    clustered, _, it, hist = torch.ops.edkm._ndomain_forward(w, c, 2e-4, 3, 0.0, "squared")
+    again = torch.ops.edkm._ndomain_recompute(w, hist, it, 2e-4, "squared")
+    assert torch.equal(clustered, again)
+
+
+def test_opcheck_float32(modes):
+    modes(simd=True)
+    w, c = weight(8, 12, torch.float32), centroids(8, 4)
+    torch.library.opcheck(torch.ops.edkm._ndomain_forward.default, (w, c, 0.01, 3, 0.0, "squared"))
+    _, _, it, hist = torch.ops.edkm._ndomain_forward(w, c, 0.01, 3, 0.0, "absolute")
+    gw, gc = torch.randn(w.shape), torch.randn(c.shape)
+    torch.library.opcheck(torch.ops.edkm._ndomain_backward.default,
+                          (gw, gc, w, hist, it, 0.01, "absolute", c.dtype))
+
+
+def test_auto_rule_follows_dtype_and_setting(modes):
+    """float32 weights take the N-domain at every size with the AVX2 kernels; 16-bit weights up to
+    16,384 weights per group; float64 (and everything without them) up to 2,048."""
+    modes(ndomain="auto", simd=True)
+    assert _C.ndomain_max_group(torch.float32) == 2 ** 63 - 1
+    assert _C.ndomain_max_group(torch.bfloat16) == 16384
+    assert _C.ndomain_max_group(torch.float16) == 16384
+    assert _C.ndomain_max_group(torch.float64) == 2048
+    w = weight(1, 20000, torch.float32)
+    c = centroids(1, 8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        edkm.dkm(w.requires_grad_(), c, 1e-3, 3)
+    assert (4, 1, 8) in saved and all(s in ((4, 1, 8), (), (1, 20000)) for s in saved), saved
+    modes(ndomain="auto", simd=False)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert _C.ndomain_max_group(dtype) == 2048
+    assert _C.ndomain_simd() is False
