@@ -104,13 +104,14 @@ def _max_group_words(limit: int) -> str:
 def run(args) -> dict:
     from tqdm import tqdm
 
+    import edkm
     from edkm import _C, _results
 
     names = _check(args)
     _C.set_ndomain(args.ndomain)
     report = {"benchmark": "small_groups", "model": args.model, "bits": args.bits,
               "batch": args.batch, "tokens": args.tokens, "timed_steps": args.steps,
-              "ndomain": args.ndomain, "ndomain_max_group": _C.ndomain_max_group(torch.float32),
+              "ndomain": args.ndomain, "ndomain_max_group": _C.ndomain_max_group(edkm.Config().cluster_dtype),
               "ndomain_simd": _C.ndomain_simd() and _C.ndomain_simd_available(),
               "torch_threads": torch.get_num_threads(), **_results.stamp()}
     out = args.out or _results.default_results_dir()
@@ -161,7 +162,8 @@ def markdown(report: dict) -> str:
              f"- step: forward + backward, batch {report['batch']} x {report['tokens']} tokens, fp32 model "
              f"clustered by palettize_; median of {report['timed_steps']} steps after a warm-up; all variants in one "
              f"process (peak RSS is the process's running maximum)",
-             f"- DKM domain: {report['ndomain']} (under auto the N-domain for float32 groups of "
+             f"- DKM domain: {report['ndomain']} (the fp32 weights are clustered as bfloat16, Config's "
+             f"cluster_dtype; under auto the N-domain for bfloat16 groups of "
              f"{_max_group_words(report['ndomain_max_group'])}; N-domain kernels: "
              f"{'float32 AVX2' if report.get('ndomain_simd') else 'scalar float64'})",
              ""]
