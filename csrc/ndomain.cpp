@@ -2,13 +2,13 @@
 
 #include <limits>
 
-#include "cpu/ndomain_simd.h"
+#include "cpu/attention_avx2.h"
 #include "settings.h"
 
 namespace edkm {
 
 int64_t ndomain_max_group(at::ScalarType dtype) {
-  const bool simd = ndomain_simd() && ndomain_avx2::available();
+  const bool simd = simd_attention() && attention_avx2::available();
   if (simd && dtype == at::kFloat) return std::numeric_limits<int64_t>::max();
   if (simd && (dtype == at::kBFloat16 || dtype == at::kHalf)) return kNDomainMaxGroup16Simd;
   return kNDomainMaxGroup;

@@ -18,13 +18,12 @@ struct NDomainForward {
 // U-domain costs a slot histogram (16-bit weights) or a sort (32/64-bit), a gather and a scatter
 // over its M weights plus the iterations over its U distinct values; the N-domain costs the
 // iterations over all M weights and nothing else. Measured on a 1536 x 576 weight, K = 8,
-// dkm forward + backward, one thread (benchmarks/results/ndomain_simd_cpu.md):
-// - float32 with the AVX2 kernels: N-domain 0.09 s at every group size from one row to the whole
-//   matrix, U-domain 1.0-1.4 s (a float32 weight has about as many distinct values as weights):
-//   no limit.
-// - bfloat16 / float16 with the AVX2 kernels: N-domain 0.10-0.11 s; U-domain 1.0 s per row,
-//   0.48 s per 4 rows, 0.23 s per 16 rows (9,216 weights), 0.064 s per 64 rows (36,864), 0.016 s
-//   per matrix: groups of up to 16,384 weights.
+// dkm forward + backward, one thread, both on the AVX2 attention kernels
+// (benchmarks/results/ndomain_simd_cpu.md):
+// - float32: N-domain 87-138 ms at every group size from one row to the whole matrix, U-domain
+//   232-325 ms (a float32 weight has about as many distinct values as weights): no limit.
+// - bfloat16 / float16: N-domain 95-121 ms up to 16 rows; U-domain 168 ms per row, 107 ms per 16
+//   rows (9,216 weights), 54 ms per 64 rows (36,864), 12 ms per matrix: groups of up to 16,384.
 // - the scalar float64 loops (float64 weights, or no AVX2): groups of up to 2,048 weights
 //   (measured before the AVX2 kernels on a bf16 weight: per row 6.0 vs 9.2 s, per 4 rows 7.0 vs
 //   5.9 s on 2 cores).

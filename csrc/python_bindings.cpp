@@ -9,7 +9,7 @@
 #include <pybind11/stl.h>
 
 #include "ndomain.h"
-#include "cpu/ndomain_simd.h"
+#include "cpu/attention_avx2.h"
 #include "settings.h"
 #include "udomain.h"
 
@@ -103,19 +103,20 @@ PYBIND11_MODULE(_C, m) {
       default: return std::string("auto");
     }
   });
-  m.def("set_ndomain_simd", &edkm::set_ndomain_simd, py::arg("simd"),
-        "CPU N-domain for float32/bfloat16/float16 weights: float32 AVX2 kernels (True, default; "
-        "used where ndomain_simd_available()) or the scalar float64 loops (False)");
-  m.def("ndomain_simd", &edkm::ndomain_simd);
-  m.def("ndomain_simd_available", &edkm::ndomain_avx2::available,
-        "True when this CPU runs the AVX2 N-domain kernels (AVX2 and FMA)");
+  m.def("set_simd_attention", &edkm::set_simd_attention, py::arg("simd"),
+        "CPU dkm attention passes (N-domain and fused U-domain) for float32/bfloat16/float16 "
+        "weights: float32 AVX2 kernels (True, default; used where simd_attention_available()) or "
+        "the scalar float64 loops (False)");
+  m.def("simd_attention", &edkm::simd_attention);
+  m.def("simd_attention_available", &edkm::attention_avx2::available,
+        "True when this CPU runs the AVX2 attention kernels (AVX2 and FMA)");
   m.def("ndomain_max_group",
         [](py::object dtype) {
           return edkm::ndomain_max_group(torch::python::detail::py_object_to_dtype(dtype));
         },
         py::arg("dtype"),
         "Largest group (weights per LUT) that takes the N-domain under set_ndomain('auto') for a "
-        "weight of this dtype (under the current set_ndomain_simd; 2**63 - 1: every size)");
+        "weight of this dtype (under the current set_simd_attention; 2**63 - 1: every size)");
   m.def("deterministic_scatter", &edkm::deterministic_scatter);
 
   py::class_<edkm::SavedTensorStore, std::shared_ptr<edkm::SavedTensorStore>>(

@@ -12,7 +12,7 @@ std::atomic<bool> g_fused_udomain{true};
 std::atomic<bool> g_fused_udomain_cuda{false};
 std::atomic<bool> g_privatized_slot_atomics{false};
 std::atomic<NDomainMode> g_ndomain_mode{NDomainMode::kAuto};
-std::atomic<bool> g_ndomain_simd{true};
+std::atomic<bool> g_simd_attention{true};
 thread_local bool t_slot_table_trusted = false;
 }
 
@@ -36,9 +36,9 @@ void set_ndomain_mode(NDomainMode mode) { g_ndomain_mode = mode; }
 
 NDomainMode ndomain_mode() { return g_ndomain_mode; }
 
-void set_ndomain_simd(bool simd) { g_ndomain_simd = simd; }
+void set_simd_attention(bool simd) { g_simd_attention = simd; }
 
-bool ndomain_simd() { return g_ndomain_simd; }
+bool simd_attention() { return g_simd_attention; }
 
 void set_fused_udomain(bool fused) { g_fused_udomain = fused; }
 

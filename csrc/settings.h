@@ -27,11 +27,12 @@ enum class NDomainMode { kAuto, kAlways, kNever };
 void set_ndomain_mode(NDomainMode mode);
 NDomainMode ndomain_mode();
 
-// The N-domain's passes for float32 / bfloat16 / float16 weights: float32 AVX2 kernels
-// (cpu/ndomain_simd.cpp, the default where the CPU has AVX2 and FMA) or the scalar float64
-// loops (always for float64 weights). The switch exists so tests can compare the two.
-void set_ndomain_simd(bool simd);
-bool ndomain_simd();
+// The attention passes of the CPU N-domain and fused U-domain loops for float32 / bfloat16 /
+// float16 weights (compute dtype float32): float32 AVX2 kernels (cpu/attention_avx2.cpp, the
+// default where the CPU has AVX2 and FMA) or the scalar float64 loops (always for float64
+// weights). The switch exists so tests can compare the two.
+void set_simd_attention(bool simd);
+bool simd_attention();
 
 // CUDA slot histogram and gradient scatter-add (cuda/slot_privatized.cuh): per-block
 // shared-memory histograms and warp-aggregated atomics, with the deterministic scatter's scale

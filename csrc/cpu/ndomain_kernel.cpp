@@ -22,7 +22,7 @@
 #include "../checks.h"
 #include "../ndomain.h"
 #include "../settings.h"
-#include "ndomain_simd.h"
+#include "attention_avx2.h"
 
 namespace edkm {
 
@@ -81,7 +81,7 @@ double max_abs_or_nan(const X* x, int64_t n) {
   return mx;
 }
 
-// Whether the float32 AVX2 passes (ndomain_simd.h) run: compute dtype float32, the setting on,
+// Whether the float32 AVX2 passes (attention_avx2.h) run: compute dtype float32, the setting on,
 // the CPU able, and every exponent dist(w, c) / tau finite in float32 for weights and centroids
 // within +-max_abs (centroids stay within the weights' range once they move). Otherwise the
 // float64 loops below run.
@@ -90,10 +90,8 @@ bool simd_applies(double max_abs, double temperature, bool squared) {
   if constexpr (!std::is_same_v<T, float>) {
     return false;
   } else {
-    if (!ndomain_simd() || !ndomain_avx2::available() || !std::isfinite(max_abs)) return false;
-    const double span = 2 * max_abs;
-    const double worst = (squared ? span * span : span) / temperature;
-    return worst < 1e36 && 1.0 / temperature < 1e36;
+    return simd_attention() && attention_avx2::available() && std::isfinite(max_abs) &&
+           attention_avx2::exponents_fit(max_abs, temperature, squared);
   }
 }
 
@@ -121,9 +119,9 @@ void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
         for (int64_t g = g0; g < g1; ++g) {
           const float* wg = as_float(w + g * m, m, buf);
           if constexpr (std::is_same_v<W, float>) {
-            ndomain_avx2::soft(wg, m, c + g * k, k, float(neg_inv_tau), squared, out + g * m);
+            attention_avx2::soft(wg, m, c + g * k, k, float(neg_inv_tau), squared, out + g * m);
           } else {
-            ndomain_avx2::soft(wg, m, c + g * k, k, float(neg_inv_tau), squared, f.data());
+            attention_avx2::soft(wg, m, c + g * k, k, float(neg_inv_tau), squared, f.data());
             for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(f[n]);
           }
         }
@@ -177,8 +175,8 @@ NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centr
         const T* cg = c + g * k;
         if constexpr (std::is_same_v<T, float>) {
           if (simd) {
-            ndomain_avx2::moments(as_float(w + g * m, m, buf), m, cg, k, float(neg_inv_tau),
-                                  squared, num.data(), den.data(), nullptr);
+            attention_avx2::moments(as_float(w + g * m, m, buf), nullptr, m, cg, k,
+                                    float(neg_inv_tau), squared, num.data(), den.data(), nullptr);
           }
         }
         if (!simd) {
@@ -301,27 +299,27 @@ void backward_group_simd(const W* w, const W* gf, const float* h, const float* g
                          std::vector<float>& acc, W* out, float* gc_out) {
   const float* wg = as_float(w + g * m, m, wbuf);
   const float* gug = gf ? as_float(gf + g * m, m, gbuf) : nullptr;
-  const bool cached = int64_t(cache.size()) >= ndomain_avx2::cache_floats(m, k);
+  const bool cached = int64_t(cache.size()) >= attention_avx2::cache_floats(m, k);
   const int64_t gk = groups * k;
   std::vector<double> gc(k, 0.0), num(k), den(k), part(k), keep(k);
   std::vector<float> next(k), q(k);
-  ndomain_avx2::final_pass(wg, gug, m, h + iterations * gk + g * k, k, float(inv_tau), squared,
-                           acc.data(), gc.data());
+  attention_avx2::final_pass(wg, gug, m, h + iterations * gk + g * k, k, float(inv_tau), squared,
+                             acc.data(), nullptr, gc.data());
   if (gct) {
     for (int64_t j = 0; j < k; ++j) gc[j] = double(float(gc[j])) + double(gct[g * k + j]);
   }
   for (int64_t t = iterations - 1; t >= 0; --t) {
     const float* ct = h + t * gk + g * k;
-    ndomain_avx2::moments(wg, m, ct, k, float(-inv_tau), squared, num.data(), den.data(),
-                          cached ? cache.data() : nullptr);
+    attention_avx2::moments(wg, nullptr, m, ct, k, float(-inv_tau), squared, num.data(),
+                            den.data(), cached ? cache.data() : nullptr);
     for (int64_t j = 0; j < k; ++j) {
       const bool attended = den[j] > 0;
       next[j] = attended ? float(num[j] / den[j]) : 0.0f;
       q[j] = attended ? float(gc[j] / den[j]) : 0.0f;
       keep[j] = attended ? 0.0 : gc[j];
     }
-    ndomain_avx2::reverse_pass(wg, m, ct, next.data(), q.data(), k, float(-inv_tau), squared,
-                               cached ? cache.data() : nullptr, acc.data(), part.data());
+    attention_avx2::reverse_pass(wg, nullptr, m, ct, next.data(), q.data(), k, float(-inv_tau),
+                                 squared, cached ? cache.data() : nullptr, acc.data(), part.data());
     for (int64_t j = 0; j < k; ++j) gc[j] = keep[j] + part[j] * inv_tau;
   }
   for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(acc[n]);
@@ -346,7 +344,7 @@ void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
     if (simd_applies<T>(std::max(w_max, max_abs_or_nan(h, history.numel())), temperature,
                         squared)) {
       at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
-        const int64_t cache_floats = ndomain_avx2::cache_floats(m, k);
+        const int64_t cache_floats = attention_avx2::cache_floats(m, k);
         std::vector<float> wbuf, gbuf, acc(m);
         std::vector<float> cache(cache_floats <= 2 * kCacheEntries ? cache_floats : 0);
         for (int64_t g = g0; g < g1; ++g) {

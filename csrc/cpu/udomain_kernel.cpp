@@ -5,10 +5,12 @@
 //
 // Work is split into fixed chunks of each group's row; every chunk writes its own partial sums,
 // added in chunk order afterwards, so results do not depend on the number of threads. Sums are
-// accumulated, and the attention computed, in float64 whatever the table's dtype.
+// accumulated, and the attention computed, in float64, except for float32 tables where the
+// AVX2 kernels of attention_avx2.h run each chunk (settings.h's simd_attention()).
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -16,6 +18,7 @@
 
 #include "../settings.h"
 #include "../udomain.h"
+#include "attention_avx2.h"
 
 namespace edkm {
 
@@ -75,10 +78,37 @@ inline double slope_of(double diff, bool squared) {
   return squared ? diff * 2 : double((diff > 0) - (diff < 0));
 }
 
+// Whether the float32 AVX2 attention passes (attention_avx2.h) run: float32 tables, the setting
+// on, the CPU able, and every exponent representable in float32 for the values of nonzero count
+// and the centroids c (n_c entries: the initial centroids, or the whole history, which stays
+// within the same range). Otherwise the float64 loops below run.
+template <typename T>
+bool simd_applies(const T* values, const T* counts, int64_t n_values, const T* c, int64_t n_c,
+                  double temperature, bool squared) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if (!simd_attention() || !attention_avx2::available()) return false;
+    double mx = 0;
+    for (int64_t i = 0; i < n_values; ++i) {
+      if (counts[i] == 0) continue;
+      const double a = std::abs(double(values[i]));
+      if (!std::isfinite(a)) return false;
+      mx = std::max(mx, a);
+    }
+    for (int64_t i = 0; i < n_c; ++i) {
+      const double a = std::abs(double(c[i]));
+      if (!std::isfinite(a)) return false;
+      mx = std::max(mx, a);
+    }
+    return attention_avx2::exponents_fit(mx, temperature, squared);
+  }
+}
+
 // Per group: num_j = sum_u n_u a_uj v_u and den_j = sum_u n_u a_uj at centroids c [G, K].
 template <typename T>
 void moments(const T* values, const T* counts, const T* c, const Layout& l, double neg_inv_tau,
-             bool squared, std::vector<double>& num, std::vector<double>& den) {
+             bool squared, bool simd, std::vector<double>& num, std::vector<double>& den) {
   std::vector<double> pnum(l.tasks() * l.k, 0.0), pden(l.tasks() * l.k, 0.0);
   at::parallel_for(0, l.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> a(l.k);
@@ -87,6 +117,14 @@ void moments(const T* values, const T* counts, const T* c, const Layout& l, doub
       const T* cg = c + g * l.k;
       double* tn = pnum.data() + task * l.k;
       double* td = pden.data() + task * l.k;
+      if constexpr (std::is_same_v<T, float>) {
+        if (simd) {
+          const int64_t at = g * l.width + lo;
+          attention_avx2::moments(values + at, counts + at, hi - lo, cg, l.k, float(neg_inv_tau),
+                                  squared, tn, td, nullptr);
+          continue;
+        }
+      }
       for (int64_t u = lo; u < hi; ++u) {
         const T n = counts[g * l.width + u];
         if (n == 0) continue;
@@ -108,12 +146,20 @@ void moments(const T* values, const T* counts, const T* c, const Layout& l, doub
 
 // F_u = sum_j a_uj c_j for every entry (padding included, as the ATen path does).
 template <typename T>
-void soft_values(const T* values, const T* c, const Layout& l, double neg_inv_tau, bool squared, T* soft) {
+void soft_values(const T* values, const T* c, const Layout& l, double neg_inv_tau, bool squared,
+                 bool simd, T* soft) {
   at::parallel_for(0, l.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> a(l.k);
     for (int64_t task = begin; task < end; ++task) {
       const auto [g, lo, hi] = span_of(l, task);
       const T* cg = c + g * l.k;
+      if constexpr (std::is_same_v<T, float>) {
+        if (simd) {
+          const int64_t at = g * l.width + lo;
+          attention_avx2::soft(values + at, hi - lo, cg, l.k, float(neg_inv_tau), squared, soft + at);
+          continue;
+        }
+      }
       for (int64_t u = lo; u < hi; ++u) {
         attention(values[g * l.width + u], cg, l.k, neg_inv_tau, squared, a.data());
         double f = 0;
@@ -139,12 +185,13 @@ UDomainForward forward_impl(const at::Tensor& values_in, const at::Tensor& count
   const T* v = values.data_ptr<T>();
   const T* n = counts.data_ptr<T>();
   const int64_t gk = l.groups * l.k;
+  const bool simd = simd_applies(v, n, l.groups * l.width, h, gk, temperature, squared);
   std::vector<double> num, den;
   int64_t t = 0;
   while (t < max_iter) {
     const T* c = h + t * gk;
     T* next = h + (t + 1) * gk;
-    moments(v, n, c, l, neg_inv_tau, squared, num, den);
+    moments(v, n, c, l, neg_inv_tau, squared, simd, num, den);
     double move = 0;
     for (int64_t i = 0; i < gk; ++i) {
       next[i] = den[i] > 0 ? T(num[i] / den[i]) : c[i];
@@ -156,7 +203,7 @@ UDomainForward forward_impl(const at::Tensor& values_in, const at::Tensor& count
   for (int64_t r = t + 1; r <= max_iter; ++r) std::copy(h + t * gk, h + (t + 1) * gk, h + r * gk);
   auto c_final = history[t].clone();
   auto soft = at::empty_like(values);
-  soft_values(v, h + t * gk, l, neg_inv_tau, squared, soft.data_ptr<T>());
+  soft_values(v, h + t * gk, l, neg_inv_tau, squared, simd, soft.data_ptr<T>());
   return {c_final, soft, history, at::scalar_tensor(t, values.options().dtype(at::kLong))};
 }
 
@@ -178,6 +225,7 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
   const T* h = history.data_ptr<T>();
   const T* gs = grad_soft.data_ptr<T>();
   const int64_t gk = l.groups * l.k;
+  const bool simd = simd_applies(v, n, l.groups * l.width, h, history.numel(), temperature, squared);
 
   auto direct = at::empty_like(values);
   auto indirect = at::zeros_like(values);
@@ -194,6 +242,14 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
       const auto [g, lo, hi] = span_of(l, task);
       const T* c = ct + g * l.k;
       double* pg = part.data() + task * l.k;
+      if constexpr (std::is_same_v<T, float>) {
+        if (simd) {
+          const int64_t at = g * l.width + lo;
+          attention_avx2::final_pass(v + at, gs + at, hi - lo, c, l.k, float(inv_tau), squared,
+                                     nullptr, dir + at, pg);
+          continue;
+        }
+      }
       for (int64_t u = lo; u < hi; ++u) {
         const int64_t i = g * l.width + u;
         attention(v[i], c, l.k, neg_inv_tau, squared, a.data());
@@ -221,9 +277,10 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
   }
 
   std::vector<double> num, den, g_num(gk), g_den(gk), g_keep(gk);
+  std::vector<float> next_f(gk), q_f(gk);  // the AVX2 reverse pass's next_j and q_j
   for (int64_t t = iterations - 1; t >= 0; --t) {
     const T* c = h + t * gk;
-    moments(v, n, c, l, neg_inv_tau, squared, num, den);
+    moments(v, n, c, l, neg_inv_tau, squared, simd, num, den);
     for (int64_t i = 0; i < gk; ++i) {
       const bool attended = den[i] > 0;
       const double safe = attended ? den[i] : 1.0;
@@ -231,6 +288,8 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
       g_num[i] = attended ? gc[i] / safe : 0.0;
       g_den[i] = attended ? -gc[i] * next / safe : 0.0;
       g_keep[i] = attended ? 0.0 : gc[i];
+      next_f[i] = attended ? float(next) : 0.0f;
+      q_f[i] = float(g_num[i]);
     }
     std::fill(part.begin(), part.end(), 0.0);
     at::parallel_for(0, l.tasks(), 1, [&](int64_t begin, int64_t end) {
@@ -242,6 +301,16 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
         const double* gn = g_num.data() + g * l.k;
         const double* gd = g_den.data() + g * l.k;
         double* pg = part.data() + task * l.k;
+        if constexpr (std::is_same_v<T, float>) {
+          if (simd) {
+            const int64_t at = g * l.width + lo;
+            attention_avx2::reverse_pass(v + at, n + at, hi - lo, cg, next_f.data() + g * l.k,
+                                         q_f.data() + g * l.k, l.k, float(neg_inv_tau), squared,
+                                         nullptr, ind + at, pg);
+            for (int64_t j = 0; j < l.k; ++j) pg[j] *= inv_tau;
+            continue;
+          }
+        }
         for (int64_t u = lo; u < hi; ++u) {
           const int64_t i = g * l.width + u;
           const double nu = n[i];

@@ -8,7 +8,7 @@ from edkm import _C
 from edkm.bench import ndomain
 
 
-@pytest.mark.skipif(not _C.ndomain_simd_available(), reason="this CPU has no AVX2/FMA")
+@pytest.mark.skipif(not _C.simd_attention_available(), reason="this CPU has no AVX2/FMA")
 def test_small_run_writes_results(tmp_path):
     p = argparse.ArgumentParser()
     ndomain.add_arguments(p)

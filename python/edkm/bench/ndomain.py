@@ -1,5 +1,5 @@
 """Which CPU path dkm should take for a LUT group size: the N-domain with the float32 AVX2 kernels
-(csrc/cpu/ndomain_simd.cpp), the N-domain's scalar float64 loops it replaced, and the U-domain
+(csrc/cpu/attention_avx2.cpp), the N-domain's scalar float64 loops it replaced, and the U-domain
 (fused loops over distinct values), dkm forward + backward on one matrix, in one run.
 
 A case is ``ROWSxCOLS:ROWS_PER_LUT`` (``ROWSxCOLS:ROWS`` is one LUT per matrix); every case runs
@@ -70,7 +70,7 @@ def _worker(variant, case, dtype, args, queue) -> None:
         from edkm import _C
 
         _C.set_ndomain("never" if variant == "udomain" else "always")
-        _C.set_ndomain_simd(variant != "scalar")
+        _C.set_simd_attention(variant != "scalar")
         w, c, grad = _inputs(case, dtype, args.k)
         tau = 0.02 * w.float().var().item()  # Config's default temperature, relative to var(w)
 
@@ -105,7 +105,7 @@ def run(args) -> dict:
 
     if args.k < 2 or args.k > 256 or args.iters < 1 or args.repeats < 1:
         raise ValueError("--k must be in 2..256, --iters and --repeats >= 1")
-    if not _C.ndomain_simd_available():
+    if not _C.simd_attention_available():
         raise ValueError("edkm bench ndomain: this CPU has no AVX2/FMA, so the AVX2 kernels cannot run")
     cases = args.case or [parse_case(c) for c in DEFAULT_CASES]
     dtypes = args.dtype or list(DTYPES)

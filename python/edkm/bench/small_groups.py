@@ -112,7 +112,7 @@ def run(args) -> dict:
     report = {"benchmark": "small_groups", "model": args.model, "bits": args.bits,
               "batch": args.batch, "tokens": args.tokens, "timed_steps": args.steps,
               "ndomain": args.ndomain, "ndomain_max_group": _C.ndomain_max_group(edkm.Config().cluster_dtype),
-              "ndomain_simd": _C.ndomain_simd() and _C.ndomain_simd_available(),
+              "ndomain_simd": _C.simd_attention() and _C.simd_attention_available(),
               "torch_threads": torch.get_num_threads(), **_results.stamp()}
     out = args.out or _results.default_results_dir()
     base = f"{out}/small_groups"

@@ -1,4 +1,4 @@
-"""The N-domain's float32 AVX2 kernels (csrc/cpu/ndomain_simd.cpp) against the float64 reference
+"""The N-domain's float32 AVX2 kernels (csrc/cpu/attention_avx2.cpp) against the float64 reference
 and the scalar float64 loops they replace for float32 / bfloat16 / float16 weights: forward,
 backward and dkm_linear, block tails, groups larger than one float32 summing block, up to 256
 centroids, unattended centroids; the fallback when exponents would overflow float32; results
@@ -10,7 +10,7 @@ import edkm
 from conftest import rel_error, spread_centroids
 from edkm import _C
 
-pytestmark = pytest.mark.skipif(not _C.ndomain_simd_available(),
+pytestmark = pytest.mark.skipif(not _C.simd_attention_available(),
                                 reason="this CPU has no AVX2/FMA: the scalar float64 loops run")
 
 
@@ -19,11 +19,11 @@ def modes():
     """set(ndomain=..., simd=...) for one test; restores 'auto' and the AVX2 kernels afterwards."""
     def set_modes(ndomain="always", simd=True):
         _C.set_ndomain(ndomain)
-        _C.set_ndomain_simd(simd)
+        _C.set_simd_attention(simd)
 
     yield set_modes
     _C.set_ndomain("auto")
-    _C.set_ndomain_simd(True)
+    _C.set_simd_attention(True)
 
 
 def run(w, c, tau, max_iter, distance, seed=3, fn=edkm.dkm):
@@ -84,19 +84,24 @@ def test_16_bit_weights_match_scalar_loops(modes, dtype, distance):
     assert rel_error(gca.double(), gcb.double()) <= 1e-5
 
 
-def test_dkm_linear_matches_scalar_loops(modes):
+def test_dkm_linear_matches_float64(modes):
+    """dkm_linear (its backward recomputes the soft weight) on the AVX2 path against the same
+    inputs in float64: forward outputs to float32 rounding, gradients to a few 1e-6 (sums of
+    float32 attention over a sharp softmax)."""
     g = torch.Generator().manual_seed(4)
     w, c = weight(40, 96, torch.float32), centroids(40, 8)
     x = torch.randn(3, 96, generator=g)
     results = {}
-    for simd in (True, False):
-        modes(simd=simd)
-        xi, wi, ci = (t.clone().requires_grad_() for t in (x, w, c))
+    modes(simd=True)
+    for dtype in (torch.float32, torch.float64):
+        xi, wi, ci = (t.to(dtype).clone().requires_grad_() for t in (x, w, c))
         out, cf, _ = edkm.dkm_linear(xi, wi, ci, None, 2e-4, 3)
         grads = torch.autograd.grad(out.square().sum() + cf.sum(), (xi, wi, ci))
-        results[simd] = (out.detach(), cf.detach()) + grads
-    for a, b in zip(results[True], results[False]):
-        assert rel_error(a.double(), b.double()) <= 1e-5
+        results[dtype] = (out.detach(), cf.detach()) + grads
+    names = ("out", "centroids", "grad_x", "grad_weight", "grad_centroids")
+    bounds = (1e-6, 1e-6, 1e-6, 2e-5, 2e-5)
+    for name, a, b, bound in zip(names, results[torch.float32], results[torch.float64], bounds):
+        assert rel_error(a.double(), b) <= bound, (name, rel_error(a.double(), b))
 
 
 def test_unattended_centroid_keeps_its_value_and_gradient(modes):
@@ -186,4 +191,64 @@ def test_auto_rule_follows_dtype_and_setting(modes):
     modes(ndomain="auto", simd=False)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         assert _C.ndomain_max_group(dtype) == 2048
-    assert _C.ndomain_simd() is False
+    assert _C.simd_attention() is False
+
+
+# The fused U-domain loops on float32 tables take the same kernels, value by value with counts.
+
+@pytest.mark.parametrize("distance", ["squared", "absolute"])
+@pytest.mark.parametrize("dtype,rows_per_lut", [(torch.bfloat16, 64), (torch.bfloat16, 192),
+                                                 (torch.float16, 64), (torch.float32, 64)])
+def test_udomain_matches_float64_loops(modes, distance, dtype, rows_per_lut):
+    """Groups with different numbers of distinct values (so the narrowed tables carry padding of
+    count 0), one chunk and several chunks per group."""
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(192, 96, generator=g) * 0.05)
+    w[:64] *= 0.2  # fewer distinct 16-bit values in the first groups
+    w = w.to(dtype)
+    groups = 192 // rows_per_lut
+    c = centroids(groups, 8)
+    tau = 2e-4 if distance == "squared" else 5e-3
+    results = {}
+    for simd in (True, False):
+        modes(ndomain="never", simd=simd)
+        results[simd] = run(w, c, tau, 3, distance)
+    for name, a, b in zip(("clustered", "centroids", "grad_weight", "grad_centroids"),
+                          results[True], results[False]):
+        assert torch.isfinite(a).all(), name
+        # 16-bit outputs: both round to the weight's dtype, a few elements one ulp apart.
+        ulp = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 0.0}[dtype]
+        bound = max(ulp, 1e-5) if name in ("clustered", "grad_weight") else 1e-5
+        assert rel_error(a.double(), b.double()) <= bound, (name, rel_error(a.double(), b.double()))
+
+
+def test_udomain_fused_op_against_float64(modes):
+    """The fused U-domain op itself on float32 tables with padding (counts 0, values left as
+    garbage NaN where no count multiplies them): the AVX2 path against the float64 tables."""
+    g = torch.Generator().manual_seed(12)
+    groups, width, k = 3, 5000, 8
+    values = torch.randn(groups, width, generator=g, dtype=torch.float64).sort(1).values * 0.05
+    counts = torch.randint(1, 6, (groups, width), generator=g).double()
+    counts[:, -800:] = 0
+    c = (torch.linspace(-0.1, 0.1, k, dtype=torch.float64).repeat(groups, 1)
+         + 0.002 * torch.randn(groups, k, generator=g, dtype=torch.float64))
+    modes(ndomain="never", simd=True)
+    v32 = values.float()
+    v32[:, -800:] = float("nan")  # padding: never read where its count 0 would multiply it
+    fwd, bwd = torch.ops.edkm._udomain_forward, torch.ops.edkm._udomain_backward
+    c32, soft32, hist32, it32 = fwd(v32, counts.float(), c.float(), 2e-4, 3, 0.0, "squared")
+    c64, soft64, hist64, it64 = fwd(values, counts, c, 2e-4, 3, 0.0, "squared")
+    live = slice(0, width - 800)
+    assert int(it32) == int(it64) == 3
+    assert rel_error(c32.double(), c64) <= 1e-6
+    assert rel_error(soft32[:, live].double(), soft64[:, live]) <= 1e-6
+    gs = torch.randn(groups, width, generator=g, dtype=torch.float64)
+    gs[:, -800:] = 0
+    gct = torch.randn(groups, k, generator=g, dtype=torch.float64)
+    d32, i32, gc32 = bwd(v32, counts.float(), hist32, it32, 2e-4, "squared", gs.float(), gct.float())
+    d64, i64, gc64 = bwd(values, counts, hist64, it64, 2e-4, "squared", gs, gct)
+    assert torch.isfinite(gc32).all() and torch.isfinite(i32[:, live]).all()
+    assert rel_error(d32[:, live].double(), d64[:, live]) <= 1e-5
+    assert rel_error(i32[:, live].double(), i64[:, live]) <= 1e-5
+    assert rel_error(gc32.double(), gc64) <= 1e-5
+    assert (i32[:, -800:] == 0).all()  # no count, no gradient through the iterations
