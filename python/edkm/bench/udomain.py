@@ -65,6 +65,7 @@ def _worker(variant, case, args, queue) -> None:
         from edkm import _C
 
         _C.set_fused_udomain(variant == "fused")
+        _C.set_ndomain("never")  # small groups would otherwise take the N-domain (bench ndomain)
         w, c, grad = _inputs(case, args.k)
 
         def step():
