@@ -48,8 +48,8 @@ def centroids(groups, k, seed=1):
 
 @pytest.mark.parametrize("distance", ["squared", "absolute"])
 @pytest.mark.parametrize("groups,m,k", [(48, 37, 8), (16, 576, 8), (3, 5000, 16), (10, 13, 3),
-                                        (2, 1000, 256), (5, 7, 2)],
-                         ids=["tail", "row", "multi-block", "k3", "k256", "one-block"])
+                                        (2, 1000, 256), (5, 7, 2), (7, 300, 4)],
+                         ids=["tail", "row", "multi-block", "k3", "k256", "one-block", "k4"])
 def test_float32_matches_float64_reference(modes, distance, groups, m, k):
     """float32 weights: the AVX2 path against the exact float64 computation of the same inputs
     (the scalar float64 loops, themselves checked against the naive reference in test_ndomain.py)."""
