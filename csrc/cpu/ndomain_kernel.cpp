@@ -9,6 +9,7 @@
 // O(N K T). A group is always summed by one thread in element order, so results do not depend
 // on the thread count. The arithmetic is the U-domain's (udomain_kernel.cpp) with every count 1.
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -62,6 +63,17 @@ int64_t grain_of(int64_t m) { return std::max<int64_t>(1, 16384 / std::max<int64
 // The largest |x| over n values, NaN when one is NaN or infinite (one parallel pass).
 template <typename X>
 double max_abs_or_nan(const X* x, int64_t n) {
+  if constexpr (std::is_same_v<X, at::BFloat16> || std::is_same_v<X, at::Half>) {
+    // On the bit patterns: with the sign cleared, a larger pattern is a larger magnitude, and
+    // the patterns from the all-ones exponent up are Inf and NaN (a loop the compiler vectorizes).
+    constexpr uint16_t kNonFinite = std::is_same_v<X, at::BFloat16> ? 0x7F80 : 0x7C00;
+    uint16_t mx = 0;
+    for (int64_t i = 0; i < n; ++i) mx = std::max<uint16_t>(mx, x[i].x & 0x7FFF);
+    if (mx >= kNonFinite) return std::numeric_limits<double>::quiet_NaN();
+    X big;
+    big.x = mx;
+    return double(float(big));
+  }
   constexpr int64_t kSpan = int64_t(1) << 16;
   const int64_t spans = (n + kSpan - 1) / kSpan;
   std::vector<double> part(spans, 0.0);
@@ -107,11 +119,86 @@ const float* as_float(const W* w, int64_t m, std::vector<float>& buf) {
   }
 }
 
+// A group's distinct values, for 16-bit weights (a group of m <= 65535 weights holds at most m
+// of the 65536 bit patterns; SmolLM2's bf16 weights hold 0.43 m per row and 0.13 m per 16 rows).
+// The AVX2 passes run over the distinct values with their counts, as the U-domain does, instead
+// of over every weight: the same sums, each value's terms scaled by its count. Built per group
+// and per call from a thread's 65536-entry map from bit pattern to index (reset after each group
+// at the entries it used), so nothing per weight outlives the call: the N-domain still saves
+// only the centroid history.
+constexpr int64_t kMaxDistinctGroup = 65535;
+constexpr uint16_t kUnmapped = 0xFFFF;
+
+template <typename W>
+constexpr bool is_16bit_v = std::is_same_v<W, at::BFloat16> || std::is_same_v<W, at::Half>;
+
+struct DistinctGroup {
+  std::vector<uint16_t> map = std::vector<uint16_t>(65536, kUnmapped);
+  std::vector<uint16_t> keys;   // the distinct bit patterns, in order of first appearance
+  std::vector<float> values;    // their values
+  std::vector<float> counts;    // their counts (floats, as the AVX2 passes take them)
+  std::vector<uint16_t> index;  // each weight's distinct index
+  std::vector<uint32_t> tally;
+  int64_t distinct = 0;
+
+  int64_t size() const { return distinct; }
+
+  // Branch-free (whether a weight's value is new is a coin flip at 0.4 m distinct values, and
+  // a mispredicted branch per weight cost more than the rest of the scan): every weight writes
+  // its map entry and the next free table slot, which only a new value claims.
+  template <typename W>
+  void build(const W* w, int64_t m) {
+    keys.resize(m);
+    values.resize(m);
+    index.resize(m);
+    uint16_t next = 0;
+    for (int64_t n = 0; n < m; ++n) {
+      const uint16_t key = w[n].x;
+      const uint16_t seen = map[key];
+      const bool fresh = seen == kUnmapped;
+      const uint16_t u = fresh ? next : seen;
+      map[key] = u;
+      keys[next] = key;
+      values[next] = float(w[n]);
+      next = uint16_t(next + fresh);
+      index[n] = u;
+    }
+    distinct = next;
+    for (int64_t u = 0; u < distinct; ++u) map[keys[u]] = kUnmapped;
+    tally.assign(distinct, 0);
+    for (int64_t n = 0; n < m; ++n) ++tally[index[n]];
+    counts.resize(distinct);
+    for (int64_t u = 0; u < distinct; ++u) counts[u] = float(tally[u]);
+  }
+};
+
+// Whether a group of m weights of type W runs over its distinct values (on the AVX2 path).
+template <typename W>
+bool distinct_applies(bool simd, int64_t m) {
+  return is_16bit_v<W> && simd && m <= kMaxDistinctGroup;
+}
+
 // F_n = sum_j a_nj c_j of every weight, rounded to T (as the U-domain's soft values) then W.
 template <typename W, typename T>
 void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
                   double temperature, bool squared, bool simd, W* out) {
   const double neg_inv_tau = -1.0 / temperature;
+  if constexpr (std::is_same_v<T, float> && is_16bit_v<W>) {
+    if (distinct_applies<W>(simd, m)) {  // the same values per weight, computed once per value
+      at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
+        DistinctGroup d;
+        std::vector<float> f;
+        for (int64_t g = g0; g < g1; ++g) {
+          d.build(w + g * m, m);
+          f.resize(d.size());
+          attention_avx2::soft(d.values.data(), d.size(), c + g * k, k, float(neg_inv_tau), squared,
+                               f.data());
+          for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(f[d.index[n]]);
+        }
+      });
+      return;
+    }
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (simd) {
       at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
@@ -143,6 +230,61 @@ void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
   });
 }
 
+// forward_impl over each group's distinct values (16-bit weights, AVX2). A group's iterations
+// do not depend on other groups, so each group runs all max_iter of them in one task (one
+// uniquification); the early stop is then decided over all groups as forward_impl decides it,
+// the history past it repeats c_T, and if it stopped early the soft values are taken again at
+// c_T. The soft value of a value is the one ndomain_soft computes for each weight of that value
+// (the same lanewise arithmetic), so the clustered weight is bit-identical to the per-weight path.
+template <typename W>
+NDomainForward forward_distinct(const at::Tensor& weight, const W* w, float* h,
+                                const at::Tensor& history, int64_t groups, int64_t m, int64_t k,
+                                double temperature, int64_t max_iter, double epsilon,
+                                bool squared) {
+  const int64_t gk = groups * k;
+  const float neg_inv_tau = float(-1.0 / temperature);
+  std::vector<double> move(max_iter * groups);
+  auto clustered = at::empty(weight.sizes(), weight.options());
+  W* out = clustered.data_ptr<W>();
+  at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
+    DistinctGroup d;
+    std::vector<double> num(k), den(k);
+    std::vector<float> soft;
+    for (int64_t g = g0; g < g1; ++g) {
+      d.build(w + g * m, m);
+      const int64_t u = d.size();
+      for (int64_t t = 0; t < max_iter; ++t) {
+        const float* cg = h + t * gk + g * k;
+        float* next = h + (t + 1) * gk + g * k;
+        attention_avx2::moments(d.values.data(), d.counts.data(), u, cg, k, neg_inv_tau, squared,
+                                num.data(), den.data(), nullptr);
+        double mv = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          next[j] = den[j] > 0 ? float(num[j] / den[j]) : cg[j];
+          mv = std::max(mv, double(std::abs(next[j] - cg[j])));
+        }
+        move[t * groups + g] = mv;
+      }
+      soft.resize(u);
+      attention_avx2::soft(d.values.data(), u, h + max_iter * gk + g * k, k, neg_inv_tau, squared,
+                           soft.data());
+      for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(soft[d.index[n]]);
+    }
+  });
+  int64_t t = 0;
+  while (t < max_iter) {
+    ++t;
+    const double* mv = move.data() + (t - 1) * groups;
+    if (*std::max_element(mv, mv + groups) <= epsilon) break;
+  }
+  if (t < max_iter) {
+    for (int64_t r = t + 1; r <= max_iter; ++r) std::copy(h + t * gk, h + (t + 1) * gk, h + r * gk);
+    ndomain_soft<W, float>(w, h + t * gk, groups, m, k, temperature, squared, /*simd=*/true, out);
+  }
+  return {clustered, history[t].clone(), history,
+          at::scalar_tensor(t, weight.options().dtype(at::kLong))};
+}
+
 template <typename W, typename T>
 NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centroids_in,
                             double temperature, int64_t max_iter, double epsilon, bool squared) {
@@ -163,6 +305,12 @@ NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centr
   const double w_max = max_abs_or_nan(w, weight.numel());
   TORCH_CHECK_VALUE(!std::isnan(w_max), op, ": weight contains NaN or Inf");
   const bool simd = simd_applies<T>(std::max(w_max, max_abs_or_nan(h, gk)), temperature, squared);
+  if constexpr (std::is_same_v<T, float> && is_16bit_v<W>) {
+    if (distinct_applies<W>(simd, m)) {
+      return forward_distinct<W>(weight, w, h, history, groups, m, k, temperature, max_iter,
+                                 epsilon, squared);
+    }
+  }
   std::vector<double> move(groups);
   int64_t t = 0;
   while (t < max_iter) {
@@ -326,6 +474,64 @@ void backward_group_simd(const W* w, const W* gf, const float* h, const float* g
   for (int64_t j = 0; j < k; ++j) gc_out[g * k + j] = float(gc[j]);
 }
 
+// backward_group_simd over the group's distinct values (16-bit weights): the gradient reaching
+// each value (sum over its weights) through the final soft assignment, the reverse passes over
+// the values with their counts, then each weight's gradient gf_n * dF/dv + (its value's indirect
+// gradient) / count, as the U-domain splits them (dkm.cpp).
+template <typename W>
+void backward_group_distinct(const W* w, const W* gf, const float* h, const float* gct,
+                             int64_t groups, int64_t g, int64_t m, int64_t k, int64_t iterations,
+                             double inv_tau, bool squared, DistinctGroup& d,
+                             std::vector<double>& gsum, std::vector<float>& gsoft,
+                             std::vector<float>& dir, std::vector<float>& ind,
+                             std::vector<float>& cache, W* out, float* gc_out) {
+  d.build(w + g * m, m);
+  const int64_t u = d.size();
+  const int64_t gk = groups * k;
+  gsoft.resize(u);
+  dir.resize(u);
+  ind.assign(u, 0.0f);
+  const float* gsp = nullptr;
+  if (gf) {
+    gsum.assign(u, 0.0);
+    for (int64_t n = 0; n < m; ++n) gsum[d.index[n]] += double(float(gf[g * m + n]));
+    for (int64_t i = 0; i < u; ++i) gsoft[i] = float(gsum[i]);
+    gsp = gsoft.data();
+  }
+  const int64_t need = attention_avx2::cache_floats(u, k);
+  const bool cached = need <= 2 * kCacheEntries;
+  if (cached && int64_t(cache.size()) < need) cache.resize(need);
+  std::vector<double> gc(k, 0.0), num(k), den(k), part(k), keep(k);
+  std::vector<float> next(k), q(k);
+  attention_avx2::final_pass(d.values.data(), gsp, u, h + iterations * gk + g * k, k,
+                             float(inv_tau), squared, nullptr, dir.data(), gc.data());
+  if (gct) {
+    for (int64_t j = 0; j < k; ++j) gc[j] = double(float(gc[j])) + double(gct[g * k + j]);
+  }
+  for (int64_t t = iterations - 1; t >= 0; --t) {
+    const float* ct = h + t * gk + g * k;
+    attention_avx2::moments(d.values.data(), d.counts.data(), u, ct, k, float(-inv_tau), squared,
+                            num.data(), den.data(), cached ? cache.data() : nullptr);
+    for (int64_t j = 0; j < k; ++j) {
+      const bool attended = den[j] > 0;
+      next[j] = attended ? float(num[j] / den[j]) : 0.0f;
+      q[j] = attended ? float(gc[j] / den[j]) : 0.0f;
+      keep[j] = attended ? 0.0 : gc[j];
+    }
+    attention_avx2::reverse_pass(d.values.data(), d.counts.data(), u, ct, next.data(), q.data(), k,
+                                 float(-inv_tau), squared, cached ? cache.data() : nullptr,
+                                 ind.data(), part.data());
+    for (int64_t j = 0; j < k; ++j) gc[j] = keep[j] + part[j] * inv_tau;
+  }
+  for (int64_t i = 0; i < u; ++i) ind[i] /= d.counts[i];
+  for (int64_t n = 0; n < m; ++n) {
+    const uint16_t i = d.index[n];
+    const float gu = gf ? float(gf[g * m + n]) : 0.0f;
+    out[g * m + n] = W(gu * dir[i] + ind[i]);
+  }
+  for (int64_t j = 0; j < k; ++j) gc_out[g * k + j] = float(gc[j]);
+}
+
 template <typename W, typename T>
 void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
                    const at::Tensor& grad_centroids, const at::Tensor& history,
@@ -343,6 +549,21 @@ void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
     const double w_max = max_abs_or_nan(w, weight.numel());
     if (simd_applies<T>(std::max(w_max, max_abs_or_nan(h, history.numel())), temperature,
                         squared)) {
+      if constexpr (is_16bit_v<W>) {
+        if (distinct_applies<W>(true, m)) {
+          at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
+            DistinctGroup d;
+            std::vector<double> gsum;
+            std::vector<float> gsoft, dir, ind, cache;
+            for (int64_t g = g0; g < g1; ++g) {
+              backward_group_distinct<W>(w, gf, h, gct, groups, g, m, k, iterations,
+                                         1.0 / temperature, squared, d, gsum, gsoft, dir, ind,
+                                         cache, out, gco);
+            }
+          });
+          return;
+        }
+      }
       at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
         const int64_t cache_floats = attention_avx2::cache_floats(m, k);
         std::vector<float> wbuf, gbuf, acc(m);

@@ -252,3 +252,111 @@ def test_udomain_fused_op_against_float64(modes):
     assert rel_error(i32[:, live].double(), i64[:, live]) <= 1e-5
     assert rel_error(gc32.double(), gc64) <= 1e-5
     assert (i32[:, -800:] == 0).all()  # no count, no gradient through the iterations
+
+
+# ---- 16-bit groups run over their distinct values (ndomain_kernel.cpp's DistinctGroup) ----
+
+def duplicated_weight(groups, m, dtype, levels, seed=0):
+    """Weights on a grid of `levels` steps, so each group holds many copies of few values."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-levels, levels + 1, (groups, m), generator=g).double() * (0.1 / levels)
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("distance", ["squared", "absolute"])
+@pytest.mark.parametrize("levels", [3, 40, 4000])
+def test_16_bit_distinct_values_match_float64_loops(modes, dtype, distance, levels):
+    """A 16-bit group runs the AVX2 passes once per distinct value, each value's terms scaled by
+    its count: against the float64 loops over every weight of the same inputs, from 7 distinct
+    values per group (counts in the hundreds) to nearly all distinct."""
+    w, c = duplicated_weight(12, 1000, dtype, levels), centroids(12, 8)
+    tau = 2e-4 if distance == "squared" else 5e-3
+    modes(simd=True)
+    got = run(w, c, tau, 3, distance)
+    modes(simd=False)
+    want = run(w, c, tau, 3, distance)
+    assert got[0].dtype == dtype and got[2].dtype == dtype
+    # the clustered weight and its gradient end rounded to 16 bits: a few elements round apart
+    for name, a, b, bound in zip(("clustered", "centroids", "grad_weight", "grad_centroids"),
+                                 got, want, (1e-3, 1e-6, 1e-3, 1e-5)):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a.double(), b.double()) <= bound, (name, rel_error(a.double(), b.double()))
+
+
+def test_16_bit_distinct_gradient_of_every_copy_is_its_own(modes):
+    """Copies of one value share dF/dv and the gradient through the centroids, but each gets its
+    own upstream gradient: with upstream gradient on one copy only, the copies' gradients differ
+    by exactly that copy's direct term."""
+    w = torch.full((1, 64), 0.02, dtype=torch.float32)
+    w[0, 32:] = -0.03
+    w = w.to(torch.bfloat16)
+    c = torch.tensor([[-0.05, 0.0, 0.05, 0.1]])
+    modes(simd=True)
+    wi = w.clone().requires_grad_()
+    out = edkm.dkm(wi, c, 1e-3, 3)
+    up = torch.zeros(1, 64, dtype=torch.bfloat16)
+    up[0, 5] = 1.0
+    (gw,) = torch.autograd.grad((out.clustered * up).sum(), (wi,))
+    modes(simd=False)
+    wj = w.clone().requires_grad_()
+    (gw64,) = torch.autograd.grad((edkm.dkm(wj, c, 1e-3, 3).clustered * up).sum(), (wj,))
+    others = torch.cat([gw[0, :5], gw[0, 6:32]])
+    assert torch.equal(others, others[:1].expand_as(others))  # the copies without upstream agree
+    assert gw[0, 5] != gw[0, 4]
+    assert rel_error(gw.double(), gw64.double()) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_clustered_weight_is_the_per_weight_soft_value(modes, dtype):
+    """The distinct path's clustered weight is bit-identical to the recompute (which computes it
+    the same way) and to the float32 path's soft value of each weight rounded to 16 bits."""
+    w, c = duplicated_weight(6, 333, dtype, 50), centroids(6, 8)
+    modes(simd=True)
+    clustered, _, it, hist = torch.ops.edkm._ndomain_forward(w, c, 2e-4, 3, 0.0, "squared")
+    again = torch.ops.edkm._ndomain_recompute(w, hist, it, 2e-4, "squared")
+    assert torch.equal(clustered, again)
+    per_weight = torch.ops.edkm._ndomain_recompute(w.float(), hist, it, 2e-4, "squared")
+    assert torch.equal(clustered, per_weight.to(dtype))
+
+
+@pytest.mark.parametrize("eps,stops", [(0.0, 3), (1e9, 1)])
+def test_16_bit_distinct_early_stop_keeps_history_rule(modes, eps, stops):
+    """Each group iterates on its own, then the stop is decided over all groups: the history
+    past the stop repeats the final centroids, as in the per-weight path."""
+    w, c = duplicated_weight(5, 200, torch.bfloat16, 30), centroids(5, 4)
+    modes(simd=True)
+    clustered, cf, it, hist = torch.ops.edkm._ndomain_forward(w, c, 2e-4, 3, eps, "squared")
+    assert int(it) == stops
+    for r in range(stops, 4):
+        assert torch.equal(hist[r], cf.float())
+    again = torch.ops.edkm._ndomain_recompute(w, hist, it, 2e-4, "squared")
+    assert torch.equal(clustered, again)
+    modes(simd=False)
+    _, cf64, it64, _ = torch.ops.edkm._ndomain_forward(w, c, 2e-4, 3, eps, "squared")
+    assert int(it64) == stops and rel_error(cf.double(), cf64.double()) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_16_bit_nan_or_inf_weight_is_rejected(modes, dtype, bad):
+    w, c = weight(4, 20, dtype), centroids(4, 4)
+    w[1, 7] = bad
+    modes(simd=True)
+    with pytest.raises(ValueError, match=r"dkm: weight contains NaN or Inf"):
+        edkm.dkm(w, c, 1e-3, 3)
+
+
+def test_16_bit_distinct_independent_of_thread_count(modes):
+    w, c = duplicated_weight(32, 700, torch.bfloat16, 60), centroids(32, 8)
+    modes(simd=True)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(run(w, c, 2e-4, 3, "squared"))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
