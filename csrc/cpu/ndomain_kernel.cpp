@@ -8,6 +8,8 @@
 // Backward: each group is one task that recomputes its attention per iteration in reverse,
 // O(N K T). A group is always summed by one thread in element order, so results do not depend
 // on the thread count. The arithmetic is the U-domain's (udomain_kernel.cpp) with every count 1.
+// 16-bit groups on the AVX2 kernels run over their distinct values with counts instead
+// (DistinctGroup below), rebuilt in every call.
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
@@ -126,7 +128,8 @@ const float* as_float(const W* w, int64_t m, std::vector<float>& buf) {
 // and per call from a thread's 65536-entry map from bit pattern to index (reset after each group
 // at the entries it used), so nothing per weight outlives the call: the N-domain still saves
 // only the centroid history.
-constexpr int64_t kMaxDistinctGroup = 65535;
+constexpr int64_t kMaxDistinctGroup = kNDomainMaxGroup16Simd;  // the auto rule's 16-bit limit
+static_assert(kMaxDistinctGroup <= 65535, "distinct indices are uint16 with 0xFFFF unused");
 constexpr uint16_t kUnmapped = 0xFFFF;
 
 template <typename W>
@@ -388,8 +391,10 @@ void backward_group(const W* w, const W* gf, const T* h, const T* gct, int64_t g
     }
     acc[n] = T(gu * T(-d * inv_tau));
   }
-  if (gct) {
-    for (int64_t j = 0; j < k; ++j) gc[j] = double(T(gc[j])) + double(gct[g * k + j]);
+  // dL/dc_T through F, rounded to the compute dtype whether or not a gradient for c_T came in,
+  // so an absent one and a zero one (as torch.compile passes) give the same bits.
+  for (int64_t j = 0; j < k; ++j) {
+    gc[j] = double(T(gc[j])) + (gct ? double(gct[g * k + j]) : 0.0);
   }
   for (int64_t t = iterations - 1; t >= 0; --t) {
     const T* ct = h + t * gk + g * k;
@@ -453,8 +458,10 @@ void backward_group_simd(const W* w, const W* gf, const float* h, const float* g
   std::vector<float> next(k), q(k);
   attention_avx2::final_pass(wg, gug, m, h + iterations * gk + g * k, k, float(inv_tau), squared,
                              acc.data(), nullptr, gc.data());
-  if (gct) {
-    for (int64_t j = 0; j < k; ++j) gc[j] = double(float(gc[j])) + double(gct[g * k + j]);
+  // dL/dc_T through F, rounded to the compute dtype whether or not a gradient for c_T came in,
+  // so an absent one and a zero one (as torch.compile passes) give the same bits.
+  for (int64_t j = 0; j < k; ++j) {
+    gc[j] = double(float(gc[j])) + (gct ? double(gct[g * k + j]) : 0.0);
   }
   for (int64_t t = iterations - 1; t >= 0; --t) {
     const float* ct = h + t * gk + g * k;
@@ -505,8 +512,10 @@ void backward_group_distinct(const W* w, const W* gf, const float* h, const floa
   std::vector<float> next(k), q(k);
   attention_avx2::final_pass(d.values.data(), gsp, u, h + iterations * gk + g * k, k,
                              float(inv_tau), squared, nullptr, dir.data(), gc.data());
-  if (gct) {
-    for (int64_t j = 0; j < k; ++j) gc[j] = double(float(gc[j])) + double(gct[g * k + j]);
+  // dL/dc_T through F, rounded to the compute dtype whether or not a gradient for c_T came in,
+  // so an absent one and a zero one (as torch.compile passes) give the same bits.
+  for (int64_t j = 0; j < k; ++j) {
+    gc[j] = double(float(gc[j])) + (gct ? double(gct[g * k + j]) : 0.0);
   }
   for (int64_t t = iterations - 1; t >= 0; --t) {
     const float* ct = h + t * gk + g * k;

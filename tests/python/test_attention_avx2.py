@@ -176,11 +176,12 @@ def test_opcheck_float32(modes):
 
 def test_auto_rule_follows_dtype_and_setting(modes):
     """float32 weights take the N-domain at every size with the AVX2 kernels; 16-bit weights up to
-    16,384 weights per group; float64 (and everything without them) up to 2,048."""
+    65,535 weights per group (the distinct-value path); float64 (and everything without them) up
+    to 2,048."""
     modes(ndomain="auto", simd=True)
     assert _C.ndomain_max_group(torch.float32) == 2 ** 63 - 1
-    assert _C.ndomain_max_group(torch.bfloat16) == 16384
-    assert _C.ndomain_max_group(torch.float16) == 16384
+    assert _C.ndomain_max_group(torch.bfloat16) == 65535
+    assert _C.ndomain_max_group(torch.float16) == 65535
     assert _C.ndomain_max_group(torch.float64) == 2048
     w = weight(1, 20000, torch.float32)
     c = centroids(1, 8)

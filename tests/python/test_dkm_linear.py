@@ -112,12 +112,23 @@ def test_saves_no_clustered_weight():
     assert w.grad is not None and torch.isfinite(w.grad.float()).all()
 
 
+@pytest.fixture
+def udomain():
+    """Every dkm on CPU in the U-domain for one test; 'auto' again afterwards."""
+    from edkm import _C
+    _C.set_ndomain("never")
+    yield
+    _C.set_ndomain("auto")
+
+
 @pytest.mark.parametrize("groups", [1, 36], ids=["one-LUT", "36-LUTs"])
 @pytest.mark.parametrize("fn", ["dkm", "dkm_linear"])
-def test_saved_tables_keep_only_the_used_columns(fn, groups):
+def test_saved_tables_keep_only_the_used_columns(fn, groups, udomain):
     """The tables are padded to min(M, 65536) columns while computing; what is saved is the
     columns some group uses: 12 bytes (slot, value, count) per column per group, where 36 LUTs
-    of 16 rows padded would be 12 bytes a weight. Backward matches the padded tables."""
+    of 16 rows padded would be 12 bytes a weight. Backward matches the padded tables. (The
+    U-domain is forced: under 'auto' 36 bf16 LUTs of 24,576 weights take the N-domain, which
+    saves only the centroid history, test_ndomain.py.)"""
     torch.manual_seed(0)
     w = (torch.randn(576, 1536) * 0.02).bfloat16().requires_grad_()
     x = torch.randn(4, 1536).bfloat16()
