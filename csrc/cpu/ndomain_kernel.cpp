@@ -62,7 +62,8 @@ constexpr int64_t kCacheEntries = int64_t(1) << 17;
 
 int64_t grain_of(int64_t m) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1)); }
 
-// The largest |x| over n values, NaN when one is NaN or infinite (one parallel pass).
+// The largest |x| over n values, NaN when one is NaN or infinite (one pass, parallel for
+// 32/64-bit values).
 template <typename X>
 double max_abs_or_nan(const X* x, int64_t n) {
   if constexpr (std::is_same_v<X, at::BFloat16> || std::is_same_v<X, at::Half>) {

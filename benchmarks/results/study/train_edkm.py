@@ -4,7 +4,8 @@ distillation from the uncompressed model on train-split text), saved as an edkm 
 study.py evaluates. Every setting is fixed before the run (lr as in the demo, KD alpha=1 T=1 as
 chosen on validation loss in accuracy_part1/distill_study); validation = 5% of the *train* files.
 
-usage: python train_edkm.py TARGET_BITS STEPS OUT_DIR [THREADS]
+usage: python train_edkm.py TARGET_BITS STEPS OUT_DIR [THREADS] [GROUP_SIZE]
+(GROUP_SIZE: output rows per LUT; default one LUT per matrix)
 """
 import json, sys, time
 from pathlib import Path
@@ -27,14 +28,16 @@ train = TrainConfig(lr=1e-4, schedule="cosine", warmup=0.1, batch_size=4, block_
                     temperature=1.0, validation_fraction=0.05, validation_tokens=4096,
                     validation_interval=max(1, steps // 10), checkpoint_interval=5, seed=0)
 texts, vtexts = pick_train_and_validation_texts(train_files, steps, train)
-cfg = edkm.Config(bits=3, init="sensitivity", outlier_fraction=0.005, outlier_criterion="sensitivity")
+group_size = int(sys.argv[5]) if len(sys.argv) > 5 else None
+cfg = edkm.Config(bits=3, init="sensitivity", outlier_fraction=0.005, outlier_criterion="sensitivity",
+                  group_size=group_size)
 res = compress_model(model, tok, cfg, steps=steps, train=train, texts=texts, validation_texts=vtexts,
                      target_bits=target, checkpoint=out / "checkpoint.pt", cache_dir=out / "cache",
                      progress=True)
 path = out / "model.safetensors"
 size = edkm.save(model, str(path), metadata={"edkm.base_model": "smollm2-135m"})
 tr = res.training
-report = dict(target_bits=target, steps=steps, file_bytes=size, seconds=time.perf_counter() - t0,
+report = dict(target_bits=target, steps=steps, group_size=group_size, file_bytes=size, seconds=time.perf_counter() - t0,
               stage_seconds=res.seconds, train=train.to_dict(),
               bits={k: v for k, v in (res.mixed_precision.bits.items() if res.mixed_precision else [])},
               losses=list(tr) if tr else [], tokens=tr.tokens if tr else 0,
