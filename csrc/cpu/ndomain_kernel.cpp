@@ -182,6 +182,16 @@ bool distinct_applies(bool simd, int64_t m) {
   return is_16bit_v<W> && simd && m <= kMaxDistinctGroup;
 }
 
+// Every weight of the group d was built from gets its value's soft value sum_j a_j c_j (computed
+// once per distinct value into f), rounded to W.
+template <typename W>
+void scatter_soft_of_distinct(const DistinctGroup& d, const float* c, int64_t k, float neg_inv_tau,
+                              bool squared, std::vector<float>& f, W* out) {
+  f.resize(d.size());
+  attention_avx2::soft(d.values.data(), d.size(), c, k, neg_inv_tau, squared, f.data());
+  for (size_t n = 0; n < d.index.size(); ++n) out[n] = W(f[d.index[n]]);
+}
+
 // F_n = sum_j a_nj c_j of every weight, rounded to T (as the U-domain's soft values) then W.
 template <typename W, typename T>
 void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
@@ -194,10 +204,7 @@ void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
         std::vector<float> f;
         for (int64_t g = g0; g < g1; ++g) {
           d.build(w + g * m, m);
-          f.resize(d.size());
-          attention_avx2::soft(d.values.data(), d.size(), c + g * k, k, float(neg_inv_tau), squared,
-                               f.data());
-          for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(f[d.index[n]]);
+          scatter_soft_of_distinct(d, c + g * k, k, float(neg_inv_tau), squared, f, out + g * m);
         }
       });
       return;
@@ -269,10 +276,8 @@ NDomainForward forward_distinct(const at::Tensor& weight, const W* w, float* h,
         }
         move[t * groups + g] = mv;
       }
-      soft.resize(u);
-      attention_avx2::soft(d.values.data(), u, h + max_iter * gk + g * k, k, neg_inv_tau, squared,
-                           soft.data());
-      for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(soft[d.index[n]]);
+      scatter_soft_of_distinct(d, h + max_iter * gk + g * k, k, neg_inv_tau, squared, soft,
+                               out + g * m);
     }
   });
   int64_t t = 0;
