@@ -1,5 +1,6 @@
 // The public C++ API: thin calls into the dispatcher (schemas in registration.cpp).
 #include <edkm/edkm.h>
+#include <edkm/format.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -55,6 +56,47 @@ at::Tensor dequantize(const at::Tensor& indices, const at::Tensor& centroids,
 at::Tensor pack_indices(const at::Tensor& indices, int64_t bits) {
   static auto handle = op<at::Tensor(const at::Tensor&, int64_t)>("edkm::pack_indices");
   return handle.call(indices, bits);
+}
+
+namespace {
+// The LUT as the rebuilt weight holds it (the file's fp16 rounded to the weight's dtype).
+at::Tensor weight_lut(const ClusteredTensor& w) { return w.lut.to(w.dtype).to(at::kFloat); }
+
+void check_2d(const char* op, const ClusteredTensor& w) {
+  TORCH_CHECK_VALUE(w.shape.size() == 2, op, ": the clustered weight must be 2-D, got ",
+                    w.shape.size(), " dimensions");
+}
+}  // namespace
+
+at::Tensor lut_linear(const at::Tensor& input, const ClusteredTensor& weight,
+                      const std::optional<at::Tensor>& bias) {
+  check_2d("edkm::lut_linear", weight);
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     int64_t, int64_t, const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&)>("edkm::lut_linear");
+  std::optional<at::Tensor> oi, ov;
+  if (weight.num_outliers() > 0) {
+    oi = weight.outlier_index;
+    ov = weight.outlier_values;
+  }
+  return handle.call(input, weight.packed, weight_lut(weight), weight.bits, weight.shape[0], bias,
+                     oi, ov);
+}
+
+at::Tensor lut_embedding(const at::Tensor& indices, const ClusteredTensor& weight) {
+  check_2d("edkm::lut_embedding", weight);
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     int64_t, int64_t, int64_t, const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&,
+                                     std::optional<at::ScalarType>)>("edkm::lut_embedding");
+  std::optional<at::Tensor> oi, ov;
+  if (weight.num_outliers() > 0) {
+    oi = weight.outlier_index;
+    ov = weight.outlier_values;
+  }
+  return handle.call(indices, weight.packed, weight_lut(weight), weight.bits, weight.shape[0],
+                     weight.shape[1], oi, ov, weight.dtype);
 }
 
 at::Tensor unpack_indices(const at::Tensor& packed, int64_t bits, int64_t count) {

@@ -31,6 +31,17 @@ TORCH_LIBRARY(edkm, m) {
   m.def("unpack_indices(Tensor packed, int bits, int count) -> Tensor", kSyncing);
   // Exact optimal weighted 1-D k-means over sorted distinct values: float64 centroids [k]
   // (ascending) and the optimal cost (0-d float64). Runs on the CPU (other devices copy).
+  // Run a clustered weight from its file form (docs/FORMAT.md) without rebuilding it: W [rows,
+  // cols] = lut[group, index] (as float32), then the outliers (flat positions, sorted) written
+  // over it. lut_linear = linear(input, W, bias) with in_features = input.size(-1), computed in
+  // float32 (float64 for float64 input), returned in input's dtype; lut_embedding = W[indices]
+  // in dtype (default lut's). Inference only (no autograd).
+  m.def("lut_linear(Tensor input, Tensor packed, Tensor lut, int bits, int out_features, "
+        "Tensor? bias=None, Tensor? outlier_index=None, Tensor? outlier_values=None) -> Tensor",
+        kSyncing);
+  m.def("lut_embedding(Tensor indices, Tensor packed, Tensor lut, int bits, int num_embeddings, "
+        "int embedding_dim, Tensor? outlier_index=None, Tensor? outlier_values=None, "
+        "ScalarType? dtype=None) -> Tensor", kSyncing);
   m.def("optimal_kmeans_1d(Tensor values, Tensor counts, int k) -> (Tensor centroids, "
         "Tensor cost)", kSyncing);
   // The same for every group of a weight viewed as [G, M] at once (CPU threads over groups):

@@ -186,3 +186,17 @@ def _ndomain_backward_fake(grad_clustered, grad_centroids, weight, history, iter
 @torch.library.register_fake("edkm::_ndomain_recompute")
 def _ndomain_recompute_fake(weight, history, iterations, temperature, distance):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("edkm::lut_linear")
+def _lut_linear_fake(input, packed, lut, bits, out_features, bias=None, outlier_index=None,
+                     outlier_values=None):
+    _check_bits("lut_linear", bits)
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+@torch.library.register_fake("edkm::lut_embedding")
+def _lut_embedding_fake(indices, packed, lut, bits, num_embeddings, embedding_dim,
+                        outlier_index=None, outlier_values=None, dtype=None):
+    _check_bits("lut_embedding", bits)
+    return lut.new_empty((*indices.shape, embedding_dim), dtype=dtype or lut.dtype)

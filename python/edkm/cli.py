@@ -6,9 +6,10 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edkm import compress, demo, evaluate
+    from edkm import compress, demo, evaluate, generate
     from edkm.bench import accuracy as bench_accuracy
     from edkm.bench import coreml as bench_coreml
+    from edkm.bench import decode as bench_decode
     from edkm.bench import dkm as bench_dkm
     from edkm.bench import gpu as bench_gpu
     from edkm.bench import layer as bench_layer
@@ -34,11 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or compressed file")
     evaluate.add_arguments(p)
     p.set_defaults(run=evaluate.main)
+    p = sub.add_parser("generate", help="continue a prompt with a model or a compressed file (run packed): text, prefill and decode tokens/s")
+    generate.add_arguments(p)
+    p.set_defaults(run=generate.main)
     bench = sub.add_parser("bench", help="run a benchmark")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True)
     p = bench_sub.add_parser("dkm", help="dkm vs dkm_reference on one matrix, forward+backward")
     bench_dkm.add_arguments(p)
     p.set_defaults(run=bench_dkm.main)
+    p = bench_sub.add_parser("decode", help="SmolLM2-135M decode speed: edkm files run packed vs dense PyTorch vs llama.cpp, same prompt and threads; peak memory")
+    bench_decode.add_arguments(p)
+    p.set_defaults(run=bench_decode.main)
     p = bench_sub.add_parser("memory", help="memory ablation: naive / +M / +M+U / dkm on a LLaMA-7B layer")
     bench_memory.add_arguments(p)
     p.set_defaults(run=bench_memory.main)

@@ -151,7 +151,8 @@ def compress_synthetic(out: str, config: Config, layers: Optional[int] = None, s
     if progress:
         from tqdm import tqdm
         bar = tqdm(tensors, desc="edkm: llama-7b-synthetic", unit="tensor")
-    with FileWriter(out, entries, metadata_for(layouts, {})) as w:
+    meta = dict(metadata_for(layouts, {}), **{"edkm.base_model": models.LLAMA7B_SYNTHETIC})
+    with FileWriter(out, entries, meta) as w:
         for name, shape, make in bar:
             t = make()
             n_weights += t.numel()

@@ -561,9 +561,16 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return out
 
 
-def load(path: str, model: Optional[nn.Module] = None):
+def load(path: str, model: Optional[nn.Module] = None, packed: bool = False):
     """Load a file written by :func:`save`. With ``model`` (same architecture, unclustered or
-    palettized), copies every tensor into it and returns it; without, returns the state dict."""
+    palettized), copies every tensor into it and returns it; without, returns the state dict.
+    ``packed=True`` keeps clustered Linear/Embedding weights in their file form instead
+    (:func:`edkm.packed.load_packed`: about the file's size in memory)."""
+    if packed:
+        if model is None:
+            raise ValueError("edkm.load: packed=True needs the model to load into")
+        from edkm.packed import load_packed
+        return load_packed(path, model)
     sd = load_state_dict(path)
     if model is None:
         return sd

@@ -96,6 +96,63 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     raise ValueError(f"edkm: {spec}: expected a Hugging Face directory, a .safetensors or a .gguf file")
 
 
+def load_packed_model(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a compressed file whose clustered Linear/Embedding weights stay
+    packed (:mod:`edkm.packed`): the base model is built without weights (``accelerate``'s
+    empty-weights context), then the file's tensors are put in. The tokenizer is None for the
+    synthetic LLaMA-7B (its text is noise; its speed and memory are real)."""
+    _offline()
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    from edkm.packed import load_packed
+    hf_logging.set_verbosity_error()
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"edkm: no such file: {path!r}")
+    base = _edkm_base(p)
+    if base is None and p.suffix == ".safetensors" and _looks_like_llama7b(p):
+        base = LLAMA7B_SYNTHETIC
+    if base is None:
+        raise ValueError(f"edkm: {path}: not an edkm file with a known base model "
+                         "(metadata edkm.base_model)")
+    tok = None
+    if base == LLAMA7B_SYNTHETIC:
+        config = llama7b_config(_layers_in(p))
+    elif base == SMOLLM2:
+        from transformers import AutoConfig, AutoTokenizer
+        directory, name = smollm2_path()
+        config = AutoConfig.from_pretrained(directory, gguf_file=name)
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    else:
+        from transformers import AutoConfig
+        bp = Path(base)
+        directory = bp if bp.is_dir() else bp.parent
+        config = AutoConfig.from_pretrained(str(directory))
+        tok = _tokenizer_or_none(directory)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    load_packed(str(p), model)
+    return model.eval(), tok
+
+
+def _layers_in(path: Path) -> int:
+    from edkm.format import read_header
+    names = list(read_header(str(path)).entries)
+    layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+    return max(layers) + 1 if layers else 0
+
+
+def _looks_like_llama7b(path: Path) -> bool:
+    from edkm.format import FormatError, read_header
+    try:
+        cf = read_header(str(path))
+    except FormatError:
+        return False
+    lay = cf.layouts.get("model.layers.0.mlp.gate_proj.weight")
+    return lay is not None and tuple(lay.shape) == (LLAMA7B["intermediate"], LLAMA7B["hidden"])
+
+
 def _edkm_base(path: Path) -> Optional[str]:
     """The base model recorded in an edkm file (None for other safetensors files)."""
     from edkm.format import FormatError, read_header
@@ -134,6 +191,16 @@ def llama7b_layout(layers: Optional[int] = None) -> List[Tuple[str, Tuple[int, .
                 (p + "mlp.down_proj.weight", (h, i))]
     out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     return out
+
+
+def llama7b_config(layers: Optional[int] = None):
+    """transformers' LlamaConfig with LLaMA-7B's shapes (for the synthetic weights)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=LLAMA7B["vocab"], hidden_size=LLAMA7B["hidden"],
+                       intermediate_size=LLAMA7B["intermediate"],
+                       num_hidden_layers=LLAMA7B["layers"] if layers is None else layers,
+                       num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
+                       max_position_embeddings=2048, tie_word_embeddings=False)
 
 
 def synthetic_tensor(name: str, shape: Tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -94,6 +94,32 @@ def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.ops.edkm.unpack_indices(packed, bits, count)
 
 
+def lut_linear(input: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, bits: int,
+               out_features: int, bias: Optional[torch.Tensor] = None,
+               outlier_index: Optional[torch.Tensor] = None,
+               outlier_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(input, W, bias)`` for the clustered weight W [out_features, input.shape[-1]]
+    stored as in docs/FORMAT.md (``packed`` uint8 bit-packed indices, ``lut`` [G, 2**bits, d],
+    optional exact outliers: sorted flat positions and their values), without rebuilding W.
+    W's values are the LUT's (converted to float32), so pass the LUT in the weight's own dtype
+    to get the weight the file rebuilds. Computed in float32 (float64 for float64 input),
+    returned in ``input``'s dtype. Inference only: no gradients."""
+    return torch.ops.edkm.lut_linear(input, packed, lut, bits, out_features, bias,
+                                     outlier_index, outlier_values)
+
+
+def lut_embedding(indices: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, bits: int,
+                  num_embeddings: int, embedding_dim: int,
+                  outlier_index: Optional[torch.Tensor] = None,
+                  outlier_values: Optional[torch.Tensor] = None,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Rows ``indices`` (int32/int64, any shape) of the clustered weight W [num_embeddings,
+    embedding_dim] stored as :func:`lut_linear` takes it, in ``dtype`` (default: ``lut``'s).
+    Unpacks only the rows asked for. Inference only."""
+    return torch.ops.edkm.lut_embedding(indices, packed, lut, bits, num_embeddings, embedding_dim,
+                                        outlier_index, outlier_values, dtype)
+
+
 def optimal_kmeans_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> KMeans1dResult:
     """Exact optimal weighted 1-D k-means over sorted, strictly increasing, finite ``values`` [U]
     with positive ``counts`` [U]. Returns float64 ``centroids`` [k] (ascending) and the optimal

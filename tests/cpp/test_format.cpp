@@ -691,3 +691,32 @@ TEST(Format, BadSavesAreClearErrorsAndLeaveTheOldFile) {
 }
 
 }  // namespace
+
+// A clustered weight runs as stored: lut_linear / lut_embedding equal linear / indexing of the
+// rebuilt weight (float64 oracle), for 3-bit row groups with outliers, batch 1 and 12.
+TEST(PackedRuntime, LutLinearAndEmbeddingMatchTheRebuiltWeight) {
+  torch::manual_seed(0);
+  edkm::ClusteredTensor w;
+  w.bits = 3;
+  w.shape = {48, 40};
+  w.dtype = at::kBFloat16;
+  w.groups = 6;
+  w.lut = torch::randn({6, 8, 1}).to(at::kHalf);
+  w.packed = edkm::pack_indices(torch::randint(0, 8, {48 * 40}), 3);
+  w.outlier_index = torch::tensor({3, 100, 1919}, torch::kInt32);
+  w.outlier_values = torch::randn({3}).to(at::kBFloat16);
+  w.check("w");
+  const auto dense = w.dequantize().to(at::kDouble);
+  for (int64_t batch : {1, 12}) {
+    const auto x = torch::randn({batch, 40});
+    const auto bias = torch::randn({48});
+    const auto y = edkm::lut_linear(x, w, bias);
+    const auto ref = at::linear(x.to(at::kDouble), dense, bias.to(at::kDouble));
+    EXPECT_TRUE(torch::allclose(y.to(at::kDouble), ref, 1e-5, 1e-5)) << "batch " << batch;
+  }
+  const auto ids = torch::tensor({0, 47, 2}, torch::kLong);
+  const auto e = edkm::lut_embedding(ids, w);
+  EXPECT_EQ(e.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(torch::equal(e.to(at::kDouble), dense.index_select(0, ids)));
+  EXPECT_THROW(edkm::lut_linear(torch::randn({2, 41}), w), c10::ValueError);
+}

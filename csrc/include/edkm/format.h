@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -81,5 +82,17 @@ CompressedFile load_compressed(const std::string& path);
 // aliases pointing at stored names, no reserved metadata keys); raises c10::ValueError naming
 // the tensor, or c10::Error for I/O failures.
 void save_compressed(const std::string& path, const CompressedFile& file);
+
+// Run a clustered 2-D weight as stored, without rebuilding it (the edkm::lut_linear op):
+// linear(input, W, bias) for W = weight.dequantize() ([out, in]; input [..., in]); computed in
+// float32 (float64 for float64 input), returned in input's dtype. Small batches run a packed
+// GEMV (AVX2 where the CPU has it), larger ones unpacked tiles + BLAS. Memory: the packed
+// indices and the LUT, never the dense weight.
+at::Tensor lut_linear(const at::Tensor& input, const ClusteredTensor& weight,
+                      const std::optional<at::Tensor>& bias = std::nullopt);
+
+// Rows `indices` (int32/int64, any shape) of a clustered 2-D weight (edkm::lut_embedding), in
+// the weight's dtype; only those rows are unpacked.
+at::Tensor lut_embedding(const at::Tensor& indices, const ClusteredTensor& weight);
 
 }  // namespace edkm
