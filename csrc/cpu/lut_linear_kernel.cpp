@@ -107,8 +107,9 @@ bool avx2_available() {
 // in the low halves, and one blend interleaves them. Loads past the stream's end read zeros.
 template <int B>
 struct Unpack8 {
-  __m256i s0, s1, mask;
+  __m256i s0, s1, s32, mask;
   EDKM_AVX2 Unpack8() {
+    s32 = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
     if constexpr (B <= 3) {
       s0 = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
       s1 = s0;
@@ -132,6 +133,15 @@ struct Unpack8 {
       const __m256i x = _mm256_set1_epi32(static_cast<int>(v));
       return _mm256_and_si256(_mm256_srlv_epi32(x, s0), mask);
     } else {
+      if constexpr (B == 4) {
+        // Eight 4-bit indices from an even index are exactly one aligned 32-bit word.
+        if ((bit & 7) == 0 && byte + 4 <= nbytes) {
+          uint32_t u;
+          std::memcpy(&u, bytes + byte, 4);
+          const __m256i x = _mm256_set1_epi32(static_cast<int>(u));
+          return _mm256_and_si256(_mm256_srlv_epi32(x, s32), mask);
+        }
+      }
       uint64_t v = 0;
       if (byte + 8 <= nbytes) {
         std::memcpy(&v, bytes + byte, 8);
@@ -169,14 +179,23 @@ struct Lookup {
       const __m256 a = _mm256_permutevar8x32_ps(r[0], idx);
       const __m256 b = _mm256_permutevar8x32_ps(r[1], idx);
       return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-    } else if constexpr (KC == 32) {
+    } else if constexpr (KC == 32 || KC == 64) {
+      // A tree of blends on index bits 3, 4 (and 5) over the eight-entry permutes.
       const __m256 sel3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
       const __m256 sel4 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27));
-      const __m256 a = _mm256_blendv_ps(_mm256_permutevar8x32_ps(r[0], idx),
-                                        _mm256_permutevar8x32_ps(r[1], idx), sel3);
-      const __m256 b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(r[2], idx),
-                                        _mm256_permutevar8x32_ps(r[3], idx), sel3);
-      return _mm256_blendv_ps(a, b, sel4);
+      __m256 q[KC / 32];
+      for (int h = 0; h < KC / 32; ++h) {
+        const __m256 a = _mm256_blendv_ps(_mm256_permutevar8x32_ps(r[4 * h], idx),
+                                          _mm256_permutevar8x32_ps(r[4 * h + 1], idx), sel3);
+        const __m256 b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(r[4 * h + 2], idx),
+                                          _mm256_permutevar8x32_ps(r[4 * h + 3], idx), sel3);
+        q[h] = _mm256_blendv_ps(a, b, sel4);
+      }
+      if constexpr (KC == 32) {
+        return q[0];
+      } else {
+        return _mm256_blendv_ps(q[0], q[1], _mm256_castsi256_ps(_mm256_slli_epi32(idx, 26)));
+      }
     } else {
       return _mm256_i32gather_ps(table, idx, 4);
     }
@@ -194,7 +213,7 @@ EDKM_AVX2 inline float hsum(__m256 v) {
 // cluster_dim 1. Each row is cut where its group changes; whole blocks of 8 run in lanes, the
 // few columns before a group boundary or the row end run scalar.
 template <int B>
-constexpr int lut_regs() { return B <= 3 ? 8 : B == 4 ? 16 : B == 5 ? 32 : 0; }
+constexpr int lut_regs() { return B <= 3 ? 8 : B == 4 ? 16 : B == 5 ? 32 : B == 6 ? 64 : 0; }
 
 template <int M, int B>
 EDKM_AVX2 void gemv_rows(const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy,

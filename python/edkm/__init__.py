@@ -7,7 +7,8 @@ from edkm import _native
 from edkm import _fake  # noqa: F401  (registers fake kernels)
 from edkm.ops import (
     DkmResult, KMeans1dResult, assign, dequantize, dkm, dkm_linear, dkm_reference,
-    optimal_kmeans_1d, optimal_kmeans_1d_grouped, pack_indices, unpack_indices,
+    lut_embedding, lut_linear, optimal_kmeans_1d, optimal_kmeans_1d_grouped, pack_indices,
+    unpack_indices,
 )
 from edkm.store import SavedTensorStore, saved_tensors
 from edkm.config import Config
@@ -32,5 +33,5 @@ __all__ = [
     "dkm", "dkm_linear", "dkm_reference", "optimal_kmeans_1d", "pack_indices", "saved_tensors",
     "unpack_indices", "optimal_kmeans_1d_grouped", "calibration_batches", "fisher", "choose_bits", "matrix_costs",
     "mixed_precision_config", "FinetuneResult", "TrainConfig", "distillation_loss",
-    "generate_blocks", "compress_model", "teacher_agreement",
+    "generate_blocks", "compress_model", "teacher_agreement", "lut_linear", "lut_embedding",
 ]
