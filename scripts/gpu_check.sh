@@ -15,7 +15,7 @@ jobs=$(nproc)
 declare -A status
 summary() {
   echo "=== gpu_check summary ($(sed -n 2p "$out/machine.txt"))"
-  for s in build ctest pytest pytest_kernels crash_bt memcheck racecheck initcheck synccheck bench_dkm bench_gpu profile demo; do
+  for s in build ctest pytest pytest_kernels crash_bt memcheck racecheck initcheck synccheck bench_dkm bench_gpu bench_lut profile demo; do
     [ -n "${status[$s]:-}" ] && printf '%-10s %s\n' "$s" "${status[$s]}"
   done
   grep -sE "passed|failed" "$out/pytest.log" | tail -1
@@ -87,7 +87,7 @@ $py -c 'import xdist' 2>/dev/null && parallel="-n 8"
 # The kernels that are off by default because they had not run on a GPU when written (the
 # CUDA U-domain kernels, the privatized slot atomics) get their own process: a fault there
 # (CUDA errors are sticky) cannot fail the other tests.
-unrun="tests/python/test_udomain_fused_cuda.py tests/python/test_slot_privatized_cuda.py"
+unrun="tests/python/test_udomain_fused_cuda.py tests/python/test_slot_privatized_cuda.py tests/python/test_lut_linear.py"
 step pytest $py -m pytest -q -p no:cacheprovider $parallel tests/python -m cuda -rs \
   $(printf -- '--ignore=%s ' $unrun)
 step pytest_kernels $py -m pytest -q -p no:cacheprovider $unrun -rs
@@ -114,6 +114,7 @@ fi
 results=$root/benchmarks/results
 step bench_dkm $py -m edkm bench dkm --device cuda --size 4096x4096 --repeats 10 --out "$results"
 step bench_gpu $py -m edkm bench gpu --out "$results"
+step bench_lut $py -m edkm bench lut --device cuda --repeats 20 --out "$results"
 step profile $py scripts/profile_dkm.py
 step demo $py -m edkm bench layer
 

@@ -10,6 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edkm.bench import accuracy as bench_accuracy
     from edkm.bench import coreml as bench_coreml
     from edkm.bench import decode as bench_decode
+    from edkm.bench import lut as bench_lut
     from edkm.bench import dkm as bench_dkm
     from edkm.bench import gpu as bench_gpu
     from edkm.bench import layer as bench_layer
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("decode", help="SmolLM2-135M decode speed: edkm files run packed vs dense PyTorch vs llama.cpp, same prompt and threads; peak memory")
     bench_decode.add_arguments(p)
     p.set_defaults(run=bench_decode.main)
+    p = bench_sub.add_parser("lut", help="edkm.lut_linear on packed 3/4-bit weights vs F.linear on dense fp32/bf16, LLaMA-7B and SmolLM2 matrices, batch 1-64 (any device)")
+    bench_lut.add_arguments(p)
+    p.set_defaults(run=bench_lut.main)
     p = bench_sub.add_parser("memory", help="memory ablation: naive / +M / +M+U / dkm on a LLaMA-7B layer")
     bench_memory.add_arguments(p)
     p.set_defaults(run=bench_memory.main)

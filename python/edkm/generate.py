@@ -39,6 +39,7 @@ def _pick(logits: torch.Tensor, gen: Optional[torch.Generator], temperature: flo
           top_p: float) -> int:
     if gen is None:
         return int(logits.argmax())
+    logits = logits.cpu()
     logits = logits.float() / max(temperature, 1e-6)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
@@ -64,6 +65,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, sample: bo
     import inspect
     from transformers import DynamicCache
     gen = torch.Generator().manual_seed(seed) if sample else None
+    device = prompt_ids.device
     cache = DynamicCache()
     # transformers >= 5.2x names the cache argument `cache` (past_key_values is deprecated)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -75,8 +77,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, sample: bo
     pos = prompt_ids.shape[1]
     while len(tokens) < max_new_tokens and not (eos_token_id is not None and tok == eos_token_id):
         t = time.perf_counter()
-        out = model(input_ids=torch.tensor([[tok]]), use_cache=True,
-                    position_ids=torch.tensor([[pos]]), **{key: cache})
+        out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True,
+                    position_ids=torch.tensor([[pos]], device=device), **{key: cache})
         tok = _pick(out.logits[0, -1], gen, temperature, top_k, top_p)
         steps.append(time.perf_counter() - t)
         tokens.append(tok)
