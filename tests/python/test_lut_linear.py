@@ -50,7 +50,7 @@ LAYOUTS = [  # rows, cols, groups, cluster_dim, outliers
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("batch", [1, 3, 5, 12])
+@pytest.mark.parametrize("batch", [1, 3, 5, 12, 20])  # 20: unpacked tiles + BLAS
 def test_lut_linear_matches_the_rebuilt_weight(bits, layout, batch):
     rows, cols, groups, d, n_out = layout
     idx, packed, lut, oi, ov = make(rows, cols, bits, groups, d, n_out, seed=bits)
