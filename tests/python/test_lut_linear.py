@@ -151,16 +151,27 @@ def test_bad_input_one_clear_error(call, match, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-def test_cuda_matches_cpu():
-    idx, packed, lut, oi, ov = make(256, 128, 3, 16, n_out=30)
-    x = torch.randn(4, 128)
-    y = ops.lut_linear(x, packed, lut, 3, 256, None, oi, ov)
-    yc = ops.lut_linear(x.cuda(), packed.cuda(), lut.cuda(), 3, 256, None, oi.cuda(), ov.cuda())
-    torch.testing.assert_close(yc.cpu(), y, rtol=1e-5, atol=1e-4)
-    ids = torch.tensor([0, 7, 255])
-    assert torch.equal(ops.lut_embedding(ids.cuda(), packed.cuda(), lut.cuda(), 3, 256, 128, oi.cuda(),
-                                         ov.cuda()).cpu(),
-                       ops.lut_embedding(ids, packed, lut, 3, 256, 128, oi, ov))
+@pytest.mark.parametrize("batch", [1, 4, 20])   # 20: unpacked tiles + cuBLAS
+@pytest.mark.parametrize("layout", [(256, 128, 16, 1, 30), (33, 77, 3, 1, 25), (16, 96, 2, 2, 0)])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_cuda_matches_the_rebuilt_weight(batch, layout, bits):
+    rows, cols, groups, d, n_out = layout
+    idx, packed, lut, oi, ov = make(rows, cols, bits, groups, d, n_out, seed=bits)
+    w = naive_weight(idx, lut, rows, cols, oi, ov)
+    x = torch.randn(batch, cols)
+    bias = torch.randn(rows)
+    cu = {"packed": packed.cuda(), "lut": lut.cuda(), "oi": None if oi is None else oi.cuda(),
+          "ov": None if ov is None else ov.cuda()}
+    y = ops.lut_linear(x.cuda(), cu["packed"], cu["lut"], bits, rows, bias.cuda(), cu["oi"], cu["ov"])
+    torch.testing.assert_close(y.cpu().double(), F.linear(x.double(), w, bias.double()),
+                               rtol=1e-5, atol=1e-4)
+    yb = ops.lut_linear(x.cuda().bfloat16(), cu["packed"], cu["lut"], bits, rows, None, cu["oi"], cu["ov"])
+    assert yb.dtype == torch.bfloat16
+    ids = torch.tensor([0, rows - 1, rows // 2])
+    e = ops.lut_embedding(ids.cuda(), cu["packed"], cu["lut"], bits, rows, cols, cu["oi"], cu["ov"],
+                          torch.float32)
+    assert torch.equal(e.cpu().double(), w[ids])
+    torch.cuda.synchronize()
 
 
 # ---- packed modules -------------------------------------------------------------------------
