@@ -189,7 +189,11 @@ struct Window16 {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
   }
   EDKM_AVX2 inline __m256i chunk(__m256i win, int u) const {
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(win, shuf[u]), shift), mask);
+    const __m256i t = _mm256_srlv_epi32(_mm256_shuffle_epi8(win, shuf[u]), shift);
+    // For 3-6 bits the lookup reads only the index's own bits (the permutes its low 3, the blend
+    // tree bits 3-5 moved to the sign), so the bits above need no mask.
+    if constexpr (B >= 3 && B <= 6) return t;
+    return _mm256_and_si256(t, mask);
   }
 };
 
