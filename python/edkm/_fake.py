@@ -188,10 +188,18 @@ def _ndomain_recompute_fake(weight, history, iterations, temperature, distance):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
+def _check_same_device(op: str, packed, lut, input=None) -> None:
+    if lut.device != packed.device:
+        raise ValueError(f"{op}: lut must be on packed's device ({packed.device}), got {lut.device}")
+    if input is not None and input.device != packed.device:
+        raise ValueError(f"{op}: input must be on packed's device ({packed.device}), got {input.device}")
+
+
 @torch.library.register_fake("edkm::lut_linear")
 def _lut_linear_fake(input, packed, lut, bits, out_features, bias=None, outlier_index=None,
                      outlier_values=None):
     _check_bits("lut_linear", bits)
+    _check_same_device("lut_linear", packed, lut, input)
     return input.new_empty((*input.shape[:-1], out_features))
 
 
@@ -199,4 +207,5 @@ def _lut_linear_fake(input, packed, lut, bits, out_features, bias=None, outlier_
 def _lut_embedding_fake(indices, packed, lut, bits, num_embeddings, embedding_dim,
                         outlier_index=None, outlier_values=None, dtype=None):
     _check_bits("lut_embedding", bits)
+    _check_same_device("lut_embedding", packed, lut)
     return lut.new_empty((*indices.shape, embedding_dim), dtype=dtype or lut.dtype)

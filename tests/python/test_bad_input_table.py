@@ -89,6 +89,23 @@ def _budget_too_small():
 W = torch.randn(8, 16)
 
 
+def _lut(bits=3, rows=8, cols=16, groups=2):
+    idx = torch.randint(0, 1 << bits, (rows * cols,), generator=torch.Generator().manual_seed(0))
+    return edkm.pack_indices(idx, bits), torch.randn(groups, 1 << bits, 1)
+
+
+def _lut_call(**change):
+    packed, lut = _lut()
+    args = dict(input=torch.randn(2, 16), packed=packed, lut=lut, bits=3, out_features=8)
+    args.update(change)
+    return edkm.lut_linear(args["input"], args["packed"], args["lut"], args["bits"], args["out_features"])
+
+
+def _packed_into_other_model(tmp):
+    p = _saved(tmp)
+    return edkm.load(p, nn.Sequential(nn.Linear(8, 6)), packed=True)
+
+
 def _same_as_contiguous(view):
     """Views are accepted and give what their contiguous copy gives."""
     c = torch.linspace(-1, 1, 4).view(1, 4)
@@ -189,6 +206,28 @@ TABLE = [
      SystemExit, "drop --embedding-bits"),
     ("edkm info", "missing file", lambda t: cli(["info", str(t / "none.safetensors")]), SystemExit,
      "no such file"),
+    ("lut_linear", "packed one byte short", lambda t: _lut_call(packed=_lut()[0][:-1]), ValueError,
+     "bytes, but packed has"),
+    ("lut_linear", "LUT of 2**bits entries for other bits", lambda t: _lut_call(bits=4), ValueError,
+     "2\\*\\*bits = 16 entries"),
+    ("lut_linear", "bits 9", lambda t: _lut_call(bits=9), ValueError, "bits must be in 1..8"),
+    ("lut_linear", "2-D LUT", lambda t: _lut_call(lut=torch.randn(2, 8)), ValueError,
+     "lut must be \\[groups, 2\\*\\*bits, cluster_dim\\]"),
+    ("lut_linear", "int32 packed indices", lambda t: _lut_call(packed=_lut()[0].int()), TypeError,
+     "packed must be uint8"),
+    ("lut_linear", "integer input", lambda t: _lut_call(input=torch.ones(2, 16, dtype=torch.int64)), TypeError,
+     "input must be float16, bfloat16, float32 or float64"),
+    ("lut_linear", "input of the wrong width", lambda t: _lut_call(input=torch.randn(2, 15)), ValueError,
+     "a \\[8, 15\\] weight"),
+    ("lut_linear", "LUT on another device (meta)", lambda t: _lut_call(lut=torch.empty(2, 8, 1, device="meta")),
+     ValueError, "lut must be on packed's device"),
+    ("lut_embedding", "row out of range", lambda t: edkm.lut_embedding(torch.tensor([8]), *_lut(), 3, 8, 16),
+     IndexError, "must lie in \\[0, num_embeddings\\)"),
+    ("load(packed=True)", "model of another shape", lambda t: _packed_into_other_model(t), edkm.FormatError,
+     "does not match the model"),
+    ("edkm generate", "--max-new-tokens 0", lambda t: cli(["generate", str(_saved(t)), "--prompt", "x",
+                                                            "--max-new-tokens", "0"]), SystemExit,
+     "max-new-tokens must be >= 1"),
     ("edkm info", "corrupted file", lambda t: cli(["info", str(_truncated(t))]), SystemExit,
      "truncated|outside the data section|tile"),
 ]

@@ -1,4 +1,5 @@
-"""Fuzzing the compressed-file loaders (Python edkm.load and the C++ reader) with hypothesis.
+"""Fuzzing the compressed-file loaders (Python edkm.load, its packed path with a forward pass, and
+the C++ reader) with hypothesis.
 
 Inputs: byte edits and truncations of a valid file (format version 2: its matrices keep outliers,
 so edits also land in outlier positions and values), and headers built from random JSON (lying
@@ -27,9 +28,13 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
+def _model():
+    return nn.Sequential(nn.Embedding(6, 8), nn.Linear(8, 6), nn.LayerNorm(6))
+
+
 def _valid_file(path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(6, 8), nn.Linear(8, 6), nn.LayerNorm(6))
+    model = _model()
     edkm.palettize_(model, edkm.Config(bits=3, init="kmeans++", outlier_fraction=0.1,
                                        module_types={"LayerNorm": None}))
     edkm.finalize(model)
@@ -55,6 +60,14 @@ def check_loaders(data: bytes, path) -> None:
         _native._C._load_compressed(str(path))
     except ValueError:
         pass
+    # The packed path: a file it accepts must also run (the kernels see what the loader let in).
+    try:
+        packed = edkm.load(path, _model(), packed=True)
+    except edkm.FormatError:
+        return
+    with torch.no_grad():
+        out = packed(torch.tensor([[0, 5, 3]]))
+    assert out.shape == (1, 3, 6)
 
 
 @FUZZ
