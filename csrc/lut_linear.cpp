@@ -166,6 +166,18 @@ void check_lut_embedding_indices(const at::Tensor& indices, const LutWeight& w) 
                     w.rows, "), got values in [", lo, ", ", hi, "]");
 }
 
+at::Tensor lut_linear_rows(const at::Tensor& input, const LutWeight& w) {
+  return input.reshape({-1, w.cols}).to(at::kFloat).contiguous();
+}
+
+at::Tensor lut_linear_output(at::Tensor y, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& input) {
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  auto sizes = input.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.to(input.scalar_type()).view(sizes);
+}
+
 namespace generic {
 
 at::Tensor lut_dense_weight(const at::Tensor& packed, const at::Tensor& lut, const LutWeight& w,

@@ -42,6 +42,13 @@ void check_lut_linear_input(const at::Tensor& input, const LutWeight& w,
                             const std::optional<at::Tensor>& bias);
 void check_lut_embedding_indices(const at::Tensor& indices, const LutWeight& w);
 
+// What every fused lut_linear kernel does around its product: input [..., cols] as the float32
+// [M, cols] matrix it reads, and its float32 result y [M, rows] plus bias, back in input's
+// dtype and leading shape.
+at::Tensor lut_linear_rows(const at::Tensor& input, const LutWeight& w);
+at::Tensor lut_linear_output(at::Tensor y, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& input);
+
 namespace generic {
 // Plain ATen: rebuilds W (in the compute dtype: float64 for float64 inputs, else float32), then
 // at::linear / index_select. Any device, any dtype; the oracle the fused kernels are tested on.

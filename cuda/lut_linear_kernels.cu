@@ -164,7 +164,7 @@ at::Tensor lut_linear_cuda(const at::Tensor& input, const at::Tensor& packed, co
   c10::cuda::CUDAGuard guard(input.device());
   std::vector<at::Tensor> keep;
   const Weight w = make_weight(packed, lut, lw, outlier_index, outlier_values, keep);
-  auto x = input.reshape({-1, lw.cols}).to(at::kFloat).contiguous();
+  auto x = lut_linear_rows(input, lw);
   const int64_t m = x.size(0);
   auto y = at::empty({m, lw.rows}, x.options());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -184,10 +184,7 @@ at::Tensor lut_linear_cuda(const at::Tensor& input, const at::Tensor& packed, co
       y.narrow(1, r0, n).copy_(at::mm(x, buf.narrow(0, 0, n).t()));
     }
   }
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
-  auto sizes = input.sizes().vec();
-  sizes.back() = lw.rows;
-  return y.to(input.scalar_type()).view(sizes);
+  return lut_linear_output(y, bias, input);
 }
 
 at::Tensor lut_embedding_cuda(const at::Tensor& indices, const at::Tensor& packed,

@@ -492,7 +492,7 @@ at::Tensor lut_linear_cpu(const at::Tensor& input, const at::Tensor& packed, con
   check_lut_linear_input(input, w, bias);
   std::vector<at::Tensor> keep;
   const Packed p = make_packed(op, packed, lut, w, outlier_index, outlier_values, keep);
-  auto x = input.reshape({-1, w.cols}).to(at::kFloat).contiguous();
+  auto x = lut_linear_rows(input, w);
   const int64_t m = x.size(0);
   auto y = at::empty({m, w.rows}, x.options());
   if (m > 0) {
@@ -502,10 +502,7 @@ at::Tensor lut_linear_cpu(const at::Tensor& input, const at::Tensor& packed, con
       tiled(p, x, y);
     }
   }
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
-  auto sizes = input.sizes().vec();
-  sizes.back() = w.rows;
-  return y.to(input.scalar_type()).view(sizes);
+  return lut_linear_output(y, bias, input);
 }
 
 at::Tensor lut_embedding_cpu(const at::Tensor& indices, const at::Tensor& packed,

@@ -60,9 +60,10 @@ def test_lut_linear_matches_the_rebuilt_weight(bits, layout, batch):
     ref = F.linear(x.double(), w, bias.double())
     y = ops.lut_linear(x, packed, lut, bits, rows, bias, oi, ov)
     assert y.dtype == torch.float32 and y.shape == (batch, rows)
+    # float32 accumulation (the kernels' contract) in another order than the float64 oracle
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     y64 = ops.lut_linear(x.double(), packed, lut, bits, rows, bias, oi, ov)
-    torch.testing.assert_close(y64, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y64, ref, rtol=1e-12, atol=1e-12)  # float64: summation order only
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -73,6 +74,7 @@ def test_lut_linear_16bit_input_any_leading_shape(dtype):
     y = ops.lut_linear(x, packed, lut, 4, 96)
     assert y.dtype == dtype and y.shape == (2, 3, 96)
     ref = F.linear(x.double(), w).to(dtype)
+    # both rounded to the 16-bit dtype after float32 vs float64 sums: at most about one bf16 ulp
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
 
 
@@ -85,6 +87,7 @@ def test_lut_linear_lm_head_shape_and_threads():
         for t in (1, 2):
             torch.set_num_threads(t)
             y = ops.lut_linear(x, packed, lut, 3, 4096, None, oi, ov)
+            # float32 sums of 576 products (values up to ~30): absolute error ~1e-5
             torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(old)
@@ -163,6 +166,7 @@ def test_cuda_matches_the_rebuilt_weight(batch, layout, bits):
     cu = {"packed": packed.cuda(), "lut": lut.cuda(), "oi": None if oi is None else oi.cuda(),
           "ov": None if ov is None else ov.cuda()}
     y = ops.lut_linear(x.cuda(), cu["packed"], cu["lut"], bits, rows, bias.cuda(), cu["oi"], cu["ov"])
+    # float32 accumulation in warp-shuffle / cuBLAS order against the float64 oracle
     torch.testing.assert_close(y.cpu().double(), F.linear(x.double(), w, bias.double()),
                                rtol=1e-5, atol=1e-4)
     yb = ops.lut_linear(x.cuda().bfloat16(), cu["packed"], cu["lut"], bits, rows, None, cu["oi"], cu["ov"])
@@ -211,6 +215,7 @@ def test_packed_model_equals_the_loaded_model(tmp_path, tied, outliers):
     assert not any(p.is_meta for p in packed.parameters())
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
+        # same weights, float32 both; only the products' summation order differs
         torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
     from edkm.generate import generate
     a = generate(packed, ids[:1, :5], 8)
