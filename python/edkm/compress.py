@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-bits", default="same",
                    help="bits for the input embedding and lm_head: a number, 'same' (as --bits, "
                         "the default) or 'none' (keep them unclustered)")
+    p.add_argument("--plain-dtype", default="auto", choices=("auto", "keep", "bfloat16", "float16", "float32"),
+                   help="how unclustered tensors (norms, unclustered matrices) are stored: 'auto' (the "
+                        "default) in the model's 16-bit dtype (its config's float16/bfloat16; bfloat16 "
+                        "for a float32 model such as a dequantized GGUF), 'keep' in their own dtype")
     p.add_argument("--init", default="auto", choices=("auto", "optimal", "kmeans++", "sensitivity"),
                    help="centroid initialization; 'sensitivity' weights each weight by its Fisher "
                         "information from calibration batches (SqueezeLLM)")
@@ -223,7 +227,7 @@ def compress_model(args, config: Config) -> Dict:
     for line in describe_training(r.training):
         print(f"edkm compress: {line}", file=sys.stderr)
     base = args.model if args.model in ("smollm2-135m",) else str(Path(args.model).resolve())
-    size = fmt.save(model, args.out, metadata={"edkm.base_model": base})
+    size = fmt.save(model, args.out, metadata={"edkm.base_model": base}, plain_dtype=args.plain_dtype)
     summary = {"model": args.model, "weights": n_weights, "seconds": time.perf_counter() - t0,
                "file_bytes": size, "bf16_bytes": 2 * n_weights, "peak_rss_bytes": _peak_rss(),
                "losses": list(r.training or []), "stage_seconds": r.seconds}

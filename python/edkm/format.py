@@ -275,14 +275,59 @@ def pack_outliers(index: torch.Tensor, values: torch.Tensor, layout: Layout):
     return index.to(layout.outlier_index_dtype), values
 
 
-def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = None) -> int:
+PLAIN_DTYPES = ("auto", "keep", "bfloat16", "float16", "float32")
+
+
+def model_dtype16(model: nn.Module) -> torch.dtype:
+    """The model's 16-bit dtype: its Hugging Face config's ``dtype`` when that is float16 or
+    bfloat16, else bfloat16. (A GGUF file dequantized by transformers comes in as float32 and
+    records no training dtype; LLaMA-family checkpoints, SmolLM2's included, are bf16.)"""
+    cfg = getattr(model, "config", None)
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(d, str):
+        d = NAME_DTYPES.get(d)
+    return d if d in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def plain_store_dtype(model: nn.Module, plain_dtype) -> Optional[torch.dtype]:
+    """The dtype unclustered floating tensors are stored in (None: each tensor's own)."""
+    if isinstance(plain_dtype, torch.dtype):
+        plain_dtype = DTYPE_NAMES.get(plain_dtype, str(plain_dtype))
+    if plain_dtype not in PLAIN_DTYPES:
+        raise ValueError(f"edkm.save: plain_dtype must be one of {PLAIN_DTYPES} or a float16/bfloat16/"
+                         f"float32 torch.dtype, got {plain_dtype!r}")
+    if plain_dtype == "keep":
+        return None
+    if plain_dtype == "auto":
+        return model_dtype16(model)
+    return NAME_DTYPES[plain_dtype]
+
+
+def stored_plain_dtype(t: torch.Tensor, store: Optional[torch.dtype], auto: bool) -> torch.dtype:
+    """The dtype :func:`save` writes unclustered tensor ``t`` in (``store``, ``auto``: from
+    :func:`plain_store_dtype` and whether ``plain_dtype`` was "auto")."""
+    if store is None or not t.is_floating_point() or t.dtype == store:
+        return t.dtype
+    if auto and t.dtype in (torch.float16, torch.bfloat16):
+        return t.dtype
+    return store
+
+
+def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = None,
+         plain_dtype="auto") -> int:
     """Write a finalized model to ``path`` (FORMAT.md). Returns the file size in bytes.
     ``metadata``: extra string pairs for the header (e.g. ``edkm.base_model``, which lets
-    ``edkm eval FILE`` rebuild the architecture and tokenizer)."""
+    ``edkm eval FILE`` rebuild the architecture and tokenizer).
+    ``plain_dtype``: how unclustered floating tensors (norms, biases, matrices left unclustered)
+    are stored: ``"auto"`` (the default) in the model's 16-bit dtype (:func:`model_dtype16`),
+    tensors already in 16 bits as they are; ``"keep"``: each in its own dtype; or
+    ``"bfloat16"`` / ``"float16"`` / ``"float32"``."""
     from edkm.palettize import clustered_modules
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"edkm.save: model must be an nn.Module, got {type(model).__name__}")
+    store = plain_store_dtype(model, plain_dtype)
+    auto = plain_dtype == "auto"
     clustered = {}
     for name, m in clustered_modules(model):
         if not m.edkm_finalized:
@@ -313,7 +358,7 @@ def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = No
             layouts[key] = Layout(cfg.bits, tuple(t.shape), t.dtype, m.edkm_groups, cfg.cluster_dim,
                                   0 if pos is None else pos.numel())
         else:
-            plain[key] = t
+            plain[key] = t.detach().to(stored_plain_dtype(t, store, auto))
     for key in list(layouts) + list(plain):
         for suffix in (".indices", ".lut") + OUTLIER_SUFFIXES:
             if key.endswith(suffix) and key[: -len(suffix)] in layouts:
@@ -607,6 +652,7 @@ def info(path: str, *, file=None, verbose: bool = True) -> Dict[str, Any]:
         outlier_bytes = sum(cf.entries[name + s]["data_offsets"][1] - cf.entries[name + s]["data_offsets"][0]
                             for s in OUTLIER_SUFFIXES) if lay.outliers else 0
         rows.append({"name": name, "kind": "clustered", "shape": list(lay.shape), "bits": lay.bits,
+                     "weights": lay.numel,
                      "groups": lay.groups, "cluster_dim": lay.cluster_dim, "outliers": lay.outliers,
                      "outlier_bytes": outlier_bytes, "bytes": nbytes,
                      "bytes_16bit": lay.numel * 2, "bits_per_weight": 8 * nbytes / lay.numel})
@@ -617,7 +663,9 @@ def info(path: str, *, file=None, verbose: bool = True) -> Dict[str, Any]:
         numel = math.prod(e["shape"])
         is_float = CODE_DTYPES[e["dtype"]].is_floating_point
         rows.append({"name": name, "kind": "plain", "shape": e["shape"], "dtype": e["dtype"],
-                     "bytes": nbytes, "bytes_16bit": numel * 2 if is_float else nbytes})
+                     "bytes": nbytes, "bytes_16bit": numel * 2 if is_float else nbytes,
+                     "weights": numel if is_float else 0,
+                     "bits_per_weight": 8 * nbytes / numel if is_float and numel else None})
     total_parts = cf.header_bytes + sum(r["bytes"] for r in rows)
     result = {"path": cf.path, "file_bytes": cf.file_bytes, "header_bytes": cf.header_bytes,
               "tensors": rows, "aliases": cf.aliases,
@@ -625,6 +673,10 @@ def info(path: str, *, file=None, verbose: bool = True) -> Dict[str, Any]:
               "plain_bytes": sum(r["bytes"] for r in rows if r["kind"] == "plain"),
               "bytes_16bit": sum(r["bytes_16bit"] for r in rows),
               "parts_sum_to_file_size": total_parts == cf.file_bytes}
+    # Every floating tensor of the file is a weight; a tied tensor is stored (and counted) once.
+    weights = sum(r["weights"] for r in rows)
+    result.update(weights=weights, bits_per_weight=8 * cf.file_bytes / weights if weights else None,
+                  clustered_weights=sum(r["weights"] for r in rows if r["kind"] == "clustered"))
     if total_parts != cf.file_bytes:
         raise FormatError(f"{cf.path}: parts add up to {total_parts} bytes but the file has {cf.file_bytes}")
     if verbose:
@@ -651,13 +703,17 @@ def _print_info(r: Dict[str, Any], file=None) -> None:
         bits = str(t["bits"]) if clustered else t["dtype"]
         luts = str(t["groups"]) if clustered else "-"
         outliers = f"{t['outliers']:,}" if clustered and t["outliers"] else "-"
-        bpw = f"{t['bits_per_weight']:.2f}" if clustered else "-"
+        bpw = f"{t['bits_per_weight']:.2f}" if t.get("bits_per_weight") is not None else "-"
         p(f"{t['name']:<48} {shape:>16} {bits:>5} {luts:>5} {outliers:>9} {bpw:>7} {_fmt(t['bytes']):>12} "
           f"{_fmt(t['bytes_16bit']):>12}")
     for alias, target in r["aliases"].items():
         p(f"{alias:<48} (same tensor as {target})")
     p(f"header: {_fmt(r['header_bytes'])}; clustered tensors: {_fmt(r['clustered_bytes'])}; "
       f"other tensors: {_fmt(r['plain_bytes'])}")
+    if r["weights"]:
+        p(f"bits/weight over all {r['weights']:,} weights (tied tensors counted once; header, LUTs, "
+          f"outliers and unclustered tensors included): {r['bits_per_weight']:.2f}; "
+          f"{r['clustered_weights'] / r['weights']:.1%} of the weights are clustered")
     p(f"file: {r['file_bytes']:,} bytes ({_fmt(r['file_bytes'])}) = header + tensors (checked); "
       f"the same model in 16 bits: {_fmt(r['bytes_16bit'])} "
       f"({r['bytes_16bit'] / max(r['file_bytes'], 1):.2f}x larger)")

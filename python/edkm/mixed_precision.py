@@ -144,16 +144,14 @@ def clustered_bytes(unit: Unit, cfg: Config) -> int:
     return sum(fmt._tensor_bytes(dtype, shape) for _, dtype, shape in entries)
 
 
-def _plain_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def unit_sizes(model: nn.Module, config: Optional[Config] = None,
                bits_choices: Sequence[int] = DEFAULT_BITS) -> Tuple[List[Unit], List[Dict[int, int]], int, int]:
     """(units, per unit {bits: bytes}, fixed bytes, weights). A unit the base config skips has
     only {16: bytes}; the fixed bytes are every other tensor of the file (norms, biases, ...)."""
     _check_model(model, "edkm.mixed_precision")
     choices = _check_bits_choices(bits_choices, "edkm.mixed_precision")
+    from edkm import format as fmt
+    store = fmt.plain_store_dtype(model, "auto")  # what edkm.save does by default
     units = clusterable_units(model, config)
     weight_keys = {}
     for u in units:
@@ -161,7 +159,8 @@ def unit_sizes(model: nn.Module, config: Optional[Config] = None,
             weight_keys[f"{n}.weight" if n else "weight"] = u
     sizes: List[Dict[int, int]] = []
     for u in units:
-        plain = u.numel * torch.empty((), dtype=u.dtype).element_size()
+        plain = u.numel * torch.empty((), dtype=fmt.stored_plain_dtype(
+            torch.empty((), dtype=u.dtype), store, True)).element_size()
         if u.config is None:
             sizes.append({UNCLUSTERED: plain})
             continue
@@ -176,7 +175,7 @@ def unit_sizes(model: nn.Module, config: Optional[Config] = None,
         if ident is not None:
             seen.add(ident)
         if key not in weight_keys:
-            fixed += _plain_bytes(t)
+            fixed += t.numel() * torch.empty((), dtype=fmt.stored_plain_dtype(t, store, True)).element_size()
     weights = sum(p.numel() for p in model.parameters())
     return units, sizes, fixed, weights
 
@@ -199,11 +198,10 @@ def _ident(t: torch.Tensor):
 def predicted_file_bytes(model: nn.Module, config: Optional[Config] = None) -> int:
     """The tensor bytes of the file ``palettize_(model, config)``, ``finalize`` and ``edkm.save``
     write (the file size minus its header), computed without clustering anything."""
-    units, _, fixed, _ = unit_sizes(model, config, (UNCLUSTERED,))
+    units, sizes, fixed, _ = unit_sizes(model, config, (UNCLUSTERED,))
     total = fixed
-    for u in units:
-        total += (u.numel * torch.empty((), dtype=u.dtype).element_size() if u.config is None
-                  else clustered_bytes(u, u.config))
+    for u, size in zip(units, sizes):
+        total += size[UNCLUSTERED] if u.config is None else clustered_bytes(u, u.config)
     return total
 
 
