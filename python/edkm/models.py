@@ -96,17 +96,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     raise ValueError(f"edkm: {spec}: expected a Hugging Face directory, a .safetensors or a .gguf file")
 
 
-def load_packed_model(path: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for a compressed file whose clustered Linear/Embedding weights stay
-    packed (:mod:`edkm.packed`): the base model is built without weights (``accelerate``'s
-    empty-weights context), then the file's tensors are put in. The tokenizer is None for the
-    synthetic LLaMA-7B (its text is noise; its speed and memory are real)."""
+def base_config(path: str):
+    """(config, tokenizer or None) of a compressed file's base model, without loading weights."""
     _offline()
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-    from edkm.packed import load_packed
-    hf_logging.set_verbosity_error()
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"edkm: no such file: {path!r}")
@@ -130,6 +122,22 @@ def load_packed_model(path: str, dtype: torch.dtype = torch.float32):
         directory = bp if bp.is_dir() else bp.parent
         config = AutoConfig.from_pretrained(str(directory))
         tok = _tokenizer_or_none(directory)
+    return config, tok
+
+
+def load_packed_model(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a compressed file whose clustered Linear/Embedding weights stay
+    packed (:mod:`edkm.packed`): the base model is built without weights (``accelerate``'s
+    empty-weights context), then the file's tensors are put in. The tokenizer is None for the
+    synthetic LLaMA-7B (its text is noise; its speed and memory are real)."""
+    _offline()
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    from edkm.packed import load_packed
+    hf_logging.set_verbosity_error()
+    config, tok = base_config(path)
+    p = Path(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     load_packed(str(p), model)
