@@ -64,6 +64,7 @@ setup(
     description="Train-time weight clustering (eDKM) for large language models, on LibTorch",
     package_dir={"": "python"},
     packages=find_packages("python"),
+    package_data={"edkm": ["lm_eval_tasks/*.yaml"]},
     ext_modules=[CMakeExtension("edkm._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

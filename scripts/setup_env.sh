@@ -18,7 +18,7 @@ if [ ! -f "$env/.ready" ]; then
   "$env/bin/pip" install -q --upgrade pip >&2
   "$env/bin/pip" install -q -r "$here/requirements.txt" >&2
   "$env/bin/pip" install -q --no-deps -r "$here/requirements-nodeps.txt" >&2
-  "$env/bin/python" -c 'import torch, pytest, tqdm, transformers, gguf' >&2
+  "$env/bin/python" -c 'import torch, pytest, tqdm, transformers, gguf, lm_eval' >&2
   touch "$env/.ready"
 fi
 echo "$env"

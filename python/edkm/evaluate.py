@@ -397,7 +397,8 @@ def _argmax(values) -> int:
 
 
 def zero_shot(model, tokenizer, task_file, limit: int | None = None, batch_size: int = 8,
-              delimiter: str = " ", max_length: int | None = None, progress: bool = True) -> dict:
+              delimiter: str = " ", max_length: int | None = None, progress: bool = True,
+              per_item: bool = False) -> dict:
     """Zero-shot evaluation on a jsonl task file; the format is detected (``load_task``).
 
     * multiple choice ``{"query", "choices", "gold"}``: each choice scored by the sum of the
@@ -410,7 +411,9 @@ def zero_shot(model, tokenizer, task_file, limit: int | None = None, batch_size:
       log-likelihood)`` (the usual LAMBADA perplexity), ``token_ppl`` the same per token,
       ``mean_logprob`` the mean continuation log-likelihood.
 
-    Returns {"task": file stem, "format", "n", "acc", "acc_stderr", "seconds", ...}.
+    Returns {"task": file stem, "format", "n", "acc", "acc_stderr", "seconds", ...}; with
+    ``per_item``, also "items": per item {"logprobs": [per option], "acc": bool} (and
+    "acc_norm" for multiple choice, "greedy" for LAMBADA).
     """
     start = time.perf_counter()
     path = Path(task_file)
@@ -441,28 +444,33 @@ def zero_shot(model, tokenizer, task_file, limit: int | None = None, batch_size:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback[0]
     scores = score_continuations(model, requests, batch_size, max_length, pad, progress,
                                  desc=path.stem)
-    per_item: list[list] = [[] for _ in items]
+    by_item: list[list] = [[] for _ in items]
     for (k, _), s in zip(owner, scores):
-        per_item[k].append(s)
+        by_item[k].append(s)
     result = {"task": path.stem, "format": fmt, "n": len(items)}
     if fmt == "lambada":
-        hits = [s[0][1] for s in per_item]
-        logps = [s[0][0] for s in per_item]
-        n_tokens = sum(s[0][2] for s in per_item)
+        hits = [s[0][1] for s in by_item]
+        logps = [s[0][0] for s in by_item]
+        n_tokens = sum(s[0][2] for s in by_item)
         result.update(acc=sum(hits) / len(hits), acc_stderr=_stderr(hits),
                       ppl=math.exp(-sum(logps) / len(logps)),
                       token_ppl=math.exp(-sum(logps) / n_tokens),
                       mean_logprob=sum(logps) / len(logps))
     else:
-        hits = [_argmax([s[0] for s in ss]) == item["gold"] for ss, item in zip(per_item, items)]
+        hits = [_argmax([s[0] for s in ss]) == item["gold"] for ss, item in zip(by_item, items)]
         result.update(acc=sum(hits) / len(hits), acc_stderr=_stderr(hits))
         if fmt == "multiple_choice":
             norm = [
                 _argmax([s[0] / max(1, len(c.encode("utf-8"))) for s, c in zip(ss, item["choices"])])
                 == item["gold"]
-                for ss, item in zip(per_item, items)
+                for ss, item in zip(by_item, items)
             ]
             result.update(acc_norm=sum(norm) / len(norm), acc_norm_stderr=_stderr(norm))
+    if per_item:
+        result["items"] = [{"logprobs": [s[0] for s in ss], "acc": bool(h)} for ss, h in zip(by_item, hits)]
+        if fmt == "multiple_choice":
+            for d, h in zip(result["items"], norm):
+                d["acc_norm"] = bool(h)
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -538,6 +546,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delimiter", default=" ",
                    help="between context and continuation (default ' '; backslash escapes such as "
                         "\\n are decoded, e.g. '\\nAnswer: ')")
+    p.add_argument("--harness", default="edkm", choices=("edkm", "lm-eval"),
+                   help="'lm-eval': run lm-evaluation-harness (its hf model) on the same local task "
+                        "files instead; MODEL is then a Hugging Face directory, a hub name, or an "
+                        "edkm file (exported to a temporary directory first); zero-shot tasks only")
     p.add_argument("--json", action="store_true", help="print the results as JSON, no progress bars")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON results to this file")
 
@@ -567,6 +579,8 @@ def main(args) -> int:
     if not tasks:
         raise SystemExit("edkm eval: --tasks is empty")
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
+    if args.harness == "lm-eval":
+        return _main_lm_eval(args, tasks, data_dir)
     try:
         for t in tasks:  # check the data before spending time on loading the model
             resolve_task(t, data_dir)
@@ -590,6 +604,37 @@ def main(args) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text + "\n")
     print(text if args.json else format_results(results))
+    return 0
+
+
+def _main_lm_eval(args, tasks, data_dir) -> int:
+    from edkm import lm_eval_harness
+    if "ppl" in tasks:
+        raise SystemExit("edkm eval: --harness lm-eval: 'ppl' is edkm's own perplexity task; run it "
+                         "without --harness")
+    if args.delimiter != " ":
+        raise SystemExit("edkm eval: --harness lm-eval uses the delimiters of its task configs; drop --delimiter")
+    try:
+        for t in tasks:  # check the local data before spending time on loading the model
+            if t in lm_eval_harness.available_tasks():
+                resolve_task(t, data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"edkm eval: {e}") from None
+    start = time.perf_counter()
+    results = lm_eval_harness.run(args.model, tasks, data_dir, limit=args.limit, batch_size=args.batch_size,
+                                  dtype=args.dtype)
+    results.update(model=args.model, dtype=args.dtype, seconds=time.perf_counter() - start)
+    text = json.dumps(results, indent=2)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(f"{'task':<18}{'n':>8}  metrics (lm-evaluation-harness)")
+        for name, r in results["tasks"].items():
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "n" and not k.endswith("_stderr"))
+            print(f"{name:<18}{r['n']:>8}  {metrics}")
     return 0
 
 
