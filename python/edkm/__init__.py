@@ -15,6 +15,8 @@ from edkm.config import Config
 from edkm.modules import ClusteredEmbedding, ClusteredLinear
 from edkm.palettize import clustered_modules, clustered_weight, finalize, palettize_
 from edkm.format import FormatError, info, load, load_state_dict, save
+from edkm.hf_export import export_hf
+from edkm.coreml_export import export_coreml
 from edkm.sensitivity import calibration_batches, fisher
 from edkm.mixed_precision import choose_bits, matrix_costs, mixed_precision_config
 from edkm.finetune import FinetuneResult, TrainConfig
@@ -28,7 +30,7 @@ cuda_compiled = _native.cuda_compiled
 
 __all__ = [
     "ClusteredEmbedding", "ClusteredLinear", "Config", "FormatError", "clustered_modules",
-    "clustered_weight", "finalize", "info", "load", "load_state_dict", "palettize_", "save",
+    "clustered_weight", "export_coreml", "export_hf", "finalize", "info", "load", "load_state_dict", "palettize_", "save",
     "DkmResult", "KMeans1dResult", "SavedTensorStore", "assign", "cuda_compiled", "dequantize",
     "dkm", "dkm_linear", "dkm_reference", "optimal_kmeans_1d", "pack_indices", "saved_tensors",
     "unpack_indices", "optimal_kmeans_1d_grouped", "calibration_batches", "fisher", "choose_bits", "matrix_costs",

@@ -6,13 +6,15 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edkm import compress, demo, evaluate, generate
+    from edkm import compress, demo, evaluate, export, generate
     from edkm.bench import accuracy as bench_accuracy
     from edkm.bench import coreml as bench_coreml
     from edkm.bench import decode as bench_decode
     from edkm.bench import lut as bench_lut
     from edkm.bench import dkm as bench_dkm
+    from edkm.bench import export as bench_export
     from edkm.bench import gpu as bench_gpu
+    from edkm.bench import harness as bench_harness
     from edkm.bench import layer as bench_layer
     from edkm.bench import memory as bench_memory
     from edkm.bench import ndomain as bench_ndomain
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or compressed file")
     evaluate.add_arguments(p)
     p.set_defaults(run=evaluate.main)
+    p = sub.add_parser("export", help="write a compressed file for other tools: a Hugging Face directory (--hf) or a Core ML package with edkm's LUTs (--coreml)")
+    export.add_arguments(p)
+    p.set_defaults(run=export.main)
     p = sub.add_parser("generate", help="continue a prompt with a model or a compressed file (run packed): text, prefill and decode tokens/s")
     generate.add_arguments(p)
     p.set_defaults(run=generate.main)
@@ -50,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("lut", help="edkm.lut_linear on packed 3/4-bit weights vs F.linear on dense fp32/bf16, LLaMA-7B and SmolLM2 matrices, batch 1-64 (any device)")
     bench_lut.add_arguments(p)
     p.set_defaults(run=bench_lut.main)
+    p = bench_sub.add_parser("export", help="export one compressed file to Hugging Face and Core ML: sizes, and every LUT and index of the package checked against the file")
+    bench_export.add_arguments(p)
+    p.set_defaults(run=bench_export.main)
+    p = bench_sub.add_parser("harness", help="edkm eval vs lm-evaluation-harness on the same exported model and items: accuracies, items decided differently")
+    bench_harness.add_arguments(p)
+    p.set_defaults(run=bench_harness.main)
     p = bench_sub.add_parser("memory", help="memory ablation: naive / +M / +M+U / dkm on a LLaMA-7B layer")
     bench_memory.add_arguments(p)
     p.set_defaults(run=bench_memory.main)
@@ -88,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from edkm.coreml_export import ExportError
     try:
         return args.run(args)
-    except (ValueError, OSError, TypeError) as e:
+    except (ValueError, OSError, TypeError, ExportError) as e:
         # Bad input of any kind: one clear line, no traceback (EDKM_TRACEBACK=1 shows it).
         import os
         if os.environ.get("EDKM_TRACEBACK"):

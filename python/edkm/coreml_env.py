@@ -1,4 +1,6 @@
-"""The isolated Python environment that runs coremltools for `edkm bench coreml`.
+"""The isolated Python environments that run coremltools: `edkm bench coreml` (coremltools with
+the torch it supports, for its DKMPalettizer) and `edkm export --coreml` (coremltools and numpy
+only: the program is built with its MIL builder, no torch needed).
 
 coremltools pins (or was only tested with) an older torch than ours, and edkm's native library
 is built against our torch, so their side runs in its own virtual environment, in the same cache
@@ -37,6 +39,15 @@ def requirements(coremltools_version: str = COREMLTOOLS_VERSION,
             raise ValueError(f"{name} version must be a plain version like 2.7.0, got {v!r}")
     return [f"coremltools=={coremltools_version}", f"torch=={torch_version}",
             f"numpy=={numpy_version}"]
+
+
+# `edkm export --coreml`: no torch. Every package is pinned (coremltools 9.0 asks protobuf,
+# sympy, attrs, cattrs, pyaml, tqdm, packaging without upper bounds).
+EXPORT_REQUIREMENTS = ["coremltools==9.0", "numpy==2.2.6", "protobuf==7.36.2", "sympy==1.14.0",
+                       "mpmath==1.3.0", "attrs==26.1.0", "cattrs==26.2.1", "pyaml==26.7.0",
+                       "PyYAML==6.0.4", "tqdm==4.70.1", "packaging==26.4", "typing_extensions==4.16.0"]
+EXPORT_CHECK = ("import json, numpy, coremltools; from coremltools.converters.mil import Builder; "
+                "print(json.dumps({'numpy': numpy.__version__, 'coremltools': coremltools.__version__}))")
 
 
 def python_tag(python: str | None = None) -> str:
@@ -82,9 +93,10 @@ def _tail(text: str, n: int = 4000) -> str:
 
 
 def ensure(reqs: list[str], base_python: str | None = None, cache: str | None = None,
-           log=None) -> dict:
+           log=None, check: str = _CHECK, who: str = "edkm bench coreml") -> dict:
     """Create (once) the environment for `reqs`; return {"path", "python", "created", "steps",
-    "versions"} or, when a step fails, the same with "error" (the failing step's message)."""
+    "versions"} or, when a step fails, the same with "error" (the failing step's message).
+    ``check``: Python code run in the environment that prints its versions as JSON."""
     base_python = base_python or sys.executable
     tag = python_tag(base_python)
     path = env_path(reqs, tag, cache)
@@ -93,7 +105,7 @@ def ensure(reqs: list[str], base_python: str | None = None, cache: str | None = 
 
     def step(argv: list[str]) -> subprocess.CompletedProcess:
         if log:
-            log(f"edkm bench coreml: {' '.join(argv)}")
+            log(f"{who}: {' '.join(argv)}")
         r = subprocess.run(argv, capture_output=True, text=True)
         info["steps"].append({"argv": argv, "returncode": r.returncode,
                               "output_tail": _tail(r.stdout + r.stderr)})
@@ -101,8 +113,7 @@ def ensure(reqs: list[str], base_python: str | None = None, cache: str | None = 
 
     if not is_ready(path):
         if log:
-            log(f"edkm bench coreml: creating the coremltools environment in {path} "
-                "(once; torch brings its CUDA libraries from PyPI, a few GB)")
+            log(f"{who}: creating the coremltools environment in {path} (once)")
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         for argv in ([base_python, "-m", "venv", path],
@@ -114,7 +125,7 @@ def ensure(reqs: list[str], base_python: str | None = None, cache: str | None = 
                                  f"{_tail((r.stdout + r.stderr).strip(), 1500)}")
                 return info
         info["created"] = True
-    r = step([env_python(path), "-c", _CHECK])
+    r = step([env_python(path), "-c", check])
     if r.returncode != 0:
         info["error"] = f"importing coremltools failed: {_tail((r.stdout + r.stderr).strip(), 1500)}"
         return info

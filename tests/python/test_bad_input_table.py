@@ -230,7 +230,36 @@ TABLE = [
      "max-new-tokens must be >= 1"),
     ("edkm info", "corrupted file", lambda t: cli(["info", str(_truncated(t))]), SystemExit,
      "truncated|outside the data section|tile"),
+    ("save", "plain_dtype int8", lambda t: edkm.save(_finalized(), t / "m.safetensors", plain_dtype="int8"),
+     ValueError, "plain_dtype must be one of"),
+    ("edkm export", "--hf into a non-empty directory without --force",
+     lambda t: cli(["export", str(_saved(t)), "--hf", str(_non_empty_dir(t))]), SystemExit,
+     "is not empty; pass --force"),
+    ("edkm export", "--hf of a file that does not record its base model",
+     lambda t: cli(["export", str(_saved(t)), "--hf", str(t / "hf")]), SystemExit,
+     "does not record its base model"),
+    ("export_hf", "dtype int8", lambda t: edkm.export_hf(str(_saved(t)), str(t / "hf"), dtype="int8"),
+     ValueError, "dtype must be one of"),
+    ("edkm export", "--coreml to a name without .mlpackage",
+     lambda t: cli(["export", str(_saved(t)), "--coreml", str(t / "m.zip")]), SystemExit,
+     "must end in .mlpackage"),
+    ("edkm export", "--coreml onto an existing package without --force",
+     lambda t: cli(["export", str(_saved(t)), "--coreml", str(_non_empty_dir(t, "m.mlpackage"))]), SystemExit,
+     "exists; pass --force"),
+    ("edkm export", "--coreml of a file that does not record its base model",
+     lambda t: cli(["export", str(_saved(t)), "--coreml", str(t / "m.mlpackage")]), SystemExit,
+     "not an edkm file with a known base model"),
+    ("edkm eval --harness lm-eval", "a task lm-eval has no config for (ppl)",
+     lambda t: cli(["eval", str(_saved(t)), "--harness", "lm-eval", "--tasks", "ppl"]), SystemExit,
+     "'ppl' is edkm's own perplexity task"),
 ]
+
+
+def _non_empty_dir(t, name="out"):
+    d = t / name
+    d.mkdir()
+    (d / "mine.txt").write_text("keep me")
+    return d
 
 
 @pytest.mark.parametrize("call,error,message", [c[2:] for c in TABLE], ids=[f"{c[0]}: {c[1]}" for c in TABLE])

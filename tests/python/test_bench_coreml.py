@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import edkm
-from edkm.bench import coreml, coreml_env
+from edkm import coreml_env
+from edkm.bench import coreml
 from edkm.cli import build_parser
 
 

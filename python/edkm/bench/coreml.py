@@ -4,7 +4,7 @@ The same weight matrix, the same initial centroids, K centroids (n_bits = log2 K
 number of k-means iterations and the same temperature (see MAPPING); forward+backward of one
 matrix on the CPU, in one run. Each side runs in a fresh process (its peak RSS is its own, minus
 that of a process of the same side that only built the inputs); coremltools runs in its own
-virtual environment with the torch it supports (edkm.bench.coreml_env), through
+virtual environment with the torch it supports (edkm.coreml_env), through
 `_coreml_side.py`, and edkm in ours. Both sides load the same input files, and write their
 outputs, which the parent compares with each other and with float64 oracles of each side's
 semantics, computed exactly over the distinct values of the weight.
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from edkm.bench import coreml_env
+from edkm import coreml_env
 from edkm.bench.dkm import parse_size
 
 DTYPES = ("bfloat16", "float32")
