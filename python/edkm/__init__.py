@@ -12,6 +12,7 @@ from edkm.ops import (
 )
 from edkm.store import SavedTensorStore, saved_tensors
 from edkm.config import Config
+from edkm.settings import get_settings, set_settings, settings
 from edkm.modules import ClusteredEmbedding, ClusteredLinear
 from edkm.palettize import clustered_modules, clustered_weight, finalize, palettize_
 from edkm.format import FormatError, info, load, load_state_dict, save
@@ -30,7 +31,7 @@ cuda_compiled = _native.cuda_compiled
 
 __all__ = [
     "ClusteredEmbedding", "ClusteredLinear", "Config", "FormatError", "clustered_modules",
-    "clustered_weight", "export_coreml", "export_hf", "finalize", "info", "load", "load_state_dict", "palettize_", "save",
+    "clustered_weight", "export_coreml", "get_settings", "set_settings", "settings", "export_hf", "finalize", "info", "load", "load_state_dict", "palettize_", "save",
     "DkmResult", "KMeans1dResult", "SavedTensorStore", "assign", "cuda_compiled", "dequantize",
     "dkm", "dkm_linear", "dkm_reference", "optimal_kmeans_1d", "pack_indices", "saved_tensors",
     "unpack_indices", "optimal_kmeans_1d_grouped", "calibration_batches", "fisher", "choose_bits", "matrix_costs",

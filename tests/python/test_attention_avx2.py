@@ -3,6 +3,8 @@ and the scalar float64 loops they replace for float32 / bfloat16 / float16 weigh
 backward and dkm_linear, block tails, groups larger than one float32 summing block, up to 256
 centroids, unattended centroids; the fallback when exponents would overflow float32; results
 independent of the thread count; the auto rule that follows from their speed."""
+import contextlib
+
 import pytest
 import torch
 
@@ -16,14 +18,10 @@ pytestmark = pytest.mark.skipif(not _C.simd_attention_available(),
 
 @pytest.fixture
 def modes():
-    """set(ndomain=..., simd=...) for one test; restores 'auto' and the AVX2 kernels afterwards."""
-    def set_modes(ndomain="always", simd=True):
-        _C.set_ndomain(ndomain)
-        _C.set_simd_attention(simd)
-
-    yield set_modes
-    _C.set_ndomain("auto")
-    _C.set_simd_attention(True)
+    """set(ndomain=..., simd=...) for one test; the settings come back afterwards."""
+    with contextlib.ExitStack() as stack:
+        yield lambda ndomain="always", simd=True: stack.enter_context(
+            edkm.settings(ndomain=ndomain, simd_attention=simd))
 
 
 def run(w, c, tau, max_iter, distance, seed=3, fn=edkm.dkm):

@@ -103,11 +103,9 @@ def test_deterministic_scatter_is_bitwise_repeatable_and_close_to_fast_mode():
     first = torch.ops.edkm._slot_scatter_add(w, slots, grad)
     for _ in range(3):
         assert torch.equal(torch.ops.edkm._slot_scatter_add(w, slots, grad), first)
-    _C.set_deterministic_scatter(False)
-    try:
+    with edkm.settings(deterministic_scatter=False):
         fast = torch.ops.edkm._slot_scatter_add(w, slots, grad)
-    finally:
-        _C.set_deterministic_scatter(True)
+    assert _C.deterministic_scatter()
     exact = torch.ops.edkm._slot_scatter_add(w.cpu(), slots.cpu(), grad.cpu())  # float64 serial
     assert rel_error(first, exact) <= 1e-6
     assert rel_error(fast, exact) <= 1e-6

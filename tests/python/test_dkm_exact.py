@@ -4,7 +4,6 @@ import torch
 
 import edkm
 from conftest import DEVICES, rel_error, sample_weight, spread_centroids
-from edkm import _C
 
 
 @pytest.fixture(autouse=True, params=["fused", "aten"], ids=["udomain-fused", "udomain-aten"])
@@ -13,11 +12,8 @@ def cpu_udomain(request):
     composition of ATen ops that CUDA runs (device-side early stop, no host syncs), so that
     path is checked against the reference on every machine. On CUDA both runs are the same.
     The N-domain (which 'auto' picks for small groups) is forced off: test_ndomain.py checks it."""
-    _C.set_fused_udomain(request.param == "fused")
-    _C.set_ndomain("never")
-    yield request.param
-    _C.set_fused_udomain(True)
-    _C.set_ndomain("auto")
+    with edkm.settings(fused_udomain=request.param == "fused", ndomain="never"):
+        yield request.param
 
 
 def run_both(w, c, tau, max_iter, eps, distance, seed=2):

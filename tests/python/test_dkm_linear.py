@@ -114,11 +114,9 @@ def test_saves_no_clustered_weight():
 
 @pytest.fixture
 def udomain():
-    """Every dkm on CPU in the U-domain for one test; 'auto' again afterwards."""
-    from edkm import _C
-    _C.set_ndomain("never")
-    yield
-    _C.set_ndomain("auto")
+    """Every dkm on CPU in the U-domain for one test; the setting comes back afterwards."""
+    with edkm.settings(ndomain="never"):
+        yield
 
 
 @pytest.mark.parametrize("groups", [1, 36], ids=["one-LUT", "36-LUTs"])

@@ -1,6 +1,8 @@
 """The N-domain (DKM over each group's weights directly, for small LUT groups on CPU) against the
 naive float64 reference and the U-domain; which path dkm / dkm_linear take; what it saves for
 backward (the centroid history only); gradcheck, opcheck, torch.compile, bad input."""
+import contextlib
+
 import pytest
 import torch
 
@@ -11,12 +13,9 @@ from edkm import _C
 
 @pytest.fixture
 def ndomain_mode():
-    """Sets _C.set_ndomain for one test and restores 'auto' afterwards."""
-    def set_mode(mode):
-        _C.set_ndomain(mode)
-
-    yield set_mode
-    _C.set_ndomain("auto")
+    """Sets the ndomain setting for one test; it comes back afterwards."""
+    with contextlib.ExitStack() as stack:
+        yield lambda mode: stack.enter_context(edkm.settings(ndomain=mode))
 
 
 def run(fn, w, c, tau, max_iter, eps, distance, seed=2):
@@ -235,9 +234,12 @@ def test_torch_compile_fullgraph(ndomain_mode):
 
 
 def test_bad_input(ndomain_mode):
+    with pytest.raises(ValueError, match=r"ndomain must be one of \('auto', 'always', 'never'\), got 'sometimes'"):
+        with edkm.settings(ndomain="sometimes"):
+            pass
     with pytest.raises(ValueError, match=r"set_ndomain: mode must be 'auto', 'always' or 'never', got 'sometimes'"):
-        _C.set_ndomain("sometimes")
-    assert _C.ndomain() == "auto"
+        _C.set_ndomain("sometimes")  # the native setter checks too
+    assert edkm.get_settings()["ndomain"] == "auto"
     ndomain_mode("always")
     w = torch.tensor([[0.0, float("nan")], [1.0, 2.0]], dtype=torch.float64)
     c = torch.zeros(2, 2, dtype=torch.float64)

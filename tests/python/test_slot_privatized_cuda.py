@@ -1,5 +1,5 @@
 """The privatized CUDA slot kernels (cuda/slot_privatized.cuh, off by default:
-edkm._C.set_privatized_slot_atomics): shared-memory histograms and warp-aggregated scatter-adds,
+edkm.settings(privatized_slot_atomics=True)): shared-memory histograms and warp-aggregated scatter-adds,
 with the deterministic scatter's scale found on the device. Checked against the global-atomic
 kernels on the same GPU and against the CPU kernels: the same slot tables, the same bits in
 deterministic mode, NaN/Inf gradients summed as IEEE sums, the missing-slot error, and dkm end
@@ -15,16 +15,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def with_privatized(on, fn, *args, deterministic=True):
-    before = (_C.privatized_slot_atomics(), _C.deterministic_scatter())
-    _C.set_privatized_slot_atomics(on)
-    _C.set_deterministic_scatter(deterministic)
-    try:
+    with edkm.settings(privatized_slot_atomics=on, deterministic_scatter=deterministic):
         out = fn(*args)
         torch.cuda.synchronize()
         return out
-    finally:
-        _C.set_privatized_slot_atomics(before[0])
-        _C.set_deterministic_scatter(before[1])
 
 
 SHAPES = [

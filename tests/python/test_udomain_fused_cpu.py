@@ -12,11 +12,8 @@ from edkm import _C
 def aten_path():
     """Run the body with the fused CPU loops off; restore the setting afterwards."""
     def run(fn, *args):
-        _C.set_fused_udomain(False)
-        try:
+        with edkm.settings(fused_udomain=False):
             return fn(*args)
-        finally:
-            _C.set_fused_udomain(True)
     return run
 
 

@@ -1,4 +1,4 @@
-"""The CUDA U-domain kernels (cuda/udomain_kernels.cu, off by default: edkm._C.set_fused_udomain_cuda)
+"""The CUDA U-domain kernels (cuda/udomain_kernels.cu, off by default: edkm.settings(fused_udomain_cuda=True))
 against the ATen composition on the same GPU and the float64 reference: forward and backward,
 both distances, padding, several groups, early stop, K above 16, same bits on every run, and
 dkm end to end. They were written without a GPU; these tests are what a GPU run checks first."""
@@ -19,12 +19,8 @@ def kernels_are_registered():
 
 
 def with_kernels(on, fn, *args):
-    before = _C.fused_udomain_cuda()
-    _C.set_fused_udomain_cuda(on)
-    try:
+    with edkm.settings(fused_udomain_cuda=on):
         return fn(*args)
-    finally:
-        _C.set_fused_udomain_cuda(before)
 
 
 CUDA_CASES = CASES + [(2, 700, 32, 0.1, 3, 0.0),     # K = 32: the 64-entry arrays

@@ -75,7 +75,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     import edkm
-    from edkm import _C, _results
+    from edkm import _results
 
     if not torch.cuda.is_available():
         raise SystemExit("edkm bench gpu: no CUDA device")
@@ -88,11 +88,8 @@ def run(args) -> dict:
         grad = torch.randn(shape, generator=gen).bfloat16().cuda()
         row = {"matrix": name, "shape": list(shape), "numel": w.numel()}
         for mode in ("deterministic", "fast"):
-            _C.set_deterministic_scatter(mode == "deterministic")
-            try:
+            with edkm.settings(deterministic_scatter=mode == "deterministic"):
                 t, peak = time_fwd_bwd(edkm.dkm, w, c, grad, args.iters, args.repeats)
-            finally:
-                _C.set_deterministic_scatter(True)
             floor = FLOOR_BYTES_PER_WEIGHT[mode] * w.numel() / bandwidth
             row[f"dkm_{mode}"] = {"seconds": t, "peak_bytes": peak, "floor_seconds": floor,
                                   "fraction_of_floor": floor / t}

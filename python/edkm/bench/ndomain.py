@@ -67,10 +67,10 @@ def _auto_path(case, dtype) -> str:
 def _worker(variant, case, dtype, args, queue) -> None:
     try:
         import edkm
-        from edkm import _C
 
-        _C.set_ndomain("never" if variant == "udomain" else "always")
-        _C.set_simd_attention(variant != "scalar")
+        # a worker process of its own: the settings end with it
+        edkm.set_settings(ndomain="never" if variant == "udomain" else "always",
+                          simd_attention=variant != "scalar")
         w, c, grad = _inputs(case, dtype, args.k)
         tau = 0.02 * w.float().var().item()  # Config's default temperature, relative to var(w)
 

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--skip-init", action="store_true", help="skip the per-row initialization timing")
     p.add_argument("--ndomain", choices=("auto", "always", "never"), default="auto",
-                   help="DKM domain for small groups (edkm._C.set_ndomain; default auto)")
+                   help="DKM domain for small groups (edkm.settings(ndomain=...); default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
 
@@ -108,7 +108,7 @@ def run(args) -> dict:
     from edkm import _C, _results
 
     names = _check(args)
-    _C.set_ndomain(args.ndomain)
+    chosen = edkm.set_settings(ndomain=args.ndomain)
     report = {"benchmark": "small_groups", "model": args.model, "bits": args.bits,
               "batch": args.batch, "tokens": args.tokens, "timed_steps": args.steps,
               "ndomain": args.ndomain, "ndomain_max_group": _C.ndomain_max_group(edkm.Config().cluster_dtype),
@@ -125,7 +125,7 @@ def run(args) -> dict:
                 report["steps"][n] = time_steps(args, VARIANTS[n], bar)
                 _write(report, base)  # a slow variant later still leaves these results
     finally:
-        _C.set_ndomain("auto")
+        edkm.set_settings(**chosen)
     _write(report, base)
     report["files"] = {"json": base + ".json", "md": base + ".md"}
     return report

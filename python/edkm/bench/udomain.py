@@ -62,10 +62,10 @@ def _inputs(case, k):
 def _worker(variant, case, args, queue) -> None:
     try:
         import edkm
-        from edkm import _C
 
-        _C.set_fused_udomain(variant == "fused")
-        _C.set_ndomain("never")  # small groups would otherwise take the N-domain (bench ndomain)
+        # a worker process of its own: the settings end with it; small groups would otherwise
+        # take the N-domain (bench ndomain)
+        edkm.set_settings(fused_udomain=variant == "fused", ndomain="never")
         w, c, grad = _inputs(case, args.k)
 
         def step():
