@@ -12,6 +12,11 @@ extra state (step, temperature, flags) so training stops and resumes exactly. It
   exported file give), cached until the weight or the centroids change;
 * finalized: the weight holds its look-up-table values; the plain module's forward.
 
+Under activation checkpointing (``torch.utils.checkpoint``, reentrant or not) the forward runs
+again inside backward. That recomputation replays the step instead of taking another one: the
+step counter does not move and DKM starts again from the centroids the step started from, so
+the recomputed weight, the gradients and the centroids are those of the plain run.
+
 With ``outlier_fraction > 0`` (dense-and-sparse, see :mod:`edkm.outliers`) the largest (or most
 sensitive) weights are chosen once, when the centroids are initialized, and kept as the buffer
 ``edkm_outlier_index`` (sorted flat positions, in ``state_dict``). Clustering sees the weight with
@@ -59,6 +64,7 @@ class ClusteredMixin:
         self._edkm_state: Dict[str, Any] = {"step": 0, "tau": 0.0, "initialized": False,
                                             "finalized": False}
         self._edkm_cache = None
+        self._edkm_replay = None  # the centroids this step started from (activation checkpointing)
         self._edkm_indices = None
         w = self.weight
         if w.dim() != 2:
@@ -141,6 +147,7 @@ class ClusteredMixin:
         state = super().__getstate__()
         state = dict(state)
         state["_edkm_cache"] = None
+        state["_edkm_replay"] = None
         return state
 
     # ---- state_dict: step, tau and flags travel with the centroids --------------------------
@@ -220,20 +227,35 @@ class ClusteredMixin:
                                             else "optimal" if cfg.init in ("auto", "optimal") else cfg.init)
         owner._edkm_cache = None
 
+    def _edkm_step_centroids(self) -> torch.Tensor:
+        """The centroids this step's DKM starts from: the current ones, remembered, or in a
+        recomputation under activation checkpointing (a forward run by backward) the ones the
+        step started from."""
+        if _recomputing() and getattr(self, "_edkm_replay", None) is not None:
+            return self._edkm_replay
+        self._edkm_replay = self.edkm_centroids.detach().clone()
+        return self._edkm_replay
+
+    def _edkm_move_centroids(self, new_c: torch.Tensor) -> None:
+        """The warm start: the next step begins where this one's DKM ended (not again when the
+        step is recomputed)."""
+        if not _recomputing():
+            with torch.no_grad():
+                self.edkm_centroids.copy_(new_c.detach().to(self.edkm_centroids.dtype))
+
     def _soft_weight(self) -> torch.Tensor:
         """DKM-clustered weight (differentiable); moves the centroids (warm start)."""
         cfg = self.edkm_config
         src = self.edkm_source()
         idx = self.edkm_outlier_positions
         dense = src if idx is None else dense_part(src, idx)
-        c = self.edkm_centroids
+        c = self._edkm_step_centroids()
         tau = self._edkm_state["tau"]
         if cfg.cluster_dim == 1:
-            clustered, new_c, _ = ops.dkm(dense, c.detach(), tau, cfg.max_iter, cfg.epsilon, cfg.distance)
+            clustered, new_c, _ = ops.dkm(dense, c, tau, cfg.max_iter, cfg.epsilon, cfg.distance)
         else:
-            clustered, new_c = vector_dkm(dense, c.detach(), tau, cfg.max_iter, cfg.epsilon)
-        with torch.no_grad():
-            c.copy_(new_c.detach().to(c.dtype))
+            clustered, new_c = vector_dkm(dense, c, tau, cfg.max_iter, cfg.epsilon)
+        self._edkm_move_centroids(new_c)
         if idx is not None:
             clustered = merge_outliers(clustered, gather_outliers(src, idx), idx)
         return clustered.to(self.weight.dtype)
@@ -301,7 +323,7 @@ class ClusteredMixin:
         st = owner._edkm_state
         if st["finalized"]:
             return False
-        if self.edkm_leader is None and self.training:
+        if self.edkm_leader is None and self.training and not _recomputing():
             st["step"] += 1
             if not st["initialized"] and st["step"] > self.edkm_config.milestone:
                 self.edkm_initialize()
@@ -352,6 +374,12 @@ class ClusteredMixin:
                 f"cluster_dim={cfg.cluster_dim}{outliers}{tied}")
 
 
+def _recomputing() -> bool:
+    """True in a forward that the autograd engine runs during backward: the recomputation of
+    activation checkpointing (both of torch.utils.checkpoint's modes run it there)."""
+    return torch._C._current_autograd_node() is not None
+
+
 class ClusteredLinear(ClusteredMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._edkm_advance():
@@ -362,10 +390,9 @@ class ClusteredLinear(ClusteredMixin, nn.Linear):
         fused = (self.edkm_leader is None and cfg.cluster_dim == 1 and x.dtype == self.weight.dtype
                  and self.edkm_source() is self.weight and self.edkm_outlier_positions is None)
         if fused:
-            out, new_c, _ = ops.dkm_linear(x, self.weight, self.edkm_centroids.detach(), self.bias,
+            out, new_c, _ = ops.dkm_linear(x, self.weight, self._edkm_step_centroids(), self.bias,
                                            self._edkm_state["tau"], cfg.max_iter, cfg.epsilon, cfg.distance)
-            with torch.no_grad():
-                self.edkm_centroids.copy_(new_c.detach().to(self.edkm_centroids.dtype))
+            self._edkm_move_centroids(new_c)
             return out
         w = self.clustered_weight()
         if self.edkm_leader is None:
