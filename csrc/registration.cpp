@@ -75,7 +75,7 @@ TORCH_LIBRARY(edkm, m) {
 
   // The U-domain itself (DKM over distinct values with counts, no N-sized input), for callers
   // that build the tables themselves: sharded weights whose per-rank histograms are
-  // all-reduced (DESIGN.md section 4, python/edkm/distributed.py). values/counts [G, U]
+  // all-reduced (docs/DESIGN.md section 4, python/edkm/distributed.py). values/counts [G, U]
   // (counts floating, 0 for padding), centroids [G, K] in the compute dtype.
   m.def("_udomain_forward(Tensor values, Tensor counts, Tensor centroids, float temperature, "
         "int max_iter, float epsilon, str distance) -> (Tensor centroids_out, Tensor soft, "

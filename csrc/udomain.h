@@ -1,4 +1,4 @@
-// DKM iterations over the distinct values of a weight (the U-domain, DESIGN.md section 2),
+// DKM iterations over the distinct values of a weight (the U-domain, docs/DESIGN.md section 2),
 // forward and the exact reverse pass, in ATen ops so they run on any device; on CPU, fused
 // loops with the same arithmetic (csrc/cpu/udomain_kernel.cpp).
 // Shapes: values/counts [G, U] (counts as floating, 0 for padding), centroids [G, K].

@@ -1,4 +1,4 @@
-"""DKM of a weight sharded across ranks, without gathering it (DESIGN.md section 4).
+"""DKM of a weight sharded across ranks, without gathering it (docs/DESIGN.md section 4).
 
 The U-domain statistics are additive. Each rank builds the slot histogram of its own shard of a
 16-bit weight ([G, 65536] counts), the histograms are all-reduced, and every rank then runs the

@@ -17,7 +17,7 @@ namespace edkm {
 //   temperature > 0; max_iter >= 1; stops early when the largest centroid move <= epsilon;
 //   distance: "squared" (squared Euclidean) or "absolute".
 // Dtypes: weight bf16/fp16/fp32/fp64; centroids of weight's dtype, or fp32 for 16-bit weights.
-// Computed exactly over the weight's distinct values (DESIGN.md section 2).
+// Computed exactly over the weight's distinct values (docs/DESIGN.md section 2).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm(const at::Tensor& weight,
                                                    const at::Tensor& centroids,
                                                    double temperature, int64_t max_iter = 3,

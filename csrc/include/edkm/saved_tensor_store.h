@@ -1,4 +1,4 @@
-// eDKM's saved-tensor store (DESIGN.md section 3): what autograd saves for backward is offloaded
+// eDKM's saved-tensor store (docs/DESIGN.md section 3): what autograd saves for backward is offloaded
 // to host memory (M), deduplicated by storage and version, and optionally uniquified (U: a
 // table of distinct values or rows plus the narrowest index that fits). Any autograd graph can
 // use it through saved-tensor hooks (Python: edkm.saved_tensors()).

@@ -22,7 +22,7 @@ LAYER = [
     ("down_proj", (4096, 11008)),
 ]
 
-# What naive DKM autograd keeps per weight for K=8 (DESIGN.md section 1), float32, by iterations.
+# What naive DKM autograd keeps per weight for K=8 (docs/DESIGN.md section 1), float32, by iterations.
 NAIVE_BYTES_PER_WEIGHT = {1: 132, 3: 260, 5: 388}
 
 

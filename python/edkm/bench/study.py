@@ -313,7 +313,7 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
             info["train_tokens"] = EDKM_CE_STEPS * 4 * 256
         del clustered
         path = os.path.join(tmp, "row.safetensors")
-        info.update(bytes=edkm.save(m, path), size_kind="edkm file")
+        info.update(bytes=edkm.save(m, path, plain_dtype="keep"), size_kind="edkm file")
     elif kind == "finetune":
         from edkm.finetune import pick_texts
         texts = pick_texts(ctx.train_files, EDKM_CE_STEPS * 4 * 256, seed=0)
@@ -332,7 +332,7 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
                              progress=ctx.progress)
         info["stage_seconds"] = res.seconds
         path = os.path.join(tmp, "row.safetensors")
-        info.update(bytes=edkm.save(m, path), size_kind="edkm file (with outliers)")
+        info.update(bytes=edkm.save(m, path, plain_dtype="keep"), size_kind="edkm file (with outliers)")
     elif kind == "gguf":
         from edkm.models import load_model
         # the quantized GGUFs (~100 MB each) are kept in the cache, not in the results
