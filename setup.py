@@ -51,6 +51,9 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("EDKM_GTEST_SOURCE_DIR"):
             configure.append(f"-DEDKM_GTEST_SOURCE_DIR={os.environ['EDKM_GTEST_SOURCE_DIR']}")
+        launcher = os.environ.get("EDKM_COMPILER_LAUNCHER")  # e.g. sccache (scripts/build.sh)
+        if launcher:
+            configure += [f"-DCMAKE_CXX_COMPILER_LAUNCHER={launcher}", f"-DCMAKE_CUDA_COMPILER_LAUNCHER={launcher}"]
         if os.environ.get("EDKM_WITH_CUDA"):
             configure.append(f"-DEDKM_WITH_CUDA={os.environ['EDKM_WITH_CUDA']}")
         subprocess.check_call(configure)

@@ -5,6 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 env=$("$here/scripts/setup_env.sh")
 cd "$here"
+. "$here/scripts/compiler_cache.sh"
 mkdir -p build
 export EDKM_BUILD_TESTS=ON EDKM_BUILD_DIR="$here/build" EDKM_BUILD_JOBS=${EDKM_BUILD_JOBS:-$(nproc)}
 if [ -n "${EDKM_VERBOSE:-}" ]; then
@@ -18,3 +19,8 @@ else
     exit 1
   fi
 fi
+if [ -n "${EDKM_COMPILER_LAUNCHER:-}" ]; then
+  "$EDKM_COMPILER_LAUNCHER" --show-stats 2>/dev/null | grep -E "^(Compile requests|Cache hits|Cache misses) " \
+    | tr -s ' ' | paste -sd ';' | sed 's/^/edkm: compiler cache: /' >&2 || true
+fi
+

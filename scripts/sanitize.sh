@@ -8,12 +8,17 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 env=$("$here/scripts/setup_env.sh")
 cd "$here"
+. "$here/scripts/compiler_cache.sh"
+launcher=()
+if [ -n "${EDKM_COMPILER_LAUNCHER:-}" ]; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER="$EDKM_COMPILER_LAUNCHER")
+fi
 prefix=$("$env/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 mkdir -p build-asan
 echo "edkm: building with ASan+UBSan (log: build-asan/build.log)" >&2
 if ! { cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEDKM_WITH_CUDA=OFF \
-         -DEDKM_BUILD_PYTHON=OFF -DEDKM_BUILD_TESTS=ON -DCMAKE_PREFIX_PATH="$prefix" \
+         -DEDKM_BUILD_PYTHON=OFF -DEDKM_BUILD_TESTS=ON -DCMAKE_PREFIX_PATH="$prefix" "${launcher[@]}" \
          -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" \
          -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
        && cmake --build build-asan -j "${EDKM_BUILD_JOBS:-$(nproc)}" --target edkm_tests; } \
