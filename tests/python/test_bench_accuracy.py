@@ -234,3 +234,12 @@ def test_cli_registers_bench_accuracy():
 
     a = build_parser().parse_args(["bench", "accuracy", "--quick", "--group-size", "64"])
     assert a.run is acc.main and a.quick and a.group_size == 64 and a.limit is None
+
+
+def test_report_prose_follows_the_run_settings():
+    s = {"steps": 7, "batch_size": 2, "block_len": 64, "lr": 1e-3, "bits": 4, "group_size": 16, "seed": 3}
+    text = " ".join(acc.reading(s))
+    assert "7 steps x 2 x 64 tokens" in text and "learning rate (0.001)" in text and "seed 3" in text
+    assert "A LUT per 16 output channels at 4 bits (16 values per LUT)" in text and "40 steps" not in text
+    text = " ".join(acc.reading({**s, "group_size": None, "bits": 3}))
+    assert "One LUT per matrix at 3 bits" in text and "(8 values for a whole matrix" in text

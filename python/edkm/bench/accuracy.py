@@ -32,7 +32,6 @@ Results: benchmarks/results/accuracy/<model>_<bits>bit_<layout>[_quick].{json,md
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -231,73 +230,21 @@ def save_and_check(model, fresh, batch, directory, base_model: Optional[str] = N
 
 # ----------------------------------------------------------------------------- evaluation
 
-@contextlib.contextmanager
-def _capture_scores():
-    """Record what edkm.evaluate.score_continuations returns while zero_shot runs: zero_shot
-    reports aggregates only, the paired comparison needs each item's outcome. No extra work:
-    the per-item outcomes are rebuilt from the very scores zero_shot used, and checked against
-    its aggregates."""
-    from edkm import evaluate as ev
-
-    original = ev.score_continuations
-    captured: list = []
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        captured.append(out)
-        return out
-
-    ev.score_continuations = recording
-    try:
-        yield captured
-    finally:
-        ev.score_continuations = original
-
-
-def _first_argmax(values) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
 def zero_shot_items(model, tokenizer, task_file, limit: Optional[int], batch_size: int = 8,
                     progress: bool = True):
     """(edkm.evaluate.zero_shot's result, per-item outcomes): outcomes is {"acc": [bool],
     "acc_norm": [bool]} (multiple choice), {"acc": [bool], "logprob": [float]} (LAMBADA) or
     {"acc": [bool]} (schema), in item order."""
-    from edkm.evaluate import load_task, zero_shot
+    from edkm.evaluate import zero_shot
 
-    with _capture_scores() as captured:
-        result = zero_shot(model, tokenizer, task_file, limit=limit, batch_size=batch_size, progress=progress)
-    if len(captured) != 1:
-        raise RuntimeError(f"zero_shot scored {len(captured)} times; expected once")
-    scores = captured[0]
-    fmt, items = load_task(task_file, limit)
-    out: Dict[str, list] = {"acc": []}
-    pos = 0
-    if fmt == "multiple_choice":
-        out["acc_norm"] = []
-        for item in items:
-            s = scores[pos: pos + len(item["choices"])]
-            pos += len(item["choices"])
-            out["acc"].append(_first_argmax([x[0] for x in s]) == item["gold"])
-            out["acc_norm"].append(_first_argmax(
-                [x[0] / max(1, len(c.encode("utf-8"))) for x, c in zip(s, item["choices"])]) == item["gold"])
-    elif fmt == "schema":
-        for item in items:
-            s = scores[pos: pos + len(item["context_options"])]
-            pos += len(item["context_options"])
-            out["acc"].append(_first_argmax([x[0] for x in s]) == item["gold"])
-    else:
-        out["logprob"] = []
-        for x in scores:
-            out["acc"].append(bool(x[1]))
-            out["logprob"].append(x[0])
-        pos = len(scores)
-    if pos != len(scores):
-        raise RuntimeError(f"{task_file}: {len(scores)} scores for {pos} requests")
-    for key in ("acc", "acc_norm"):
-        if key in out and sum(out[key]) / len(out[key]) != result[key]:
-            raise RuntimeError(f"{task_file}: per-item {key} {sum(out[key]) / len(out[key])} differs "
-                               f"from zero_shot's {result[key]}")
+    result = zero_shot(model, tokenizer, task_file, limit=limit, batch_size=batch_size, progress=progress,
+                       per_item=True)
+    items = result.pop("items")
+    out: Dict[str, list] = {"acc": [it["acc"] for it in items]}
+    if result["format"] == "multiple_choice":
+        out["acc_norm"] = [it["acc_norm"] for it in items]
+    elif result["format"] == "lambada":
+        out["logprob"] = [it["logprobs"][0] for it in items]
     return result, out
 
 
@@ -668,7 +615,7 @@ def markdown(report: dict) -> str:
         lines += ["", "Training loss (first -> last step): " + "; ".join(
             f"{v} {l[0]:.3f} -> {l[-1]:.3f}" for v, l in losses.items())]
     lines += ["", "## Key numbers", ""] + [f"- {x}" for x in key_numbers(report)]
-    lines += ["", "## What these numbers show and do not show", ""] + [f"- {x}" for x in READING]
+    lines += ["", "## What these numbers show and do not show", ""] + [f"- {x}" for x in reading(report["settings"])]
     lines += ["", f"Raw numbers, per-item outcomes and losses: `{os.path.basename(report['files']['json'])}`; "
               f"chart: `{os.path.basename(report['files']['png'])}`."]
     return "\n".join(lines) + "\n"
@@ -701,36 +648,44 @@ def key_numbers(report: dict) -> List[str]:
     return out
 
 
-READING = [
-    "Every quantized variant stores the same thing: the same bits per weight and LUT layout, "
-    "checked on the files; only how the LUTs and assignments are chosen differs.",
-    "The baseline is not an fp16 original: it is the dequantized Q4_1 GGUF (5 bits per weight in the "
-    "decoder, 8.5 for the embedding). The 3-bit variants re-quantize an already 4-bit-ish model; "
-    "their distance to the baseline is not the distance to the original SmolLM2.",
-    "The corpus (State of the Union addresses, Jane Austen) is public and old; it may well be in "
-    "SmolLM2's pretraining data. The test split is held out from our fine-tuning only, not "
-    "necessarily unseen by the model.",
-    "The fine-tuning budget is tiny: the demo's settings (40 steps x 4 x 256 tokens, about 41k "
-    "tokens, minutes on 2 CPU cores). eDKM as published trains far longer; this measures what a "
-    "short clustering-aware fine-tune recovers, not eDKM's ceiling. The corpus (speeches, novels) "
-    "is also off-domain for the zero-shot tasks.",
-    "The finetune control runs the same loop with the same learning rate (5e-4, the demo's, chosen "
-    "for the clustered model) and no tuning: it shows what this loop does to an unclustered model, "
-    "not the best a plain fine-tune could do. Where it is worse than the baseline, the loop itself "
-    "costs accuracy, and the edkm variant pays that cost too.",
-    "One LUT per matrix at 3 bits is the harshest layout there is (8 values for a whole matrix, "
-    "including the 49152 x 576 embedding). Finer LUT groups (--group-size) are the usual remedy for "
-    "post-training quantization; they are not measured in this run.",
-    "Nothing was tuned on test data: the settings are the demo's, fixed before this run, seed 0; the "
-    "test split and the zero-shot items were only evaluated. One seed, one run: no run-to-run "
-    "variance is shown.",
-    "The model is an instruct model evaluated without a chat template, the same way for every "
-    "variant; absolute accuracies are those of a 135M model, the comparisons between variants are "
-    "the point.",
-    "A few hundred items per task give about ±2 pp per accuracy: read the paired comparison "
-    "(McNemar on the items where two variants disagree) before calling a difference real; with many "
-    "comparisons, a p around 0.05 is weak evidence.",
-]
+def reading(settings: dict) -> List[str]:
+    """What the numbers show and do not show, built from the run's own settings."""
+    steps, batch, block = settings["steps"], settings["batch_size"], settings["block_len"]
+    tokens = steps * batch * block
+    gs = settings.get("group_size")
+    layout = ("One LUT per matrix at {b} bits is the harshest layout there is ({k} values for a whole matrix, "
+              "including the 49152 x 576 embedding). Finer LUT groups (--group-size) are the usual remedy for "
+              "post-training quantization; this run does not use them.") if gs is None else (
+              "A LUT per {gs} output channels at {b} bits ({k} values per LUT): finer groups than one LUT per "
+              "matrix, at the cost of more LUT bytes (counted in the file sizes).")
+    return [
+        "Every quantized variant stores the same thing: the same bits per weight and LUT layout, "
+        "checked on the files; only how the LUTs and assignments are chosen differs.",
+        "The baseline is not an fp16 original: it is the dequantized Q4_1 GGUF (5 bits per weight in the "
+        "decoder, 8.5 for the embedding). The quantized variants re-quantize an already 4-bit-ish model; "
+        "their distance to the baseline is not the distance to the original SmolLM2.",
+        "The corpus (State of the Union addresses, Jane Austen) is public and old; it may well be in "
+        "SmolLM2's pretraining data. The test split is held out from our fine-tuning only, not "
+        "necessarily unseen by the model.",
+        f"The fine-tuning budget of this run: {steps} steps x {batch} x {block} tokens, about {tokens / 1000:.0f}k "
+        "tokens. eDKM as published trains far longer; this measures what a clustering-aware fine-tune of "
+        "this length recovers, not eDKM's ceiling. The corpus (speeches, novels) is also off-domain for "
+        "the zero-shot tasks.",
+        f"The finetune control runs the same loop with the same learning rate ({settings['lr']:g}) and no "
+        "tuning: it shows what this loop does to an unclustered model, not the best a plain fine-tune could "
+        "do. Where it is worse than the baseline, the loop itself costs accuracy, and the edkm variant pays "
+        "that cost too.",
+        layout.format(b=settings["bits"], k=2 ** settings["bits"], gs=gs),
+        f"Nothing was tuned on test data: the settings were fixed before this run, seed {settings['seed']}; "
+        "the test split and the zero-shot items were only evaluated. One seed, one run: no run-to-run "
+        "variance is shown.",
+        "The model is an instruct model evaluated without a chat template, the same way for every "
+        "variant; absolute accuracies are those of a 135M model, the comparisons between variants are "
+        "the point.",
+        "A few hundred items per task give about ±2 pp per accuracy: read the paired comparison "
+        "(McNemar on the items where two variants disagree) before calling a difference real; with many "
+        "comparisons, a p around 0.05 is weak evidence.",
+    ]
 
 
 def _plot(report: dict, path: str) -> None:
