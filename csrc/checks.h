@@ -22,8 +22,8 @@ at::ScalarType compute_dtype(at::ScalarType weight_dtype);
 
 // All argument checks of dkm / dkm_reference; raises one clear error naming the argument.
 // Does not look at values (NaN/Inf): the caller checks them where it reads them.
-void check_dkm_args(const char* op, const at::Tensor& weight, const at::Tensor& centroids,
-                    double temperature, int64_t max_iter, double epsilon);
+void check_dkm_args(const char* op, const at::Tensor& weight, const at::Tensor& centroids, double temperature,
+                    int64_t max_iter, double epsilon);
 
 // _slot_table's checks: a 16-bit weight whose numel `groups` divides.
 void check_slot_table_args(const char* op, const at::Tensor& weight, int64_t groups);
@@ -36,9 +36,7 @@ void check_slot_args(const char* op, const at::Tensor& weight, const at::Tensor&
 void check_finite_centroids(const char* op, const at::Tensor& centroids);
 
 // Ucap for a group of M values: distinct 16-bit patterns can't exceed either.
-inline int64_t slot_capacity(int64_t group_size) {
-  return group_size < 65536 ? group_size : 65536;
-}
+inline int64_t slot_capacity(int64_t group_size) { return group_size < 65536 ? group_size : 65536; }
 
 // Sentinel slot value for unused table entries; sorts after every real bit pattern.
 constexpr int32_t kEmptySlot = 65536;

@@ -98,9 +98,9 @@ at::Tensor gather_soft(const at::Tensor& weight, const at::Tensor& lookup, const
       .view(weight.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-dkm_forward(const at::Tensor& weight, const at::Tensor& centroids, double temperature,
-            int64_t max_iter, double epsilon, c10::string_view distance) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dkm_forward(
+    const at::Tensor& weight, const at::Tensor& centroids, double temperature, int64_t max_iter,
+    double epsilon, c10::string_view distance) {
   const char* op = "dkm";
   check_dkm_args(op, weight, centroids, temperature, max_iter, epsilon);
   const Distance dist = parse_distance(op, distance);
@@ -109,27 +109,30 @@ dkm_forward(const at::Tensor& weight, const at::Tensor& centroids, double temper
 
   auto distinct = distinct_values(weight, groups);
   const int64_t used = checked_width(op, centroids, distinct.values, distinct.counts);
-  auto fwd = udomain_forward(distinct.values.narrow(1, 0, used),
-                             distinct.counts.narrow(1, 0, used).to(ct), centroids.to(ct),
-                             temperature, max_iter, epsilon, dist);
+  auto fwd = udomain_forward(distinct.values.narrow(1, 0, used), distinct.counts.narrow(1, 0, used).to(ct),
+                             centroids.to(ct), temperature, max_iter, epsilon, dist);
   fwd.soft = pad_columns(fwd.soft, distinct.values.size(1));
   const TrustedSlotTable trusted;  // the table was built from this weight just above
   auto clustered = gather_soft(weight, distinct.lookup, fwd.soft);
-  return {clustered,     fwd.centroids.to(centroids.scalar_type()), fwd.iterations,
-          distinct.lookup, distinct.values, distinct.counts, fwd.history};
+  return {clustered,       fwd.centroids.to(centroids.scalar_type()),
+          fwd.iterations,  distinct.lookup,
+          distinct.values, distinct.counts,
+          fwd.history};
 }
 
 // dkm's backward. With `in_place`, grad_clustered (contiguous, weight's dtype) is overwritten
 // with the weight's gradient and returned as it; otherwise a new tensor is.
-std::tuple<at::Tensor, at::Tensor> backward_impl(
-    const char* op, const c10::optional<at::Tensor>& grad_clustered,
-    const c10::optional<at::Tensor>& grad_centroids, const at::Tensor& weight,
-    const at::Tensor& lookup, const at::Tensor& values, const at::Tensor& counts,
-    const at::Tensor& history, const at::Tensor& iterations, double temperature,
-    c10::string_view distance, at::ScalarType centroids_dtype, bool in_place) {
+std::tuple<at::Tensor, at::Tensor> backward_impl(const char* op,
+                                                 const c10::optional<at::Tensor>& grad_clustered,
+                                                 const c10::optional<at::Tensor>& grad_centroids,
+                                                 const at::Tensor& weight, const at::Tensor& lookup,
+                                                 const at::Tensor& values, const at::Tensor& counts,
+                                                 const at::Tensor& history, const at::Tensor& iterations,
+                                                 double temperature, c10::string_view distance,
+                                                 at::ScalarType centroids_dtype, bool in_place) {
   const Distance dist = parse_distance(op, distance);
-  TORCH_CHECK_VALUE(history.dim() == 3 && values.dim() == 2 && counts.sizes() == values.sizes(),
-                    op, ": saved tables have unexpected shapes");
+  TORCH_CHECK_VALUE(history.dim() == 3 && values.dim() == 2 && counts.sizes() == values.sizes(), op,
+                    ": saved tables have unexpected shapes");
   const int64_t groups = values.size(0);
   if (iterations.is_cpu()) {  // the saved tables are dkm's own; off the CPU, no sync to re-check
     const int64_t t = iterations.item<int64_t>();
@@ -145,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
                     weight.sizes(), ", got ", grad.sizes());
   if (in_place) {
     TORCH_CHECK_TYPE(grad.scalar_type() == weight.scalar_type(), op,
-                     ": grad_clustered must have weight's dtype (", weight.scalar_type(),
-                     "), got ", grad.scalar_type());
+                     ": grad_clustered must have weight's dtype (", weight.scalar_type(), "), got ",
+                     grad.scalar_type());
     TORCH_CHECK_VALUE(grad.is_contiguous(), op, ": grad_clustered must be contiguous");
   }
   at::Tensor index;  // 32/64-bit path
@@ -155,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
     grad_soft = slot_scatter_add(weight.contiguous(), lookup, grad.contiguous()).to(ct);
   } else {
     index = lookup.view({groups, -1}).to(at::kLong);
-    grad_soft = at::zeros(values.sizes(), values.options())
-                    .scatter_add_(1, index, grad.reshape({groups, -1}).to(ct));
+    grad_soft =
+        at::zeros(values.sizes(), values.options()).scatter_add_(1, index, grad.reshape({groups, -1}).to(ct));
   }
   at::Tensor gc_final;
   if (grad_centroids.has_value() && grad_centroids->defined()) gc_final = grad_centroids->to(ct);
@@ -186,34 +189,33 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
   return {grad_weight, bwd.centroids.to(centroids_dtype)};
 }
 
-std::tuple<at::Tensor, at::Tensor> dkm_backward(
-    const c10::optional<at::Tensor>& grad_clustered, const c10::optional<at::Tensor>& grad_centroids,
-    const at::Tensor& weight, const at::Tensor& lookup, const at::Tensor& values,
-    const at::Tensor& counts, const at::Tensor& history, const at::Tensor& iterations,
-    double temperature, c10::string_view distance, at::ScalarType centroids_dtype) {
-  return backward_impl("dkm backward", grad_clustered, grad_centroids, weight, lookup, values,
-                       counts, history, iterations, temperature, distance, centroids_dtype,
+std::tuple<at::Tensor, at::Tensor> dkm_backward(const c10::optional<at::Tensor>& grad_clustered,
+                                                const c10::optional<at::Tensor>& grad_centroids,
+                                                const at::Tensor& weight, const at::Tensor& lookup,
+                                                const at::Tensor& values, const at::Tensor& counts,
+                                                const at::Tensor& history, const at::Tensor& iterations,
+                                                double temperature, c10::string_view distance,
+                                                at::ScalarType centroids_dtype) {
+  return backward_impl("dkm backward", grad_clustered, grad_centroids, weight, lookup, values, counts,
+                       history, iterations, temperature, distance, centroids_dtype,
                        /*in_place=*/false);
 }
 
 at::Tensor dkm_backward_inplace(const at::Tensor& grad_clustered,
-                                const c10::optional<at::Tensor>& grad_centroids,
-                                const at::Tensor& weight, const at::Tensor& lookup,
-                                const at::Tensor& values, const at::Tensor& counts,
-                                const at::Tensor& history, const at::Tensor& iterations,
-                                double temperature, c10::string_view distance,
-                                at::ScalarType centroids_dtype) {
-  return std::get<1>(backward_impl("dkm backward", grad_clustered, grad_centroids, weight, lookup,
-                                   values, counts, history, iterations, temperature, distance,
-                                   centroids_dtype, /*in_place=*/true));
+                                const c10::optional<at::Tensor>& grad_centroids, const at::Tensor& weight,
+                                const at::Tensor& lookup, const at::Tensor& values, const at::Tensor& counts,
+                                const at::Tensor& history, const at::Tensor& iterations, double temperature,
+                                c10::string_view distance, at::ScalarType centroids_dtype) {
+  return std::get<1>(backward_impl("dkm backward", grad_clustered, grad_centroids, weight, lookup, values,
+                                   counts, history, iterations, temperature, distance, centroids_dtype,
+                                   /*in_place=*/true));
 }
 
 // The clustered weight again from the saved tables (one U-domain step and one gather), for
 // layers that recompute it in backward instead of keeping it.
 at::Tensor dkm_recompute(const at::Tensor& weight, const at::Tensor& lookup, const at::Tensor& values,
-                         const at::Tensor& counts, const at::Tensor& history,
-                         const at::Tensor& iterations, double temperature,
-                         c10::string_view distance) {
+                         const at::Tensor& counts, const at::Tensor& history, const at::Tensor& iterations,
+                         double temperature, c10::string_view distance) {
   const char* op = "dkm recompute";
   const Distance dist = parse_distance(op, distance);
   TORCH_CHECK_VALUE(history.dim() == 3, op, ": saved history has unexpected shape ", history.sizes());
@@ -229,9 +231,8 @@ at::Tensor dkm_recompute(const at::Tensor& weight, const at::Tensor& lookup, con
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_no_grad(const at::Tensor& weight,
-                                                           const at::Tensor& centroids,
-                                                           double temperature, int64_t max_iter,
-                                                           double epsilon,
+                                                           const at::Tensor& centroids, double temperature,
+                                                           int64_t max_iter, double epsilon,
                                                            c10::string_view distance) {
   auto out = dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};

@@ -22,18 +22,20 @@ void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK_VALUE(input.device() == weight.device(), op, ": input must be on weight's device (",
                     weight.device(), "), got ", input.device());
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
-                      ": bias must have shape [", weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [",
+                      weight.size(0), "], got ", bias->sizes());
     TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), op, ": bias must have weight's dtype (",
                      weight.scalar_type(), "), got ", bias->scalar_type());
     TORCH_CHECK_VALUE(bias->device() == weight.device(), op, ": bias must be on weight's device");
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_linear_no_grad(
-    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& centroids,
-    const c10::optional<at::Tensor>& bias, double temperature, int64_t max_iter, double epsilon,
-    c10::string_view distance) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_linear_no_grad(const at::Tensor& input,
+                                                                  const at::Tensor& weight,
+                                                                  const at::Tensor& centroids,
+                                                                  const c10::optional<at::Tensor>& bias,
+                                                                  double temperature, int64_t max_iter,
+                                                                  double epsilon, c10::string_view distance) {
   check_linear_args(input, weight, bias);
   auto fwd = ops::dkm_forward(weight, centroids, temperature, max_iter, epsilon, distance);
   auto output = at::linear(input, std::get<0>(fwd), bias);
@@ -47,8 +49,6 @@ void check_dkm_linear_args(const at::Tensor& input, const at::Tensor& weight,
   check_linear_args(input, weight, bias);
 }
 
-TORCH_LIBRARY_IMPL(edkm, CompositeExplicitAutograd, m) {
-  m.impl("dkm_linear", &dkm_linear_no_grad);
-}
+TORCH_LIBRARY_IMPL(edkm, CompositeExplicitAutograd, m) { m.impl("dkm_linear", &dkm_linear_no_grad); }
 
 }  // namespace edkm

@@ -20,10 +20,10 @@ void check_kmeans1d_grouped_args(const at::Tensor& weight, int64_t k,
 
 namespace generic {
 // Any device: runs the CPU kernel on host copies and returns the results on values' device.
-std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d(const at::Tensor& values,
-                                                     const at::Tensor& counts, int64_t k);
-std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d_grouped(
-    const at::Tensor& weight, int64_t k, const std::optional<at::Tensor>& importance);
+std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d(const at::Tensor& values, const at::Tensor& counts,
+                                                     int64_t k);
+std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d_grouped(const at::Tensor& weight, int64_t k,
+                                                             const std::optional<at::Tensor>& importance);
 }  // namespace generic
 
 }  // namespace edkm

@@ -22,26 +22,26 @@ bool is_float(at::ScalarType t) {
 }
 
 void check_outliers(const char* op, const LutWeight& w, const std::optional<at::Tensor>& index,
-                    const std::optional<at::Tensor>& values, const at::Tensor& packed,
-                    bool check_values) {
+                    const std::optional<at::Tensor>& values, const at::Tensor& packed, bool check_values) {
   const bool has_i = index.has_value() && index->defined();
   const bool has_v = values.has_value() && values->defined();
   TORCH_CHECK_VALUE(has_i == has_v, op, ": outlier_index and outlier_values go together, got ",
-                    has_i ? "outlier_index without outlier_values" : "outlier_values without "
-                    "outlier_index");
+                    has_i ? "outlier_index without outlier_values"
+                          : "outlier_values without "
+                            "outlier_index");
   if (!has_i) return;
   const auto& i = *index;
   const auto& v = *values;
   TORCH_CHECK_TYPE(i.scalar_type() == at::kInt || i.scalar_type() == at::kLong, op,
                    ": outlier_index must be int32 or int64, got ", i.scalar_type());
-  TORCH_CHECK_TYPE(is_float(v.scalar_type()), op,
-                   ": outlier_values must be a floating tensor, got ", v.scalar_type());
+  TORCH_CHECK_TYPE(is_float(v.scalar_type()), op, ": outlier_values must be a floating tensor, got ",
+                   v.scalar_type());
   TORCH_CHECK_VALUE(i.dim() == 1 && v.dim() == 1 && i.numel() == v.numel(), op,
-                    ": outlier_index and outlier_values must be 1-D of one length, got shapes ",
-                    i.sizes(), " and ", v.sizes());
+                    ": outlier_index and outlier_values must be 1-D of one length, got shapes ", i.sizes(),
+                    " and ", v.sizes());
   TORCH_CHECK_VALUE(i.device() == packed.device() && v.device() == packed.device(), op,
-                    ": outlier_index and outlier_values must be on packed's device (",
-                    packed.device(), "), got ", i.device(), " and ", v.device());
+                    ": outlier_index and outlier_values must be on packed's device (", packed.device(),
+                    "), got ", i.device(), " and ", v.device());
   const int64_t n = i.numel();
   if (n == 0 || !check_values) return;
   const int64_t numel = w.rows * w.cols;
@@ -49,8 +49,10 @@ void check_outliers(const char* op, const LutWeight& w, const std::optional<at::
   const auto range = at::aminmax(pos);
   const int64_t lo = std::get<0>(range).item<int64_t>();
   const int64_t hi = std::get<1>(range).item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0 && hi < numel, op, ": outlier_index must lie in [0, rows * cols) = "
-                    "[0, ", numel, "), got values in [", lo, ", ", hi, "]");
+  TORCH_CHECK_VALUE(lo >= 0 && hi < numel, op,
+                    ": outlier_index must lie in [0, rows * cols) = "
+                    "[0, ",
+                    numel, "), got values in [", lo, ", ", hi, "]");
   if (n > 1) {
     TORCH_CHECK_VALUE((pos.narrow(0, 1, n - 1) > pos.narrow(0, 0, n - 1)).all().item<bool>(), op,
                       ": outlier_index must be strictly increasing (sorted, no repeats)");
@@ -62,9 +64,8 @@ at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::k
 
 }  // namespace
 
-LutWeight check_lut_weight(const char* op, const at::Tensor& packed, const at::Tensor& lut,
-                           int64_t bits, int64_t rows, int64_t cols,
-                           const std::optional<at::Tensor>& outlier_index,
+LutWeight check_lut_weight(const char* op, const at::Tensor& packed, const at::Tensor& lut, int64_t bits,
+                           int64_t rows, int64_t cols, const std::optional<at::Tensor>& outlier_index,
                            const std::optional<at::Tensor>& outlier_values, bool check_values) {
   TORCH_CHECK_VALUE(packed.defined(), op, ": packed must be a tensor, got None");
   TORCH_CHECK_VALUE(lut.defined(), op, ": lut must be a tensor, got None");
@@ -90,8 +91,8 @@ LutWeight check_lut_weight(const char* op, const at::Tensor& packed, const at::T
   TORCH_CHECK_VALUE(w.groups >= 1 && w.cluster_dim >= 1, op,
                     ": lut must have at least one group and cluster_dim >= 1, got shape ", lut.sizes());
   TORCH_CHECK_VALUE(rows >= 1 && cols >= 1 && rows <= (int64_t(1) << 40) / cols, op,
-                    ": the weight must be [rows >= 1, cols >= 1] with fewer than 2^40 elements, got [",
-                    rows, ", ", cols, "]");
+                    ": the weight must be [rows >= 1, cols >= 1] with fewer than 2^40 elements, got [", rows,
+                    ", ", cols, "]");
   TORCH_CHECK_VALUE(cols % w.cluster_dim == 0, op, ": cluster_dim ", w.cluster_dim,
                     " must divide the weight's columns (", cols, ")");
   const int64_t numel = rows * cols;
@@ -101,9 +102,9 @@ LutWeight check_lut_weight(const char* op, const at::Tensor& packed, const at::T
   w.group_numel = numel / w.groups;
   const int64_t count = numel / w.cluster_dim;
   TORCH_CHECK_VALUE(packed.numel() == packed_bytes(count, bits), op, ": a [", rows, ", ", cols,
-                    "] weight (out x in) has ", count, " indices of ", bits, " bits, which take ceil(",
-                    count, " * ", bits, " / 8) = ", packed_bytes(count, bits),
-                    " bytes, but packed has ", packed.numel());
+                    "] weight (out x in) has ", count, " indices of ", bits, " bits, which take ceil(", count,
+                    " * ", bits, " / 8) = ", packed_bytes(count, bits), " bytes, but packed has ",
+                    packed.numel());
   if (check_values) {
     TORCH_CHECK_VALUE(at::isfinite(lut).all().item<bool>(), op, ": lut must be finite");
   }
@@ -162,16 +163,15 @@ void check_lut_embedding_indices(const at::Tensor& indices, const LutWeight& w) 
   const auto range = at::aminmax(indices.reshape(-1));
   const int64_t lo = std::get<0>(range).item<int64_t>();
   const int64_t hi = std::get<1>(range).item<int64_t>();
-  TORCH_CHECK_INDEX(lo >= 0 && hi < w.rows, op, ": indices must lie in [0, num_embeddings) = [0, ",
-                    w.rows, "), got values in [", lo, ", ", hi, "]");
+  TORCH_CHECK_INDEX(lo >= 0 && hi < w.rows, op, ": indices must lie in [0, num_embeddings) = [0, ", w.rows,
+                    "), got values in [", lo, ", ", hi, "]");
 }
 
 at::Tensor lut_linear_rows(const at::Tensor& input, const LutWeight& w) {
   return input.reshape({-1, w.cols}).to(at::kFloat).contiguous();
 }
 
-at::Tensor lut_linear_output(at::Tensor y, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& input) {
+at::Tensor lut_linear_output(at::Tensor y, const std::optional<at::Tensor>& bias, const at::Tensor& input) {
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
   auto sizes = input.sizes().vec();
   sizes.back() = y.size(1);
@@ -182,8 +182,7 @@ namespace generic {
 
 at::Tensor lut_dense_weight(const at::Tensor& packed, const at::Tensor& lut, const LutWeight& w,
                             const std::optional<at::Tensor>& outlier_index,
-                            const std::optional<at::Tensor>& outlier_values,
-                            at::ScalarType dtype) {
+                            const std::optional<at::Tensor>& outlier_values, at::ScalarType dtype) {
   static auto unpack = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("edkm::unpack_indices", "")
                            .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
@@ -199,14 +198,13 @@ at::Tensor lut_dense_weight(const at::Tensor& packed, const at::Tensor& lut, con
   return weight;
 }
 
-at::Tensor lut_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& lut,
-                      int64_t bits, int64_t out_features, const std::optional<at::Tensor>& bias,
+at::Tensor lut_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& lut, int64_t bits,
+                      int64_t out_features, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& outlier_index,
                       const std::optional<at::Tensor>& outlier_values) {
   TORCH_CHECK_VALUE(input.defined(), "lut_linear: input must be a tensor, got None");
   const auto w = check_lut_weight("lut_linear", packed, lut, bits, out_features,
-                                  input.dim() >= 1 ? input.size(-1) : 0, outlier_index,
-                                  outlier_values);
+                                  input.dim() >= 1 ? input.size(-1) : 0, outlier_index, outlier_values);
   check_lut_linear_input(input, w, bias);
   const auto ct = compute_dtype(input.scalar_type());
   auto weight = lut_dense_weight(packed, lut, w, outlier_index, outlier_values, ct);

@@ -26,7 +26,8 @@ void check_pack_args(const at::Tensor& indices, int64_t bits) {
   TORCH_CHECK_VALUE(indices.defined(), op, ": indices must be a tensor, got None");
   TORCH_CHECK_TYPE(is_index_dtype(indices.scalar_type()), op,
                    ": indices must be an integer tensor (uint8, int8, int16, int32 or int64), "
-                   "got ", indices.scalar_type());
+                   "got ",
+                   indices.scalar_type());
   check_bits(op, bits);
 }
 
@@ -39,24 +40,24 @@ void check_unpack_args(const at::Tensor& packed, int64_t bits, int64_t count) {
   check_bits(op, bits);
   TORCH_CHECK_VALUE(count >= 0 && count <= (std::numeric_limits<int64_t>::max() - 7) / 8, op,
                     ": count must be >= 0 (and below 2^60), got ", count);
-  TORCH_CHECK_VALUE(packed.numel() == packed_bytes(count, bits), op, ": ", count,
-                    " indices of ", bits, " bits take ceil(", count, " * ", bits,
-                    " / 8) = ", packed_bytes(count, bits), " bytes, but packed has ",
-                    packed.numel());
+  TORCH_CHECK_VALUE(packed.numel() == packed_bytes(count, bits), op, ": ", count, " indices of ", bits,
+                    " bits take ceil(", count, " * ", bits, " / 8) = ", packed_bytes(count, bits),
+                    " bytes, but packed has ", packed.numel());
 }
 
 void fail_index_range(const at::Tensor& indices, int64_t bits) {
   auto range = at::aminmax(indices.reshape(-1).to(at::kLong));
-  TORCH_CHECK_VALUE(false, "pack_indices: indices must lie in [0, 2^bits) = [0, ",
-                    int64_t(1) << bits, ") for bits = ", bits, ", got values in [",
-                    std::get<0>(range).item<int64_t>(), ", ", std::get<1>(range).item<int64_t>(),
-                    "]");
+  TORCH_CHECK_VALUE(false, "pack_indices: indices must lie in [0, 2^bits) = [0, ", int64_t(1) << bits,
+                    ") for bits = ", bits, ", got values in [", std::get<0>(range).item<int64_t>(), ", ",
+                    std::get<1>(range).item<int64_t>(), "]");
 }
 
 void fail_padding_bits(int64_t bits, int64_t count, uint8_t last_byte) {
-  TORCH_CHECK_VALUE(false, "unpack_indices: the unused high bits of packed's last byte must be "
-                    "zero (", count, " indices of ", bits, " bits use ", (count * bits) % 8,
-                    " bits of it), got byte ", static_cast<int>(last_byte));
+  TORCH_CHECK_VALUE(false,
+                    "unpack_indices: the unused high bits of packed's last byte must be "
+                    "zero (",
+                    count, " indices of ", bits, " bits use ", (count * bits) % 8, " bits of it), got byte ",
+                    static_cast<int>(last_byte));
 }
 
 namespace generic {
@@ -68,8 +69,7 @@ at::Tensor pack_indices(const at::Tensor& indices, int64_t bits) {
   if (n == 0) return at::empty({0}, byte_opts);
   auto flat = indices.reshape(-1).to(at::kLong);
   auto range = at::aminmax(flat);
-  if (std::get<0>(range).item<int64_t>() < 0 ||
-      std::get<1>(range).item<int64_t>() >= (int64_t(1) << bits)) {
+  if (std::get<0>(range).item<int64_t>() < 0 || std::get<1>(range).item<int64_t>() >= (int64_t(1) << bits)) {
     fail_index_range(indices, bits);
   }
   if (bits == 8) return flat.to(at::kByte);

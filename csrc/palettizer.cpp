@@ -49,8 +49,8 @@ std::pair<at::Tensor, at::Tensor> merge_sorted(const at::Tensor& values, const a
 void PalettizerOptions::check() const {
   const char* who = "edkm::PalettizerOptions";
   TORCH_CHECK_VALUE(bits() >= 1 && bits() <= 8, who, ": bits must be in 1..8, got ", bits());
-  TORCH_CHECK_VALUE(group_size() >= 0, who,
-                    ": group_size must be >= 0 (0 = one LUT per matrix), got ", group_size());
+  TORCH_CHECK_VALUE(group_size() >= 0, who, ": group_size must be >= 0 (0 = one LUT per matrix), got ",
+                    group_size());
   TORCH_CHECK_VALUE(std::isfinite(temperature()) && temperature() > 0, who,
                     ": temperature must be a finite number > 0, got ", temperature());
   TORCH_CHECK_VALUE(max_iter() >= 1, who, ": max_iter must be >= 1, got ", max_iter());
@@ -63,8 +63,8 @@ at::Tensor optimal_centroids(const at::Tensor& weight, int64_t groups, int64_t k
   const char* op = "edkm::optimal_centroids";
   TORCH_CHECK_VALUE(weight.defined(), op, ": weight must be a tensor, got an undefined one");
   const auto wt = weight.scalar_type();
-  TORCH_CHECK_TYPE(wt == at::kBFloat16 || wt == at::kHalf || wt == at::kFloat || wt == at::kDouble,
-                   op, ": weight must be bfloat16, float16, float32 or float64, got ", wt);
+  TORCH_CHECK_TYPE(wt == at::kBFloat16 || wt == at::kHalf || wt == at::kFloat || wt == at::kDouble, op,
+                   ": weight must be bfloat16, float16, float32 or float64, got ", wt);
   TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight must not be empty");
   TORCH_CHECK_VALUE(groups >= 1 && weight.numel() % groups == 0, op, ": groups must be >= 1 and ",
                     "divide weight's ", weight.numel(), " elements, got ", groups);
@@ -109,12 +109,12 @@ ClusteredLinearImpl::ClusteredLinearImpl(const torch::nn::Linear& linear, Palett
   TORCH_CHECK_VALUE(weight.defined() && weight.dim() == 2 && weight.numel() > 0, who,
                     ": the Linear's weight must be a non-empty 2-D tensor");
   const auto wt = weight.scalar_type();
-  TORCH_CHECK_TYPE(wt == at::kBFloat16 || wt == at::kHalf || wt == at::kFloat || wt == at::kDouble,
-                   who, ": the weight must be bfloat16, float16, float32 or float64, got ", wt);
+  TORCH_CHECK_TYPE(wt == at::kBFloat16 || wt == at::kHalf || wt == at::kFloat || wt == at::kDouble, who,
+                   ": the weight must be bfloat16, float16, float32 or float64, got ", wt);
   const int64_t rows = weight.size(0);
   const int64_t group_size = options_.group_size() == 0 ? rows : options_.group_size();
-  TORCH_CHECK_VALUE(rows % group_size == 0, who, ": group_size ", group_size,
-                    " must divide out_features ", rows);
+  TORCH_CHECK_VALUE(rows % group_size == 0, who, ": group_size ", group_size, " must divide out_features ",
+                    rows);
   groups_ = rows / group_size;
   const int64_t k = int64_t(1) << options_.bits();
   at::Tensor init;
@@ -132,8 +132,7 @@ ClusteredLinearImpl::ClusteredLinearImpl(const torch::nn::Linear& linear, Palett
 
 void ClusteredLinearImpl::reset() {
   // Only clone() calls this: fresh tensors of the same shapes, which clone() then fills.
-  weight = register_parameter("weight", at::empty(weight.sizes(), weight.options()),
-                              weight.requires_grad());
+  weight = register_parameter("weight", at::empty(weight.sizes(), weight.options()), weight.requires_grad());
   if (bias.defined()) {
     bias = register_parameter("bias", at::empty(bias.sizes(), bias.options()), bias.requires_grad());
   }
@@ -206,17 +205,14 @@ ClusteredTensor ClusteredLinearImpl::export_clustered() const {
 }
 
 void ClusteredLinearImpl::pretty_print(std::ostream& stream) const {
-  stream << "edkm::ClusteredLinear(in_features=" << weight.size(1)
-         << ", out_features=" << weight.size(0) << ", bias=" << (bias.defined() ? "true" : "false")
-         << ", bits=" << options_.bits() << ", groups=" << groups_
-         << (finalized_ ? ", finalized" : "") << ")";
+  stream << "edkm::ClusteredLinear(in_features=" << weight.size(1) << ", out_features=" << weight.size(0)
+         << ", bias=" << (bias.defined() ? "true" : "false") << ", bits=" << options_.bits()
+         << ", groups=" << groups_ << (finalized_ ? ", finalized" : "") << ")";
 }
 
 // ------------------------------------------------------------------------------ Palettizer
 
-Palettizer::Palettizer(PalettizerOptions options) : options_(std::move(options)) {
-  options_.check();
-}
+Palettizer::Palettizer(PalettizerOptions options) : options_(std::move(options)) { options_.check(); }
 
 ClusteredLinear Palettizer::wrap(const std::string& name, const torch::nn::Linear& linear) {
   TORCH_CHECK_VALUE(!name.empty(), "edkm::Palettizer::wrap: name must not be empty");
@@ -238,8 +234,8 @@ void Palettizer::finalize() {
     try {
       layer.second->finalize();
     } catch (const c10::Error& e) {
-      TORCH_CHECK_VALUE(false, "edkm::Palettizer::finalize: layer '", layer.first, "': ",
-                        e.what_without_backtrace());
+      TORCH_CHECK_VALUE(false, "edkm::Palettizer::finalize: layer '", layer.first,
+                        "': ", e.what_without_backtrace());
     }
   }
 }
@@ -256,17 +252,15 @@ CompressedFile Palettizer::to_file(const std::map<std::string, at::Tensor>& extr
   }
   for (const auto& [name, t] : extra) {
     TORCH_CHECK_VALUE(!file.tensors.count(name) && !file.clustered.count(name),
-                      "edkm::Palettizer: extra tensor '", name,
-                      "' has the name of a wrapped layer's tensor");
+                      "edkm::Palettizer: extra tensor '", name, "' has the name of a wrapped layer's tensor");
     file.tensors[name] = t.detach();
   }
   return file;
 }
 
-int64_t Palettizer::save(const std::string& path,
-                         const std::map<std::string, at::Tensor>& extra) const {
+int64_t Palettizer::save(const std::string& path, const std::map<std::string, at::Tensor>& extra) const {
   save_compressed(path, to_file(extra));
-  struct stat st {};
+  struct stat st{};
   TORCH_CHECK(::stat(path.c_str(), &st) == 0, "edkm::Palettizer::save: cannot stat ", path);
   return static_cast<int64_t>(st.st_size);
 }

@@ -68,8 +68,9 @@ edkm::ClusteredTensor clustered_from(const std::string& name, const py::handle& 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "edkm native helpers (ops are under torch.ops.edkm)";
   m.def("cuda_compiled", &edkm::cuda_compiled, "True when libedkm was built with CUDA kernels");
-  m.def("parallel_info", [] { return at::get_parallel_info(); },
-        "ATen's description of the CPU thread pools the kernels run on");
+  m.def(
+      "parallel_info", [] { return at::get_parallel_info(); },
+      "ATen's description of the CPU thread pools the kernels run on");
   m.def("set_deterministic_scatter", &edkm::set_deterministic_scatter, py::arg("deterministic"),
         "CUDA backward scatter-add: True = same bits every run (default), False = float64 atomics");
   m.def("set_fused_udomain", &edkm::set_fused_udomain, py::arg("fused"),
@@ -87,10 +88,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_ndomain",
       [](const std::string& mode) {
-        if (mode == "auto") edkm::set_ndomain_mode(edkm::NDomainMode::kAuto);
-        else if (mode == "always") edkm::set_ndomain_mode(edkm::NDomainMode::kAlways);
-        else if (mode == "never") edkm::set_ndomain_mode(edkm::NDomainMode::kNever);
-        else throw py::value_error("set_ndomain: mode must be 'auto', 'always' or 'never', got '" + mode + "'");
+        if (mode == "auto")
+          edkm::set_ndomain_mode(edkm::NDomainMode::kAuto);
+        else if (mode == "always")
+          edkm::set_ndomain_mode(edkm::NDomainMode::kAlways);
+        else if (mode == "never")
+          edkm::set_ndomain_mode(edkm::NDomainMode::kNever);
+        else
+          throw py::value_error("set_ndomain: mode must be 'auto', 'always' or 'never', got '" + mode + "'");
       },
       py::arg("mode"),
       "CPU dkm / dkm_linear: 'auto' (default: iterate over each group's weights, the N-domain, "
@@ -98,9 +103,12 @@ PYBIND11_MODULE(_C, m) {
       "'always' the N-domain, 'never' the U-domain");
   m.def("ndomain", [] {
     switch (edkm::ndomain_mode()) {
-      case edkm::NDomainMode::kAlways: return std::string("always");
-      case edkm::NDomainMode::kNever: return std::string("never");
-      default: return std::string("auto");
+      case edkm::NDomainMode::kAlways:
+        return std::string("always");
+      case edkm::NDomainMode::kNever:
+        return std::string("never");
+      default:
+        return std::string("auto");
     }
   });
   m.def("set_simd_attention", &edkm::set_simd_attention, py::arg("simd"),
@@ -110,13 +118,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("simd_attention", &edkm::simd_attention);
   m.def("simd_attention_available", &edkm::attention_avx2::available,
         "True when this CPU runs the AVX2 attention kernels (AVX2 and FMA)");
-  m.def("ndomain_max_group",
-        [](py::object dtype) {
-          return edkm::ndomain_max_group(torch::python::detail::py_object_to_dtype(dtype));
-        },
-        py::arg("dtype"),
-        "Largest group (weights per LUT) that takes the N-domain under set_ndomain('auto') for a "
-        "weight of this dtype (under the current set_simd_attention; 2**63 - 1: every size)");
+  m.def(
+      "ndomain_max_group",
+      [](py::object dtype) {
+        return edkm::ndomain_max_group(torch::python::detail::py_object_to_dtype(dtype));
+      },
+      py::arg("dtype"),
+      "Largest group (weights per LUT) that takes the N-domain under set_ndomain('auto') for a "
+      "weight of this dtype (under the current set_simd_attention; 2**63 - 1: every size)");
   m.def("deterministic_scatter", &edkm::deterministic_scatter);
 
   py::class_<edkm::SavedTensorStore, std::shared_ptr<edkm::SavedTensorStore>>(
@@ -132,14 +141,12 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("offload") = true, py::arg("dedup") = true, py::arg("uniquify") = false,
            py::arg("keep_parameters") = true)
-      .def("pack", &edkm::SavedTensorStore::pack, py::arg("tensor"),
-           py::call_guard<py::gil_scoped_release>())
+      .def("pack", &edkm::SavedTensorStore::pack, py::arg("tensor"), py::call_guard<py::gil_scoped_release>())
       .def("unpack", &edkm::SavedTensorStore::unpack, py::arg("handle"),
            py::call_guard<py::gil_scoped_release>())
       .def("release", &edkm::SavedTensorStore::release, py::arg("handle"))
       .def("fingerprint", &edkm::SavedTensorStore::fingerprint, py::arg("handle"))
-      .def("shard", &edkm::SavedTensorStore::shard, py::arg("handle"), py::arg("rank"),
-           py::arg("world"))
+      .def("shard", &edkm::SavedTensorStore::shard, py::arg("handle"), py::arg("rank"), py::arg("world"))
       .def("is_sharded", &edkm::SavedTensorStore::is_sharded, py::arg("handle"))
       .def("shard_part", &edkm::SavedTensorStore::shard_part, py::arg("handle"))
       .def("unshard", &edkm::SavedTensorStore::unshard, py::arg("handle"), py::arg("gathered"))
@@ -169,14 +176,13 @@ PYBIND11_MODULE(_C, m) {
       "groups, cluster_dim}}, aliases, metadata}");
   m.def(
       "_load_compressed_state_dict",
-      [](const std::string& path) { return edkm::load_compressed(path).state_dict(); },
-      py::arg("path"), py::call_guard<py::gil_scoped_release>(),
+      [](const std::string& path) { return edkm::load_compressed(path).state_dict(); }, py::arg("path"),
+      py::call_guard<py::gil_scoped_release>(),
       "edkm::load_compressed(path).state_dict(): every tensor, clustered ones rebuilt");
   m.def(
       "_save_compressed",
-      [](const std::string& path, std::map<std::string, at::Tensor> tensors,
-         const py::dict& clustered, std::map<std::string, std::string> aliases,
-         std::map<std::string, std::string> metadata) {
+      [](const std::string& path, std::map<std::string, at::Tensor> tensors, const py::dict& clustered,
+         std::map<std::string, std::string> aliases, std::map<std::string, std::string> metadata) {
         edkm::CompressedFile f;
         f.tensors = std::move(tensors);
         f.aliases = std::move(aliases);

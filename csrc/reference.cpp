@@ -12,9 +12,10 @@ namespace edkm {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
-    const at::Tensor& weight, const at::Tensor& centroids, double temperature, int64_t max_iter,
-    double epsilon, c10::string_view distance) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(const at::Tensor& weight,
+                                                             const at::Tensor& centroids, double temperature,
+                                                             int64_t max_iter, double epsilon,
+                                                             c10::string_view distance) {
   const char* op = "dkm_reference";
   check_dkm_args(op, weight, centroids, temperature, max_iter, epsilon);
   const Distance dist = parse_distance(op, distance);
@@ -37,14 +38,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
   }
   auto a = soft_attention(w, c, temperature, dist);
   auto clustered = (a * c.unsqueeze(1)).sum(2);
-  return {clustered.to(weight.scalar_type()).view_symint(weight.sym_sizes()),
-          c.to(centroids.scalar_type()), iterations};
+  return {clustered.to(weight.scalar_type()).view_symint(weight.sym_sizes()), c.to(centroids.scalar_type()),
+          iterations};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(edkm, CompositeImplicitAutograd, m) {
-  m.impl("dkm_reference", &dkm_reference);
-}
+TORCH_LIBRARY_IMPL(edkm, CompositeImplicitAutograd, m) { m.impl("dkm_reference", &dkm_reference); }
 
 }  // namespace edkm

@@ -14,15 +14,13 @@ std::atomic<bool> g_privatized_slot_atomics{false};
 std::atomic<NDomainMode> g_ndomain_mode{NDomainMode::kAuto};
 std::atomic<bool> g_simd_attention{true};
 thread_local bool t_slot_table_trusted = false;
-}
+}  // namespace
 
 void set_privatized_slot_atomics(bool privatized) { g_privatized_slot_atomics = privatized; }
 
 bool privatized_slot_atomics() { return g_privatized_slot_atomics; }
 
-TrustedSlotTable::TrustedSlotTable() : previous_(t_slot_table_trusted) {
-  t_slot_table_trusted = true;
-}
+TrustedSlotTable::TrustedSlotTable() : previous_(t_slot_table_trusted) { t_slot_table_trusted = true; }
 
 TrustedSlotTable::~TrustedSlotTable() { t_slot_table_trusted = previous_; }
 

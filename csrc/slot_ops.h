@@ -15,8 +15,7 @@ std::tuple<at::Tensor, at::Tensor> slot_table(const at::Tensor& weight, int64_t 
 // out_i = table[g, u(i)], in weight's dtype and shape.
 at::Tensor slot_gather(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& table);
 // sum of grad_i over the weights of each slot, [G, Ucap] in grad's compute dtype.
-at::Tensor slot_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
-                            const at::Tensor& grad);
+at::Tensor slot_scatter_add(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad);
 // out_i = grad_i * scale[g, u(i)] + shift[g, u(i)], in weight's dtype and shape.
 at::Tensor slot_grad(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
                      const at::Tensor& scale, const at::Tensor& shift);
@@ -29,8 +28,7 @@ void slot_grad_(const at::Tensor& weight, const at::Tensor& slots, const at::Ten
 namespace generic {
 std::tuple<at::Tensor, at::Tensor> slot_table(const at::Tensor& weight, int64_t groups);
 at::Tensor slot_gather(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& table);
-at::Tensor slot_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
-                            const at::Tensor& grad);
+at::Tensor slot_scatter_add(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad);
 at::Tensor slot_grad(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
                      const at::Tensor& scale, const at::Tensor& shift);
 void slot_grad_(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,

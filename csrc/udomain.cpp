@@ -41,17 +41,17 @@ at::Tensor softmax_grad(const at::Tensor& a, const at::Tensor& grad_a) {
 }
 }  // namespace
 
-at::Tensor soft_attention(const at::Tensor& values, const at::Tensor& centroids,
-                          double temperature, Distance distance) {
+at::Tensor soft_attention(const at::Tensor& values, const at::Tensor& centroids, double temperature,
+                          Distance distance) {
   auto diff = differences(values, centroids);
   auto d = distance == Distance::kSquared ? diff * diff : diff.abs();
   return at::softmax(d * (-1.0 / temperature), 2);
 }
 
-at::Tensor update_centroids(const at::Tensor& attention, const at::Tensor& values,
-                            const at::Tensor& counts, const at::Tensor& centroids) {
-  auto weighted = attention * counts.unsqueeze(2);                 // n_u a_uj
-  auto num = (weighted * values.unsqueeze(2)).sum(1);              // [G, K]
+at::Tensor update_centroids(const at::Tensor& attention, const at::Tensor& values, const at::Tensor& counts,
+                            const at::Tensor& centroids) {
+  auto weighted = attention * counts.unsqueeze(2);     // n_u a_uj
+  auto num = (weighted * values.unsqueeze(2)).sum(1);  // [G, K]
   auto den = weighted.sum(1);
   auto attended = den > 0;
   auto safe_den = at::where(attended, den, at::ones_like(den));
@@ -59,8 +59,8 @@ at::Tensor update_centroids(const at::Tensor& attention, const at::Tensor& value
 }
 
 UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& counts,
-                               const at::Tensor& centroids, double temperature,
-                               int64_t max_iter, double epsilon, Distance distance) {
+                               const at::Tensor& centroids, double temperature, int64_t max_iter,
+                               double epsilon, Distance distance) {
   if (udomain_fused_applies(values, counts, centroids)) {
     return udomain_forward_fused(values, counts, centroids, temperature, max_iter, epsilon, distance);
   }
@@ -70,8 +70,7 @@ UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& count
   // The early stop is decided on the device: every iteration runs, and once the centroids move
   // by <= epsilon they are held (c = where(done, c, next)), so history rows past T repeat c_T
   // and T counts the iterations that were not held. No .item(), no sync per iteration.
-  auto history = at::empty({max_iter + 1, centroids.size(0), centroids.size(1)},
-                           centroids.options());
+  auto history = at::empty({max_iter + 1, centroids.size(0), centroids.size(1)}, centroids.options());
   auto c = centroids;
   history[0].copy_(c);
   auto done = at::zeros({}, values.options().dtype(at::kBool));
@@ -91,15 +90,15 @@ UDomainForward udomain_forward(const at::Tensor& values, const at::Tensor& count
 }
 
 UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& counts,
-                                 const at::Tensor& history, const at::Tensor& iterations,
-                                 double temperature, Distance distance,
-                                 const at::Tensor& grad_soft, const at::Tensor& grad_centroids) {
+                                 const at::Tensor& history, const at::Tensor& iterations, double temperature,
+                                 Distance distance, const at::Tensor& grad_soft,
+                                 const at::Tensor& grad_centroids) {
   if (udomain_fused_applies(values, counts, history) && grad_soft.scalar_type() == values.scalar_type() &&
       grad_soft.device().is_cpu() &&
-      (!grad_centroids.defined() || (grad_centroids.scalar_type() == values.scalar_type() &&
-                                     grad_centroids.device().is_cpu()))) {
-    return udomain_backward_fused(values, counts, history, iterations.item<int64_t>(), temperature,
-                                  distance, grad_soft, grad_centroids);
+      (!grad_centroids.defined() ||
+       (grad_centroids.scalar_type() == values.scalar_type() && grad_centroids.device().is_cpu()))) {
+    return udomain_backward_fused(values, counts, history, iterations.item<int64_t>(), temperature, distance,
+                                  grad_soft, grad_centroids);
   }
   if (use_cuda_kernels(values, history.size(2))) {
     return g_cuda_backward(values, counts, history, iterations, temperature, distance, grad_soft,
@@ -136,9 +135,9 @@ UDomainBackward udomain_backward(const at::Tensor& values, const at::Tensor& cou
     auto safe_den = at::where(attended, den, at::ones_like(den));
     auto next = num / safe_den;
     auto zero = at::zeros_like(gc);
-    auto g_num = at::where(attended, gc / safe_den, zero);                 // [G, K]
+    auto g_num = at::where(attended, gc / safe_den, zero);  // [G, K]
     auto g_den = at::where(attended, -gc * next / safe_den, zero);
-    auto g_keep = at::where(attended, zero, gc);                            // c_j carried over
+    auto g_keep = at::where(attended, zero, gc);  // c_j carried over
     // num_j = sum_u n_u a_uj v_u, den_j = sum_u n_u a_uj.
     auto step_indirect = indirect + (weighted * g_num.unsqueeze(1)).sum(2);
     auto grad_a = n * (v * g_num.unsqueeze(1) + g_den.unsqueeze(1));

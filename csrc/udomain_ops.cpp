@@ -16,19 +16,18 @@ namespace {
 void check_tables(const char* op, const at::Tensor& values, const at::Tensor& counts, int64_t groups) {
   TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == groups, op,
                     ": values must be [G, U] with G = ", groups, ", got shape ", values.sizes());
-  TORCH_CHECK_VALUE(counts.sizes() == values.sizes(), op, ": counts must have values' shape ",
-                    values.sizes(), ", got ", counts.sizes());
+  TORCH_CHECK_VALUE(counts.sizes() == values.sizes(), op, ": counts must have values' shape ", values.sizes(),
+                    ", got ", counts.sizes());
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble, op,
                    ": values must be float32 or float64, got ", values.scalar_type());
-  TORCH_CHECK_TYPE(counts.scalar_type() == values.scalar_type(), op,
-                   ": counts must have values' dtype (", values.scalar_type(), "), got ",
-                   counts.scalar_type());
+  TORCH_CHECK_TYPE(counts.scalar_type() == values.scalar_type(), op, ": counts must have values' dtype (",
+                   values.scalar_type(), "), got ", counts.scalar_type());
   TORCH_CHECK_VALUE(counts.device() == values.device(), op, ": counts must be on values' device");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> udomain_forward_op(
-    const at::Tensor& values, const at::Tensor& counts, const at::Tensor& centroids,
-    double temperature, int64_t max_iter, double epsilon, c10::string_view distance) {
+    const at::Tensor& values, const at::Tensor& counts, const at::Tensor& centroids, double temperature,
+    int64_t max_iter, double epsilon, c10::string_view distance) {
   const char* op = "_udomain_forward";
   const Distance dist = parse_distance(op, distance);
   TORCH_CHECK_VALUE(centroids.dim() == 2 && centroids.size(1) >= 2, op,
@@ -49,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> udomain_forward_op(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> udomain_backward_op(
     const at::Tensor& values, const at::Tensor& counts, const at::Tensor& history,
-    const at::Tensor& iterations, double temperature, c10::string_view distance,
-    const at::Tensor& grad_soft, const c10::optional<at::Tensor>& grad_centroids) {
+    const at::Tensor& iterations, double temperature, c10::string_view distance, const at::Tensor& grad_soft,
+    const c10::optional<at::Tensor>& grad_centroids) {
   const char* op = "_udomain_backward";
   const Distance dist = parse_distance(op, distance);
   TORCH_CHECK_VALUE(history.dim() == 3, op, ": history must be [T + 1, G, K], got ", history.sizes());

@@ -19,8 +19,8 @@ constexpr int64_t kSharedCentroids = 4096;  // doubles of centroids cached per b
 
 template <typename scalar_t, typename index_t>
 __global__ void assign_kernel(const scalar_t* __restrict__ weight, const double* __restrict__ centroids,
-                              index_t* __restrict__ out, int64_t n, int64_t group_size,
-                              int64_t groups, int64_t k, int32_t* bad) {
+                              index_t* __restrict__ out, int64_t n, int64_t group_size, int64_t groups,
+                              int64_t k, int32_t* bad) {
   __shared__ double cache[kSharedCentroids];
   const bool cached = groups * k <= kSharedCentroids;
   if (cached) {
@@ -70,12 +70,12 @@ at::Tensor assign_cuda(const at::Tensor& weight, const at::Tensor& centroids) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "assign", [&] {
     if (index_dtype == at::kByte) {
       assign_kernel<scalar_t, uint8_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-          w.const_data_ptr<scalar_t>(), c.const_data_ptr<double>(), out.mutable_data_ptr<uint8_t>(),
-          n, n / groups, groups, k, bad.mutable_data_ptr<int32_t>());
+          w.const_data_ptr<scalar_t>(), c.const_data_ptr<double>(), out.mutable_data_ptr<uint8_t>(), n,
+          n / groups, groups, k, bad.mutable_data_ptr<int32_t>());
     } else {
       assign_kernel<scalar_t, int32_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-          w.const_data_ptr<scalar_t>(), c.const_data_ptr<double>(), out.mutable_data_ptr<int32_t>(),
-          n, n / groups, groups, k, bad.mutable_data_ptr<int32_t>());
+          w.const_data_ptr<scalar_t>(), c.const_data_ptr<double>(), out.mutable_data_ptr<int32_t>(), n,
+          n / groups, groups, k, bad.mutable_data_ptr<int32_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -98,8 +98,8 @@ at::Tensor dequantize_cuda(const at::Tensor& indices, const at::Tensor& centroid
     using out_t = scalar_t;
     AT_DISPATCH_INTEGRAL_TYPES(idx.scalar_type(), "dequantize_index", [&] {
       dequantize_kernel<out_t, scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-          idx.const_data_ptr<scalar_t>(), c.const_data_ptr<out_t>(), out.mutable_data_ptr<out_t>(),
-          n, n / groups, k);
+          idx.const_data_ptr<scalar_t>(), c.const_data_ptr<out_t>(), out.mutable_data_ptr<out_t>(), n,
+          n / groups, k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -57,14 +57,16 @@ __device__ __forceinline__ float lut_value(const Weight& w, int64_t e) {
 __device__ __forceinline__ int64_t lower_bound(const int64_t* p, int64_t a, int64_t b, int64_t v) {
   while (a < b) {
     const int64_t mid = (a + b) / 2;
-    if (p[mid] < v) a = mid + 1; else b = mid;
+    if (p[mid] < v)
+      a = mid + 1;
+    else
+      b = mid;
   }
   return a;
 }
 
 template <int M>
-__global__ void gemv_kernel(Weight w, const float* __restrict__ x, int64_t m_rows,
-                            float* __restrict__ y) {
+__global__ void gemv_kernel(Weight w, const float* __restrict__ x, int64_t m_rows, float* __restrict__ y) {
   const int lane = threadIdx.x & 31;
   const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= w.rows) return;
@@ -100,8 +102,8 @@ __global__ void gemv_kernel(Weight w, const float* __restrict__ x, int64_t m_row
 }
 
 // out[i, :] = row rows_of[i] (or r0 + i when rows_of is null) of W, for i < n.
-__global__ void unpack_rows_kernel(Weight w, const int64_t* __restrict__ rows_of, int64_t r0,
-                                   int64_t n, float* __restrict__ out) {
+__global__ void unpack_rows_kernel(Weight w, const int64_t* __restrict__ rows_of, int64_t r0, int64_t n,
+                                   float* __restrict__ out) {
   const int64_t total = n * w.cols;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x) {
@@ -152,15 +154,15 @@ at::Tensor lut_linear_cuda(const at::Tensor& input, const at::Tensor& packed, co
                            const std::optional<at::Tensor>& outlier_values) {
   TORCH_CHECK_VALUE(input.defined(), "lut_linear: input must be a tensor, got None");
   if (input.scalar_type() == at::kDouble) {
-    return generic::lut_linear(input, packed, lut, bits, out_features, bias, outlier_index,
-                               outlier_values);
+    return generic::lut_linear(input, packed, lut, bits, out_features, bias, outlier_index, outlier_values);
   }
   const auto lw = check_lut_weight("lut_linear", packed, lut, bits, out_features,
-                                   input.dim() >= 1 ? input.size(-1) : 0, outlier_index,
-                                   outlier_values);
+                                   input.dim() >= 1 ? input.size(-1) : 0, outlier_index, outlier_values);
   check_lut_linear_input(input, lw, bias);
-  TORCH_CHECK_VALUE(input.device() == packed.device(), "lut_linear: input must be on packed's "
-                    "device (", packed.device(), "), got ", input.device());
+  TORCH_CHECK_VALUE(input.device() == packed.device(),
+                    "lut_linear: input must be on packed's "
+                    "device (",
+                    packed.device(), "), got ", input.device());
   c10::cuda::CUDAGuard guard(input.device());
   std::vector<at::Tensor> keep;
   const Weight w = make_weight(packed, lut, lw, outlier_index, outlier_values, keep);
@@ -170,16 +172,16 @@ at::Tensor lut_linear_cuda(const at::Tensor& input, const at::Tensor& packed, co
   auto stream = at::cuda::getCurrentCUDAStream();
   if (m > 0 && m <= kGemvMaxBatch) {
     const int blocks = static_cast<int>((lw.rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    gemv_kernel<kGemvMaxBatch><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(
-        w, x.const_data_ptr<float>(), m, y.mutable_data_ptr<float>());
+    gemv_kernel<kGemvMaxBatch><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(w, x.const_data_ptr<float>(), m,
+                                                                           y.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (m > 0) {
     const int64_t tile = std::clamp<int64_t>(kTileFloats / lw.cols, 1, lw.rows);
     auto buf = at::empty({tile, lw.cols}, x.options());
     for (int64_t r0 = 0; r0 < lw.rows; r0 += tile) {
       const int64_t n = std::min(tile, lw.rows - r0);
-      unpack_rows_kernel<<<blocks_for(n * lw.cols, 256), 256, 0, stream>>>(
-          w, nullptr, r0, n, buf.mutable_data_ptr<float>());
+      unpack_rows_kernel<<<blocks_for(n * lw.cols, 256), 256, 0, stream>>>(w, nullptr, r0, n,
+                                                                           buf.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       y.narrow(1, r0, n).copy_(at::mm(x, buf.narrow(0, 0, n).t()));
     }
@@ -187,18 +189,18 @@ at::Tensor lut_linear_cuda(const at::Tensor& input, const at::Tensor& packed, co
   return lut_linear_output(y, bias, input);
 }
 
-at::Tensor lut_embedding_cuda(const at::Tensor& indices, const at::Tensor& packed,
-                              const at::Tensor& lut, int64_t bits, int64_t num_embeddings,
-                              int64_t embedding_dim, const std::optional<at::Tensor>& outlier_index,
+at::Tensor lut_embedding_cuda(const at::Tensor& indices, const at::Tensor& packed, const at::Tensor& lut,
+                              int64_t bits, int64_t num_embeddings, int64_t embedding_dim,
+                              const std::optional<at::Tensor>& outlier_index,
                               const std::optional<at::Tensor>& outlier_values,
                               std::optional<at::ScalarType> dtype) {
   const auto out_t = dtype.value_or(lut.scalar_type());
   if (out_t == at::kDouble) {
-    return generic::lut_embedding(indices, packed, lut, bits, num_embeddings, embedding_dim,
-                                  outlier_index, outlier_values, dtype);
+    return generic::lut_embedding(indices, packed, lut, bits, num_embeddings, embedding_dim, outlier_index,
+                                  outlier_values, dtype);
   }
-  const auto lw = check_lut_weight("lut_embedding", packed, lut, bits, num_embeddings,
-                                   embedding_dim, outlier_index, outlier_values);
+  const auto lw = check_lut_weight("lut_embedding", packed, lut, bits, num_embeddings, embedding_dim,
+                                   outlier_index, outlier_values);
   TORCH_CHECK_TYPE(out_t == at::kFloat || out_t == at::kHalf || out_t == at::kBFloat16,
                    "lut_embedding: dtype must be a floating type, got ", out_t);
   check_lut_embedding_indices(indices, lw);

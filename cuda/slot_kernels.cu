@@ -36,7 +36,7 @@ void raise_if_missing(const at::Tensor& missing) {
 
 namespace {
 
-#define EDKM_GRID_STRIDE(i, n)                                                 \
+#define EDKM_GRID_STRIDE(i, n)                                              \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
        i += int64_t(gridDim.x) * blockDim.x)
 
@@ -44,8 +44,8 @@ const uint16_t* bits_of(const at::Tensor& weight) {
   return reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
 }
 
-__global__ void fill_map_kernel(const int32_t* __restrict__ slots, int32_t* __restrict__ map,
-                                int64_t groups, int64_t cap) {
+__global__ void fill_map_kernel(const int32_t* __restrict__ slots, int32_t* __restrict__ map, int64_t groups,
+                                int64_t cap) {
   EDKM_GRID_STRIDE(j, groups * cap) {
     const int32_t s = slots[j];
     // Padding (65536) and any out-of-range value stay unmapped: look-ups then report them.
@@ -53,14 +53,14 @@ __global__ void fill_map_kernel(const int32_t* __restrict__ slots, int32_t* __re
   }
 }
 
-__global__ void histogram_kernel(const uint16_t* __restrict__ bits, int32_t* __restrict__ hist,
-                                 int64_t n, int64_t group_size) {
+__global__ void histogram_kernel(const uint16_t* __restrict__ bits, int32_t* __restrict__ hist, int64_t n,
+                                 int64_t group_size) {
   EDKM_GRID_STRIDE(i, n) { atomicAdd(hist + (i / group_size) * 65536 + bits[i], 1); }
 }
 
 __global__ void compact_kernel(const int32_t* __restrict__ hist, const int32_t* __restrict__ pos,
-                               int32_t* __restrict__ slots, int32_t* __restrict__ counts,
-                               int64_t groups, int64_t cap) {
+                               int32_t* __restrict__ slots, int32_t* __restrict__ counts, int64_t groups,
+                               int64_t cap) {
   EDKM_GRID_STRIDE(j, groups * 65536) {
     const int32_t c = hist[j];
     if (c > 0) {
@@ -73,8 +73,8 @@ __global__ void compact_kernel(const int32_t* __restrict__ hist, const int32_t* 
 
 template <typename table_t, typename out_t>
 __global__ void gather_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
-                              const table_t* __restrict__ table, out_t* __restrict__ out,
-                              int64_t n, int32_t* missing) {
+                              const table_t* __restrict__ table, out_t* __restrict__ out, int64_t n,
+                              int32_t* missing) {
   EDKM_GRID_STRIDE(i, n) {
     const int64_t u = lookup(i, bits[i]);
     if (u < 0) {
@@ -89,9 +89,8 @@ __global__ void gather_kernel(const uint16_t* __restrict__ bits, SlotLookup look
 // associative, so the sums do not depend on the order the atomics land in.
 template <typename grad_t>
 __global__ void scatter_fixed_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
-                                     const grad_t* __restrict__ grad,
-                                     unsigned long long* __restrict__ sums, double scale,
-                                     int64_t n, int32_t* missing) {
+                                     const grad_t* __restrict__ grad, unsigned long long* __restrict__ sums,
+                                     double scale, int64_t n, int32_t* missing) {
   EDKM_GRID_STRIDE(i, n) {
     const int64_t u = lookup(i, bits[i]);
     if (u < 0) {
@@ -105,8 +104,8 @@ __global__ void scatter_fixed_kernel(const uint16_t* __restrict__ bits, SlotLook
 
 template <typename grad_t>
 __global__ void scatter_float_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
-                                     const grad_t* __restrict__ grad, double* __restrict__ sums,
-                                     int64_t n, int32_t* missing) {
+                                     const grad_t* __restrict__ grad, double* __restrict__ sums, int64_t n,
+                                     int32_t* missing) {
   EDKM_GRID_STRIDE(i, n) {
     const int64_t u = lookup(i, bits[i]);
     if (u < 0) {
@@ -120,10 +119,9 @@ __global__ void scatter_float_kernel(const uint16_t* __restrict__ bits, SlotLook
 // out may be grad itself (the in-place variant): each thread reads grad[i], then writes out[i],
 // so neither pointer is __restrict__.
 template <typename acc_t, typename out_t>
-__global__ void grad_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
-                            const out_t* grad, const acc_t* __restrict__ scale,
-                            const acc_t* __restrict__ shift, out_t* out, int64_t n,
-                            int32_t* missing) {
+__global__ void grad_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup, const out_t* grad,
+                            const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, out_t* out,
+                            int64_t n, int32_t* missing) {
   EDKM_GRID_STRIDE(i, n) {
     const int64_t u = lookup(i, bits[i]);
     if (u < 0) {
@@ -145,15 +143,13 @@ std::tuple<at::Tensor, at::Tensor> slot_table_cuda(const at::Tensor& weight, int
   auto hist = at::zeros({groups, 65536}, w.options().dtype(at::kInt));
   if (n == 0) {
     // nothing to count
-  } else if (privatized_slot_atomics() &&
-             at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin >=
-                 privatized::kHistogramSharedBytes) {
+  } else if (privatized_slot_atomics() && at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin >=
+                                              privatized::kHistogramSharedBytes) {
     const int64_t tiles = (m + privatized::kHistogramTile - 1) / privatized::kHistogramTile;
     C10_CUDA_CHECK(cudaFuncSetAttribute(privatized::histogram_kernel,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(privatized::kHistogramSharedBytes)));
-    privatized::histogram_kernel<<<static_cast<unsigned>(groups * tiles),
-                                   privatized::kHistogramThreads,
+    privatized::histogram_kernel<<<static_cast<unsigned>(groups * tiles), privatized::kHistogramThreads,
                                    privatized::kHistogramSharedBytes, stream>>>(
         bits_of(w), hist.mutable_data_ptr<int32_t>(), m, tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -166,14 +162,13 @@ std::tuple<at::Tensor, at::Tensor> slot_table_cuda(const at::Tensor& weight, int
   auto slots = at::full({groups, cap}, kEmptySlot, hist.options());
   auto counts = at::zeros({groups, cap}, hist.options());
   compact_kernel<<<blocks_for(groups * 65536, kThreads), kThreads, 0, stream>>>(
-      hist.const_data_ptr<int32_t>(), pos.const_data_ptr<int32_t>(),
-      slots.mutable_data_ptr<int32_t>(), counts.mutable_data_ptr<int32_t>(), groups, cap);
+      hist.const_data_ptr<int32_t>(), pos.const_data_ptr<int32_t>(), slots.mutable_data_ptr<int32_t>(),
+      counts.mutable_data_ptr<int32_t>(), groups, cap);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {slots, counts};
 }
 
-at::Tensor slot_gather_cuda(const at::Tensor& weight, const at::Tensor& slots,
-                            const at::Tensor& table) {
+at::Tensor slot_gather_cuda(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& table) {
   const char* op = "_slot_gather";
   check_slot_args(op, weight, slots);
   check_slot_table_values(op, slots, table, "table");
@@ -189,8 +184,8 @@ at::Tensor slot_gather_cuda(const at::Tensor& weight, const at::Tensor& slots,
     using table_t = scalar_t;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(out.scalar_type(), "_slot_gather_out", [&] {
       gather_kernel<table_t, scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-          bits_of(weight), lookup, t.const_data_ptr<table_t>(), out.mutable_data_ptr<scalar_t>(),
-          n, missing.mutable_data_ptr<int32_t>());
+          bits_of(weight), lookup, t.const_data_ptr<table_t>(), out.mutable_data_ptr<scalar_t>(), n,
+          missing.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -199,9 +194,8 @@ at::Tensor slot_gather_cuda(const at::Tensor& weight, const at::Tensor& slots,
 }
 
 // One float64 or fixed-point atomic per weight; deterministic mode reads max |grad| (a sync).
-at::Tensor global_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
-                              const SlotLookup& lookup, const at::Tensor& g, int64_t m,
-                              bool deterministic, const at::Tensor& missing) {
+at::Tensor global_scatter_add(const at::Tensor& weight, const at::Tensor& slots, const SlotLookup& lookup,
+                              const at::Tensor& g, int64_t m, bool deterministic, const at::Tensor& missing) {
   const int64_t n = weight.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   const double amax = deterministic && n > 0 ? g.abs().max().item<double>() : 0.0;
@@ -221,17 +215,17 @@ at::Tensor global_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
   auto sums = at::zeros(slots.sizes(), weight.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
     scatter_float_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<double>(),
-        n, missing.mutable_data_ptr<int32_t>());
+        bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<double>(), n,
+        missing.mutable_data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return sums;
 }
 
 // Warp-aggregated atomics; deterministic mode finds its scale on the device (no sync).
-at::Tensor privatized_scatter_add(const at::Tensor& weight, const at::Tensor& slots,
-                                  const SlotLookup& lookup, const at::Tensor& g, int64_t m,
-                                  bool deterministic, const at::Tensor& missing) {
+at::Tensor privatized_scatter_add(const at::Tensor& weight, const at::Tensor& slots, const SlotLookup& lookup,
+                                  const at::Tensor& g, int64_t m, bool deterministic,
+                                  const at::Tensor& missing) {
   const int64_t n = weight.numel();
   const int64_t groups = slots.size(0), cap = slots.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -240,8 +234,8 @@ at::Tensor privatized_scatter_add(const at::Tensor& weight, const at::Tensor& sl
     auto sums = at::zeros({groups, cap}, opts.dtype(at::kDouble));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
       privatized::scatter_float_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-          bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<double>(),
-          n, missing.mutable_data_ptr<int32_t>());
+          bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<double>(), n,
+          missing.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return sums;
@@ -253,8 +247,8 @@ at::Tensor privatized_scatter_add(const at::Tensor& weight, const at::Tensor& sl
   auto* amax_bits = reinterpret_cast<unsigned long long*>(amax.mutable_data_ptr<int64_t>());
   auto* fixed_sums = reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_slot_scatter_add", [&] {
-    privatized::finite_amax_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), amax_bits, n);
+    privatized::finite_amax_kernel<scalar_t>
+        <<<blocks_for(n, kThreads), kThreads, 0, stream>>>(g.const_data_ptr<scalar_t>(), amax_bits, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     privatized::scatter_fixed_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
         bits_of(weight), lookup, g.const_data_ptr<scalar_t>(), fixed_sums,
@@ -268,8 +262,7 @@ at::Tensor privatized_scatter_add(const at::Tensor& weight, const at::Tensor& sl
   return sums;
 }
 
-at::Tensor slot_scatter_add_cuda(const at::Tensor& weight, const at::Tensor& slots,
-                                 const at::Tensor& grad) {
+at::Tensor slot_scatter_add_cuda(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad) {
   const char* op = "_slot_scatter_add";
   check_slot_args(op, weight, slots);
   check_slot_grad_input(op, weight, grad);
@@ -291,14 +284,13 @@ at::Tensor slot_scatter_add_cuda(const at::Tensor& weight, const at::Tensor& slo
   return sums.to(ct);
 }
 
-void slot_grad_into(const char* op, const at::Tensor& weight, const at::Tensor& slots,
-                    const at::Tensor& g, const at::Tensor& scale, const at::Tensor& shift,
-                    const at::Tensor& out) {
+void slot_grad_into(const char* op, const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& g,
+                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   check_slot_table_values(op, slots, scale, "scale");
   check_slot_table_values(op, slots, shift, "shift");
   TORCH_CHECK_TYPE(scale.scalar_type() == shift.scalar_type(), op,
-                   ": scale and shift must have the same dtype, got ", scale.scalar_type(),
-                   " and ", shift.scalar_type());
+                   ": scale and shift must have the same dtype, got ", scale.scalar_type(), " and ",
+                   shift.scalar_type());
   auto sc = scale.contiguous(), sh = shift.contiguous();
   auto missing = at::zeros({}, weight.options().dtype(at::kInt));
   at::Tensor map;
@@ -318,9 +310,8 @@ void slot_grad_into(const char* op, const at::Tensor& weight, const at::Tensor& 
   if (!slot_table_trusted()) raise_if_missing(missing);
 }
 
-at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots,
-                          const at::Tensor& grad, const at::Tensor& scale,
-                          const at::Tensor& shift) {
+at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
+                          const at::Tensor& scale, const at::Tensor& shift) {
   const char* op = "_slot_grad";
   check_slot_args(op, weight, slots);
   check_slot_grad_input(op, weight, grad);
@@ -331,9 +322,8 @@ at::Tensor slot_grad_cuda(const at::Tensor& weight, const at::Tensor& slots,
   return out;
 }
 
-void slot_grad_inplace_cuda(const at::Tensor& weight, const at::Tensor& slots,
-                            const at::Tensor& grad, const at::Tensor& scale,
-                            const at::Tensor& shift) {
+void slot_grad_inplace_cuda(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
+                            const at::Tensor& scale, const at::Tensor& shift) {
   const char* op = "_slot_grad_";
   check_slot_args(op, weight, slots);
   check_slot_grad_inplace(op, weight, grad);
@@ -348,8 +338,7 @@ SlotLookup make_slot_lookup(const at::Tensor& weight, const at::Tensor& slots, a
   SlotLookup lookup{nullptr, slots.const_data_ptr<int32_t>(), cap, weight.numel() / groups};
   if (groups <= kDenseMapMaxGroups) {
     storage = at::full({groups, 65536}, -1, slots.options());
-    fill_map_kernel<<<blocks_for(groups * cap, kThreads), kThreads, 0,
-                      at::cuda::getCurrentCUDAStream()>>>(
+    fill_map_kernel<<<blocks_for(groups * cap, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         slots.const_data_ptr<int32_t>(), storage.mutable_data_ptr<int32_t>(), groups, cap);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     lookup.map = storage.const_data_ptr<int32_t>();

@@ -28,8 +28,10 @@ struct SlotLookup {
     int64_t lo = 0, hi = cap;
     while (lo < hi) {
       const int64_t mid = (lo + hi) >> 1;
-      if (row[mid] < slot) lo = mid + 1;
-      else hi = mid;
+      if (row[mid] < slot)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     return (lo < cap && row[lo] == slot) ? g * cap + lo : -1;
   }

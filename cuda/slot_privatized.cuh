@@ -48,14 +48,15 @@ namespace privatized {
 namespace {
 
 constexpr int kHistogramThreads = 1024;
-constexpr int64_t kHistogramTile = 32768;              // weights per block
-constexpr int kHistogramWords = 32768;                 // 65536 16-bit counters
+constexpr int64_t kHistogramTile = 32768;                                     // weights per block
+constexpr int kHistogramWords = 32768;                                        // 65536 16-bit counters
 constexpr size_t kHistogramSharedBytes = kHistogramWords * sizeof(uint32_t);  // 128 KiB
 static_assert(kHistogramTile <= 65535, "a tile must not overflow a 16-bit counter");
 
 // Block b counts tile b % tiles_per_group of group b / tiles_per_group into hist[g, 65536].
-__global__ void __launch_bounds__(kHistogramThreads) histogram_kernel(const uint16_t* __restrict__ bits, int32_t* __restrict__ hist,
-                                 int64_t group_size, int64_t tiles_per_group) {
+__global__ void __launch_bounds__(kHistogramThreads)
+    histogram_kernel(const uint16_t* __restrict__ bits, int32_t* __restrict__ hist, int64_t group_size,
+                     int64_t tiles_per_group) {
   extern __shared__ uint32_t counters[];
   const int64_t g = blockIdx.x / tiles_per_group;
   const int64_t start = (blockIdx.x % tiles_per_group) * kHistogramTile;
@@ -117,16 +118,14 @@ __device__ __forceinline__ T sum_over_peers(unsigned peers, T value) {
 // lane reaches the warp intrinsics.
 template <typename grad_t>
 __global__ void scatter_fixed_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
-                                     const grad_t* __restrict__ grad,
-                                     unsigned long long* __restrict__ sums,
+                                     const grad_t* __restrict__ grad, unsigned long long* __restrict__ sums,
                                      int32_t* __restrict__ special,
-                                     const unsigned long long* __restrict__ amax_bits, int64_t m,
-                                     int64_t n, int32_t* missing) {
+                                     const unsigned long long* __restrict__ amax_bits, int64_t m, int64_t n,
+                                     int32_t* missing) {
   const double scale = fixed_scale(*amax_bits, m);
   const int lane = threadIdx.x & 31;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t base = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31); base < n;
-       base += stride) {
+  for (int64_t base = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31); base < n; base += stride) {
     const int64_t i = base + lane;
     long long u = -1, q = 0;
     if (i < n) {
@@ -153,8 +152,8 @@ __global__ void scatter_fixed_kernel(const uint16_t* __restrict__ bits, SlotLook
 // sums[j] = fixed[j] / scale, or NaN / +-Inf where non-finite terms were added.
 __global__ void fixed_to_double_kernel(const unsigned long long* __restrict__ fixed,
                                        const int32_t* __restrict__ special,
-                                       const unsigned long long* __restrict__ amax_bits,
-                                       int64_t m, double* __restrict__ sums, int64_t count) {
+                                       const unsigned long long* __restrict__ amax_bits, int64_t m,
+                                       double* __restrict__ sums, int64_t count) {
   const double scale = fixed_scale(*amax_bits, m);
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < count;
        j += int64_t(gridDim.x) * blockDim.x) {
@@ -171,19 +170,20 @@ __global__ void fixed_to_double_kernel(const unsigned long long* __restrict__ fi
 // Fast scatter-add: float64 terms, warp-aggregated float atomics (order-dependent rounding).
 template <typename grad_t>
 __global__ void scatter_float_kernel(const uint16_t* __restrict__ bits, SlotLookup lookup,
-                                     const grad_t* __restrict__ grad, double* __restrict__ sums,
-                                     int64_t n, int32_t* missing) {
+                                     const grad_t* __restrict__ grad, double* __restrict__ sums, int64_t n,
+                                     int32_t* missing) {
   const int lane = threadIdx.x & 31;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t base = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31); base < n;
-       base += stride) {
+  for (int64_t base = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31); base < n; base += stride) {
     const int64_t i = base + lane;
     long long u = -1;
     double x = 0.0;
     if (i < n) {
       u = lookup(i, bits[i]);
-      if (u < 0) *missing = 1;
-      else x = static_cast<double>(grad[i]);
+      if (u < 0)
+        *missing = 1;
+      else
+        x = static_cast<double>(grad[i]);
     }
     const unsigned peers = __match_any_sync(0xffffffffu, u);
     const double total = sum_over_peers(peers, x);

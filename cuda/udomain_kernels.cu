@@ -33,8 +33,8 @@ struct Table {
 
 // Centroid j of group g: its moments summed over the table's chunks in chunk order (the same
 // bits on every run). partial holds, per (group, chunk), K numerators then K denominators.
-__device__ __forceinline__ void sum_moments(const double* partial, const Table& t, int64_t g,
-                                            int64_t j, double& num, double& den) {
+__device__ __forceinline__ void sum_moments(const double* partial, const Table& t, int64_t g, int64_t j,
+                                            double& num, double& den) {
   for (int64_t ch = 0; ch < t.chunks; ++ch) {
     const double* p = partial + (g * t.chunks + ch) * 2 * t.k;
     num += p[j];
@@ -43,8 +43,8 @@ __device__ __forceinline__ void sum_moments(const double* partial, const Table& 
 }
 
 template <int KMAX, typename T>
-__device__ __forceinline__ void attention(double v, const T* c, int k, double neg_inv_tau,
-                                          bool squared, double* a) {
+__device__ __forceinline__ void attention(double v, const T* c, int k, double neg_inv_tau, bool squared,
+                                          double* a) {
   double m = -INFINITY;
 #pragma unroll(KMAX > 16 ? 4 : KMAX)
   for (int j = 0; j < KMAX; ++j) {
@@ -92,10 +92,9 @@ __device__ double block_sum(double x, double* sh) {
 // held step (T <= step): the consumers then ignore the stale partials.
 template <int KMAX, typename T>
 __global__ void __launch_bounds__(kBlock)
-moments_kernel(const T* __restrict__ values, const T* __restrict__ counts,
-               const T* __restrict__ c, Table t, double neg_inv_tau, bool squared,
-               const bool* __restrict__ done, const int64_t* __restrict__ iterations,
-               int64_t step, double* __restrict__ partial) {
+    moments_kernel(const T* __restrict__ values, const T* __restrict__ counts, const T* __restrict__ c,
+                   Table t, double neg_inv_tau, bool squared, const bool* __restrict__ done,
+                   const int64_t* __restrict__ iterations, int64_t step, double* __restrict__ partial) {
   __shared__ double sh[kBlock];
   if ((done != nullptr && *done) || (iterations != nullptr && *iterations <= step)) return;
   const int64_t g = blockIdx.x / t.chunks, chunk = blockIdx.x % t.chunks;
@@ -166,9 +165,10 @@ __global__ void update_kernel(const double* __restrict__ partial, Table t, T* __
 
 // F_u = sum_j a_uj c_j for every entry, c = history[T] (T read on the device).
 template <int KMAX, typename T>
-__global__ void __launch_bounds__(kBlock) soft_kernel(const T* __restrict__ values, const T* __restrict__ history,
-                            const int64_t* __restrict__ iterations, Table t, double neg_inv_tau,
-                            bool squared, T* __restrict__ soft) {
+__global__ void __launch_bounds__(kBlock)
+    soft_kernel(const T* __restrict__ values, const T* __restrict__ history,
+                const int64_t* __restrict__ iterations, Table t, double neg_inv_tau, bool squared,
+                T* __restrict__ soft) {
   const T* c = history + (*iterations) * t.groups * t.k;
   const int k = static_cast<int>(t.k);
   double a[KMAX];
@@ -187,10 +187,10 @@ __global__ void __launch_bounds__(kBlock) soft_kernel(const T* __restrict__ valu
 
 // Backward at c_T: direct[u] = dF/dv, and per block sum_u (G_u a_j + G_u a_j (c_j - F) s_j / tau).
 template <int KMAX, typename T>
-__global__ void __launch_bounds__(kBlock) final_kernel(const T* __restrict__ values, const T* __restrict__ history,
-                             const int64_t* __restrict__ iterations,
-                             const T* __restrict__ grad_soft, Table t, double inv_tau,
-                             bool squared, T* __restrict__ direct, double* __restrict__ partial) {
+__global__ void __launch_bounds__(kBlock)
+    final_kernel(const T* __restrict__ values, const T* __restrict__ history,
+                 const int64_t* __restrict__ iterations, const T* __restrict__ grad_soft, Table t,
+                 double inv_tau, bool squared, T* __restrict__ direct, double* __restrict__ partial) {
   __shared__ double sh[kBlock];
   const int64_t g = blockIdx.x / t.chunks, chunk = blockIdx.x % t.chunks;
   const int64_t lo = chunk * kChunk, hi = min(t.width, lo + kChunk);
@@ -230,8 +230,8 @@ __global__ void __launch_bounds__(kBlock) final_kernel(const T* __restrict__ val
 
 // gc[i] = sum over chunks of partial (+ grad_centroids, added in T's precision as on CPU).
 template <typename T>
-__global__ void reduce_gc_kernel(const double* __restrict__ partial, Table t,
-                                 const T* __restrict__ extra, double* __restrict__ gc) {
+__global__ void reduce_gc_kernel(const double* __restrict__ partial, Table t, const T* __restrict__ extra,
+                                 double* __restrict__ gc) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < t.groups * t.k;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t g = i / t.k, j = i % t.k;
@@ -244,8 +244,8 @@ __global__ void reduce_gc_kernel(const double* __restrict__ partial, Table t,
 
 // Coefficients of step t of the reverse pass, from that step's moments and gc:
 // coef = [g_num, g_den, g_keep], each [G, K].
-__global__ void coef_kernel(const double* __restrict__ partial, Table t,
-                            const double* __restrict__ gc, double* __restrict__ coef) {
+__global__ void coef_kernel(const double* __restrict__ partial, Table t, const double* __restrict__ gc,
+                            double* __restrict__ coef) {
   const int64_t gk = t.groups * t.k;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < gk;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -264,11 +264,11 @@ __global__ void coef_kernel(const double* __restrict__ partial, Table t,
 // Step t of the reverse pass (skipped on the device when t >= T): indirect[u] gains what reaches
 // v_u through this step's centroid update; per block, this step's dL/dc_t.
 template <int KMAX, typename T>
-__global__ void __launch_bounds__(kBlock) step_kernel(const T* __restrict__ values, const T* __restrict__ counts,
-                            const T* __restrict__ c, const double* __restrict__ coef,
-                            const int64_t* __restrict__ iterations, int64_t step, Table t,
-                            double inv_tau, bool squared, T* __restrict__ indirect,
-                            double* __restrict__ partial) {
+__global__ void __launch_bounds__(kBlock)
+    step_kernel(const T* __restrict__ values, const T* __restrict__ counts, const T* __restrict__ c,
+                const double* __restrict__ coef, const int64_t* __restrict__ iterations, int64_t step,
+                Table t, double inv_tau, bool squared, T* __restrict__ indirect,
+                double* __restrict__ partial) {
   __shared__ double sh[kBlock];
   if (*iterations <= step) return;  // the same for the whole grid
   const int64_t g = blockIdx.x / t.chunks, chunk = blockIdx.x % t.chunks;
@@ -315,8 +315,7 @@ __global__ void __launch_bounds__(kBlock) step_kernel(const T* __restrict__ valu
 }
 
 // gc = g_keep + sum of this step's partials, when the step was not held (t < T).
-__global__ void step_gc_kernel(const double* __restrict__ partial, Table t,
-                               const double* __restrict__ coef,
+__global__ void step_gc_kernel(const double* __restrict__ partial, Table t, const double* __restrict__ coef,
                                const int64_t* __restrict__ iterations, int64_t step,
                                double* __restrict__ gc) {
   if (*iterations <= step) return;
@@ -341,21 +340,21 @@ int grid_for(int64_t n) {
 
 // KMAX: per-thread arrays sized for K <= 16 (registers), <= 64, or <= 256 (local memory:
 // three 256-entry double arrays per thread, which the driver reserves for every resident thread).
-#define EDKM_DISPATCH_KMAX(k, ...)          \
-  if ((k) <= 16) {                          \
-    constexpr int KMAX = 16;                \
-    __VA_ARGS__();                          \
-  } else if ((k) <= 64) {                   \
-    constexpr int KMAX = 64;                \
-    __VA_ARGS__();                          \
-  } else {                                  \
-    constexpr int KMAX = 256;               \
-    __VA_ARGS__();                          \
+#define EDKM_DISPATCH_KMAX(k, ...) \
+  if ((k) <= 16) {                 \
+    constexpr int KMAX = 16;       \
+    __VA_ARGS__();                 \
+  } else if ((k) <= 64) {          \
+    constexpr int KMAX = 64;       \
+    __VA_ARGS__();                 \
+  } else {                         \
+    constexpr int KMAX = 256;      \
+    __VA_ARGS__();                 \
   }
 
 UDomainForward forward_cuda(const at::Tensor& values_in, const at::Tensor& counts_in,
-                            const at::Tensor& centroids, double temperature, int64_t max_iter,
-                            double epsilon, Distance distance) {
+                            const at::Tensor& centroids, double temperature, int64_t max_iter, double epsilon,
+                            Distance distance) {
   const c10::cuda::CUDAGuard guard(values_in.device());
   TORCH_CHECK_VALUE(centroids.size(1) <= 256, "dkm: at most 256 centroids per group on CUDA, got ",
                     centroids.size(1));
@@ -382,14 +381,13 @@ UDomainForward forward_cuda(const at::Tensor& values_in, const at::Tensor& count
             done.const_data_ptr<bool>(), nullptr, 0, partial.mutable_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         update_kernel<scalar_t><<<1, kBlock, 0, stream>>>(
-            partial.const_data_ptr<double>(), t, history.mutable_data_ptr<scalar_t>(), step,
-            epsilon, done.mutable_data_ptr<bool>(), iterations.mutable_data_ptr<int64_t>());
+            partial.const_data_ptr<double>(), t, history.mutable_data_ptr<scalar_t>(), step, epsilon,
+            done.mutable_data_ptr<bool>(), iterations.mutable_data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       soft_kernel<KMAX, scalar_t><<<grid_for(t.groups * t.width), kBlock, 0, stream>>>(
           values.const_data_ptr<scalar_t>(), history.const_data_ptr<scalar_t>(),
-          iterations.const_data_ptr<int64_t>(), t, neg_inv_tau, squared,
-          soft.mutable_data_ptr<scalar_t>());
+          iterations.const_data_ptr<int64_t>(), t, neg_inv_tau, squared, soft.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -399,8 +397,8 @@ UDomainForward forward_cuda(const at::Tensor& values_in, const at::Tensor& count
 
 UDomainBackward backward_cuda(const at::Tensor& values_in, const at::Tensor& counts_in,
                               const at::Tensor& history_in, const at::Tensor& iterations_in,
-                              double temperature, Distance distance,
-                              const at::Tensor& grad_soft_in, const at::Tensor& grad_centroids) {
+                              double temperature, Distance distance, const at::Tensor& grad_soft_in,
+                              const at::Tensor& grad_centroids) {
   const c10::cuda::CUDAGuard guard(values_in.device());
   auto values = values_in.contiguous();
   // Everything the kernels dereference on the table's device and dtype.
@@ -440,13 +438,12 @@ UDomainBackward backward_cuda(const at::Tensor& values_in, const at::Tensor& cou
           direct.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       reduce_gc_kernel<scalar_t><<<grid_for(gk), kBlock, 0, stream>>>(
-          partial.const_data_ptr<double>(), t,
-          extra.defined() ? extra.const_data_ptr<scalar_t>() : nullptr, gc.mutable_data_ptr<double>());
+          partial.const_data_ptr<double>(), t, extra.defined() ? extra.const_data_ptr<scalar_t>() : nullptr,
+          gc.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       for (int64_t step = steps - 1; step >= 0; --step) {
         moments_kernel<KMAX, scalar_t><<<t.blocks(), kBlock, 0, stream>>>(
-            v, n, h + step * gk, t, -inv_tau, squared, nullptr, it, step,
-            moments.mutable_data_ptr<double>());
+            v, n, h + step * gk, t, -inv_tau, squared, nullptr, it, step, moments.mutable_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         coef_kernel<<<grid_for(gk), kBlock, 0, stream>>>(moments.const_data_ptr<double>(), t,
                                                          gc.const_data_ptr<double>(),

@@ -7,6 +7,7 @@ defaults (U-domain as ATen ops, one global atomic per weight), then with the pri
 atomics, then with those and the CUDA U-domain kernels (both off by default until they have
 run on a GPU).
 """
+
 import statistics
 import sys
 import time
@@ -48,16 +49,16 @@ def measure(label):
     events = prof.key_averages()
     syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     copies = sum(e.count for e in events if e.key in ("cudaMemcpyAsync", "cudaMemcpy"))
-    launches = sum(e.count for e in events
-                   if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    kernels = [e for e in events
-               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
     gpu_us = sum(e.self_device_time_total for e in kernels)
     print(f"== {label}")
     print(f"wall per call (median of 10, no profiler): {statistics.median(walls) * 1e3:.2f} ms")
     print(f"GPU kernel time per call: {gpu_us / CALLS / 1e3:.2f} ms")
-    print(f"per call: {syncs / CALLS:.1f} stream syncs, {copies / CALLS:.1f} memcpy calls, "
-          f"{launches / CALLS:.0f} kernel launches")
+    print(
+        f"per call: {syncs / CALLS:.1f} stream syncs, {copies / CALLS:.1f} memcpy calls, "
+        f"{launches / CALLS:.0f} kernel launches"
+    )
     print("top kernels by GPU time (per call):")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
         print(f"  {e.self_device_time_total / CALLS / 1e3:8.3f} ms  x{e.count // CALLS:<4d} {e.key[:90]}")

@@ -1,11 +1,11 @@
 """A small dkm forward + backward on CUDA (every dtype, both paths), for compute-sanitizer."""
+
 import torch
 
 import edkm
 from edkm import _C
 
-cases = [(torch.bfloat16, 1), (torch.float16, 4), (torch.bfloat16, 128), (torch.float32, 2),
-         (torch.float64, 1)]
+cases = [(torch.bfloat16, 1), (torch.float16, 4), (torch.bfloat16, 128), (torch.float32, 2), (torch.float64, 1)]
 for dtype, groups in cases:
     w = (torch.randn(64, 96, device="cuda") * 0.02).to(dtype).requires_grad_()
     cdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
@@ -34,8 +34,11 @@ torch.cuda.synchronize()
 _C.set_privatized_slot_atomics(True)
 for deterministic in (True, False):
     _C.set_deterministic_scatter(deterministic)
-    for dtype, groups, shape in [(torch.bfloat16, 1, (64, 96)), (torch.float16, 2, (4, 40000)),
-                                 (torch.bfloat16, 128, (64, 96))]:
+    for dtype, groups, shape in [
+        (torch.bfloat16, 1, (64, 96)),
+        (torch.float16, 2, (4, 40000)),
+        (torch.bfloat16, 128, (64, 96)),
+    ]:
         w = (torch.randn(shape, device="cuda") * 0.02).to(dtype).requires_grad_()
         c = torch.linspace(-0.04, 0.04, 8, device="cuda").repeat(groups, 1)
         edkm.dkm(w, c, 1e-4, 3).clustered.float().sum().backward()

@@ -6,6 +6,7 @@ env=$("$here/scripts/setup_env.sh")
 cd "$here"
 export PATH="$env/bin:$PATH"
 export PYTHONPATH="$here/python${PYTHONPATH:+:$PYTHONPATH}"
+"$here/scripts/lint.sh"
 ctest --test-dir build --output-on-failure -j "${EDKM_TEST_JOBS:-2}"
 python -m pytest -q "$@"
 # The C++ suite again under AddressSanitizer + UndefinedBehaviorSanitizer (a second, CPU-only

@@ -21,14 +21,12 @@ using torch::autograd::variable_list;
 
 class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               const at::Tensor& weight, const at::Tensor& centroids,
-                               const c10::optional<at::Tensor>& bias, double temperature,
-                               int64_t max_iter, double epsilon, c10::string_view distance,
-                               bool recorded) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                               const at::Tensor& centroids, const c10::optional<at::Tensor>& bias,
+                               double temperature, int64_t max_iter, double epsilon,
+                               c10::string_view distance, bool recorded) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const c10::optional<at::Tensor> maybe_bias =
-        bias.has_value() && bias->defined() ? bias : c10::nullopt;
+    const c10::optional<at::Tensor> maybe_bias = bias.has_value() && bias->defined() ? bias : c10::nullopt;
     check_dkm_linear_args(input, weight, maybe_bias);
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["distance"] = std::string(distance);
@@ -64,36 +62,32 @@ class DkmLinearFunction : public torch::autograd::Function<DkmLinearFunction> {
     const auto& grad_output = grads[0];
     const bool ndomain = ctx->saved_data["ndomain"].toBool();
     if (grad_output.defined()) {
-      auto clustered = ndomain ? ops::ndomain_recompute(weight, saved[2], saved[3], temperature,
-                                                        distance)
-                               : ops::dkm_recompute(weight, saved[2], saved[3], saved[4],
-                                                    saved[5], saved[6], temperature, distance);
+      auto clustered = ndomain ? ops::ndomain_recompute(weight, saved[2], saved[3], temperature, distance)
+                               : ops::dkm_recompute(weight, saved[2], saved[3], saved[4], saved[5], saved[6],
+                                                    temperature, distance);
       auto g2 = grad_output.reshape({-1, weight.size(0)});
       grad_input = grad_output.matmul(clustered);
       clustered.reset();  // weight-sized: free it before the weight's gradient is allocated
       grad_clustered = g2.t().mm(input.reshape({-1, weight.size(1)}));
       if (ctx->saved_data["has_bias"].toBool()) grad_bias = g2.sum(0);
     }
-    const auto centroids_dtype =
-        static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt());
+    const auto centroids_dtype = static_cast<at::ScalarType>(ctx->saved_data["centroids_dtype"].toInt());
     at::Tensor grad_weight, grad_centroids;
     if (ndomain) {
-      std::tie(grad_weight, grad_centroids) =
-          ops::ndomain_backward(grad_clustered, grads[1], weight, saved[2], saved[3], temperature,
-                                distance, centroids_dtype);
+      std::tie(grad_weight, grad_centroids) = ops::ndomain_backward(
+          grad_clustered, grads[1], weight, saved[2], saved[3], temperature, distance, centroids_dtype);
     } else if (grad_clustered.defined() && grad_clustered.scalar_type() == weight.scalar_type() &&
-        grad_clustered.is_contiguous() && !grad_clustered.requires_grad()) {
+               grad_clustered.is_contiguous() && !grad_clustered.requires_grad()) {
       // grad_clustered is ours: the weight's gradient is written over it (no second buffer).
       // Not under create_graph (grad_clustered then has a history the in-place write would
       // falsify); that goes the out-of-place way, whose ops have no double backward.
-      grad_centroids = ops::dkm_backward_(grad_clustered, grads[1], weight, saved[2], saved[3],
-                                          saved[4], saved[5], saved[6], temperature, distance,
-                                          centroids_dtype);
+      grad_centroids = ops::dkm_backward_(grad_clustered, grads[1], weight, saved[2], saved[3], saved[4],
+                                          saved[5], saved[6], temperature, distance, centroids_dtype);
       grad_weight = std::move(grad_clustered);
     } else {
-      std::tie(grad_weight, grad_centroids) = ops::dkm_backward(
-          grad_clustered, grads[1], weight, saved[2], saved[3], saved[4], saved[5], saved[6],
-          temperature, distance, centroids_dtype);
+      std::tie(grad_weight, grad_centroids) =
+          ops::dkm_backward(grad_clustered, grads[1], weight, saved[2], saved[3], saved[4], saved[5],
+                            saved[6], temperature, distance, centroids_dtype);
     }
     return {grad_input,   grad_weight,  grad_centroids, grad_bias,   at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(),   at::Tensor()};
@@ -107,11 +101,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_linear_autograd(
   // Whether autograd records this call (the saved tables are then worth narrowing): decided
   // here, where the caller's grad mode is still in force.
   const bool recorded = at::GradMode::is_enabled() &&
-                        (input.requires_grad() || weight.requires_grad() ||
-                         centroids.requires_grad() ||
+                        (input.requires_grad() || weight.requires_grad() || centroids.requires_grad() ||
                          (bias.has_value() && bias->defined() && bias->requires_grad()));
-  auto out = DkmLinearFunction::apply(input, weight, centroids, bias, temperature, max_iter,
-                                      epsilon, distance, recorded);
+  auto out = DkmLinearFunction::apply(input, weight, centroids, bias, temperature, max_iter, epsilon,
+                                      distance, recorded);
   return {out[0], out[1], out[2]};
 }
 

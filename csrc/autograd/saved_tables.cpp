@@ -9,10 +9,9 @@ namespace edkm {
 namespace {
 // Fake, functional or meta tensors: a trace, whose shapes must stay the fake kernels' ones.
 bool traced(const at::Tensor& t) {
-  return t.is_meta() ||
-         t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python,
-                                                  c10::DispatchKey::PythonTLSSnapshot,
-                                                  c10::DispatchKey::Functionalize}));
+  return t.is_meta() || t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python,
+                                                                 c10::DispatchKey::PythonTLSSnapshot,
+                                                                 c10::DispatchKey::Functionalize}));
 }
 }  // namespace
 

@@ -47,8 +47,7 @@ EDKM_AVX2 inline __m256 exp_nonpositive(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
@@ -69,9 +68,9 @@ EDKM_AVX2 inline __m256 slope(__m256 d, bool squared) {
 // counts, every value of count 0 replaced by 0 (so padding that holds anything is never read into
 // a sum); mask is all-ones for the lanes that count.
 struct Block {
-  __m256 v;      // weights
-  __m256 mask;   // all-ones bits for real weights of nonzero count, zero otherwise
-  __m256 count;  // each lane's count (1 without counts, 0 for padding)
+  __m256 v;       // weights
+  __m256 mask;    // all-ones bits for real weights of nonzero count, zero otherwise
+  __m256 count;   // each lane's count (1 without counts, 0 for padding)
   int64_t lanes;  // real lanes (kLanes except at the tail)
 };
 
@@ -130,8 +129,8 @@ EDKM_AVX2 inline __m256 load_or_zero(const float* p, int64_t n, const Block& b) 
 // side of both, |v - c_j| - |v - c_*| = sign(v - c_*)(c_* - c_j), else both are within one
 // centroid spacing of v and the direct difference is exact enough.
 template <int KC>
-EDKM_AVX2 inline __m256 attention(const Block& b, const float* c, int64_t k_in, __m256 nit,
-                                  bool squared, __m256* a) {
+EDKM_AVX2 inline __m256 attention(const Block& b, const float* c, int64_t k_in, __m256 nit, bool squared,
+                                  __m256* a) {
   const int64_t k = KC ? KC : k_in;
   __m256 best = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   __m256 cs = _mm256_set1_ps(c[0]);
@@ -178,12 +177,11 @@ struct Reference {
 };
 
 template <int KC>
-EDKM_AVX2 inline Reference reference_of(const __m256* a, const float* c, const float* next,
-                                        const float* q, int64_t k_in) {
+EDKM_AVX2 inline Reference reference_of(const __m256* a, const float* c, const float* next, const float* q,
+                                        int64_t k_in) {
   const int64_t k = KC ? KC : k_in;
   __m256 best = a[0];
-  Reference r{_mm256_set1_ps(c[0]), _mm256_set1_ps(next ? next[0] : 0.0f),
-              _mm256_set1_ps(q ? q[0] : 0.0f)};
+  Reference r{_mm256_set1_ps(c[0]), _mm256_set1_ps(next ? next[0] : 0.0f), _mm256_set1_ps(q ? q[0] : 0.0f)};
   for (int64_t j = 1; j < k; ++j) {
     const __m256 more = _mm256_cmp_ps(a[j], best, _CMP_GT_OQ);
     best = _mm256_max_ps(best, a[j]);
@@ -221,9 +219,8 @@ struct Sums {
 constexpr int64_t kMaxK = 256;
 
 template <int KC>
-EDKM_AVX2 void moments_avx2(const float* w, const float* counts, int64_t m, const float* c,
-                            int64_t k_in, float neg_inv_tau, bool squared, double* num, double* den,
-                            float* cache) {
+EDKM_AVX2 void moments_avx2(const float* w, const float* counts, int64_t m, const float* c, int64_t k_in,
+                            float neg_inv_tau, bool squared, double* num, double* den, float* cache) {
   const int64_t k = KC ? KC : k_in;
   alignas(32) __m256 a[KC ? KC : kMaxK], sn[KC ? KC : kMaxK], sd[KC ? KC : kMaxK];
   for (int64_t j = 0; j < k; ++j) num[j] = den[j] = 0.0;
@@ -270,9 +267,8 @@ EDKM_AVX2 void soft_avx2(const float* w, int64_t m, const float* c, int64_t k_in
 }
 
 template <int KC>
-EDKM_AVX2 void final_pass_avx2(const float* w, const float* gu, int64_t m, const float* c,
-                               int64_t k_in, float inv_tau, bool squared, float* acc, float* slope_out,
-                               double* gc) {
+EDKM_AVX2 void final_pass_avx2(const float* w, const float* gu, int64_t m, const float* c, int64_t k_in,
+                               float inv_tau, bool squared, float* acc, float* slope_out, double* gc) {
   const int64_t k = KC ? KC : k_in;
   alignas(32) __m256 a[KC ? KC : kMaxK], sg[KC ? KC : kMaxK];
   Sums sums{sg, gc, k};
@@ -343,8 +339,8 @@ EDKM_AVX2 void reverse_pass_avx2(const float* w, const float* counts, int64_t m,
       const __m256 g = _mm256_sub_ps(
           _mm256_mul_ps(_mm256_sub_ps(b.v, _mm256_set1_ps(next[j])), _mm256_set1_ps(q[j])), g_r);
       const __m256 s = slope(_mm256_sub_ps(b.v, _mm256_set1_ps(c[j])), squared);
-      const __m256 term = _mm256_mul_ps(
-          _mm256_mul_ps(_mm256_mul_ps(a[j], b.count), _mm256_sub_ps(g, big_h)), s);
+      const __m256 term =
+          _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(a[j], b.count), _mm256_sub_ps(g, big_h)), s);
       back = _mm256_add_ps(back, term);
       sp[j] = _mm256_add_ps(sp[j], term);
     }
@@ -374,44 +370,55 @@ bool available() {
 template <typename F>
 inline void with_k(int64_t k, F&& f) {
   switch (k) {
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 16: return f(std::integral_constant<int, 16>{});
-    default: return f(std::integral_constant<int, 0>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    default:
+      return f(std::integral_constant<int, 0>{});
   }
 }
 
 #define EDKM_REQUIRE_SIMD() \
   TORCH_CHECK(available(), "edkm: the AVX2 attention kernels were called on a CPU without AVX2/FMA")
 
-void moments(const float* w, const float* counts, int64_t m, const float* c, int64_t k,
-             float neg_inv_tau, bool squared, double* num, double* den, float* cache) {
+void moments(const float* w, const float* counts, int64_t m, const float* c, int64_t k, float neg_inv_tau,
+             bool squared, double* num, double* den, float* cache) {
   EDKM_REQUIRE_SIMD();
   TORCH_CHECK(k >= 1 && k <= kMaxK, "edkm: the AVX2 attention kernels take 1..256 centroids, got ", k);
-  with_k(k, [&](auto kc) { moments_avx2<decltype(kc)::value>(w, counts, m, c, k, neg_inv_tau, squared, num, den, cache); });
+  with_k(k, [&](auto kc) {
+    moments_avx2<decltype(kc)::value>(w, counts, m, c, k, neg_inv_tau, squared, num, den, cache);
+  });
 }
 
-void soft(const float* w, int64_t m, const float* c, int64_t k, float neg_inv_tau, bool squared,
-          float* out) {
+void soft(const float* w, int64_t m, const float* c, int64_t k, float neg_inv_tau, bool squared, float* out) {
   EDKM_REQUIRE_SIMD();
   TORCH_CHECK(k >= 1 && k <= kMaxK, "edkm: the AVX2 attention kernels take 1..256 centroids, got ", k);
   with_k(k, [&](auto kc) { soft_avx2<decltype(kc)::value>(w, m, c, k, neg_inv_tau, squared, out); });
 }
 
-void final_pass(const float* w, const float* gu, int64_t m, const float* c, int64_t k,
-                float inv_tau, bool squared, float* acc, float* slope, double* gc) {
+void final_pass(const float* w, const float* gu, int64_t m, const float* c, int64_t k, float inv_tau,
+                bool squared, float* acc, float* slope, double* gc) {
   EDKM_REQUIRE_SIMD();
   TORCH_CHECK(k >= 1 && k <= kMaxK, "edkm: the AVX2 attention kernels take 1..256 centroids, got ", k);
-  with_k(k, [&](auto kc) { final_pass_avx2<decltype(kc)::value>(w, gu, m, c, k, inv_tau, squared, acc, slope, gc); });
+  with_k(k, [&](auto kc) {
+    final_pass_avx2<decltype(kc)::value>(w, gu, m, c, k, inv_tau, squared, acc, slope, gc);
+  });
 }
 
-void reverse_pass(const float* w, const float* counts, int64_t m, const float* c,
-                  const float* next, const float* q, int64_t k, float neg_inv_tau, bool squared,
-                  const float* cache, float* acc, double* part) {
+void reverse_pass(const float* w, const float* counts, int64_t m, const float* c, const float* next,
+                  const float* q, int64_t k, float neg_inv_tau, bool squared, const float* cache, float* acc,
+                  double* part) {
   EDKM_REQUIRE_SIMD();
   TORCH_CHECK(k >= 1 && k <= kMaxK, "edkm: the AVX2 attention kernels take 1..256 centroids, got ", k);
-  with_k(k, [&](auto kc) { reverse_pass_avx2<decltype(kc)::value>(w, counts, m, c, next, q, k, neg_inv_tau, squared, cache, acc, part); });
+  with_k(k, [&](auto kc) {
+    reverse_pass_avx2<decltype(kc)::value>(w, counts, m, c, next, q, k, neg_inv_tau, squared, cache, acc,
+                                           part);
+  });
 }
 
 #else  // not x86-64: the scalar float64 loops always run
@@ -419,10 +426,19 @@ void reverse_pass(const float* w, const float* counts, int64_t m, const float* c
 bool available() { return false; }
 
 #define EDKM_NO_SIMD() TORCH_CHECK(false, "edkm: the AVX2 attention kernels need an x86-64 CPU")
-void moments(const float*, const float*, int64_t, const float*, int64_t, float, bool, double*, double*, float*) { EDKM_NO_SIMD(); }
+void moments(const float*, const float*, int64_t, const float*, int64_t, float, bool, double*, double*,
+             float*) {
+  EDKM_NO_SIMD();
+}
 void soft(const float*, int64_t, const float*, int64_t, float, bool, float*) { EDKM_NO_SIMD(); }
-void final_pass(const float*, const float*, int64_t, const float*, int64_t, float, bool, float*, float*, double*) { EDKM_NO_SIMD(); }
-void reverse_pass(const float*, const float*, int64_t, const float*, const float*, const float*, int64_t, float, bool, const float*, float*, double*) { EDKM_NO_SIMD(); }
+void final_pass(const float*, const float*, int64_t, const float*, int64_t, float, bool, float*, float*,
+                double*) {
+  EDKM_NO_SIMD();
+}
+void reverse_pass(const float*, const float*, int64_t, const float*, const float*, const float*, int64_t,
+                  float, bool, const float*, float*, double*) {
+  EDKM_NO_SIMD();
+}
 
 #endif
 

@@ -41,19 +41,18 @@ inline int64_t cache_floats(int64_t m, int64_t k) { return (m + kLanes - 1) / kL
 // num_j = sum_n n_n a_nj w_n and den_j = sum_n n_n a_nj at centroids c (k floats), written (not
 // added) to num / den (k doubles). cache: nullptr, or cache_floats(m, k) floats that receive the
 // attention for reverse_pass.
-void moments(const float* w, const float* counts, int64_t m, const float* c, int64_t k,
-             float neg_inv_tau, bool squared, double* num, double* den, float* cache);
+void moments(const float* w, const float* counts, int64_t m, const float* c, int64_t k, float neg_inv_tau,
+             bool squared, double* num, double* den, float* cache);
 
 // out_n = sum_j a_nj c_j (for every entry, count or not).
-void soft(const float* w, int64_t m, const float* c, int64_t k, float neg_inv_tau, bool squared,
-          float* out);
+void soft(const float* w, int64_t m, const float* c, int64_t k, float neg_inv_tau, bool squared, float* out);
 
 // The final soft assignment's backward at c = c_T, for upstream gradient gu (nullptr: zero):
 // with slope_n = -inv_tau * sum_j a_nj (c_j - F_n) dist'(w_n - c_j), writes acc_n = gu_n slope_n
 // and slope[n] = slope_n (either may be nullptr), and adds
 // gc_j += sum_{n: gu_n != 0} gu_n a_nj (1 + inv_tau (c_j - F_n) dist'(w_n - c_j)) (k doubles).
-void final_pass(const float* w, const float* gu, int64_t m, const float* c, int64_t k,
-                float inv_tau, bool squared, float* acc, float* slope, double* gc);
+void final_pass(const float* w, const float* gu, int64_t m, const float* c, int64_t k, float inv_tau,
+                bool squared, float* acc, float* slope, double* gc);
 
 // One centroid update's backward at c = c_t, given next_j = c_{t+1} (num_j / den_j) and
 // q_j = dL/dc_{t+1,j} / den_j (0 for a centroid no weight attended): with
@@ -61,8 +60,8 @@ void final_pass(const float* w, const float* gu, int64_t m, const float* c, int6
 // acc_n += n_n (sum_j a_nj q_j - inv_tau * sum_j a_nj (g_nj - s_n) dist'(w_n - c_j)) and
 // part_j = sum_n n_n a_nj (g_nj - s_n) dist'(w_n - c_j) (written). cache: the attention
 // moments() wrote at this c, or nullptr to recompute it.
-void reverse_pass(const float* w, const float* counts, int64_t m, const float* c,
-                  const float* next, const float* q, int64_t k, float neg_inv_tau, bool squared,
-                  const float* cache, float* acc, double* part);
+void reverse_pass(const float* w, const float* counts, int64_t m, const float* c, const float* next,
+                  const float* q, int64_t k, float neg_inv_tau, bool squared, const float* cache, float* acc,
+                  double* part);
 
 }  // namespace edkm::attention_avx2

@@ -91,8 +91,10 @@ at::Tensor assign_cpu(const at::Tensor& weight, const at::Tensor& centroids) {
             }
           });
         };
-        if (index_dtype == at::kByte) run16(out.mutable_data_ptr<uint8_t>());
-        else run16(out.mutable_data_ptr<int32_t>());
+        if (index_dtype == at::kByte)
+          run16(out.mutable_data_ptr<uint8_t>());
+        else
+          run16(out.mutable_data_ptr<int32_t>());
         return;
       }
     }
@@ -109,8 +111,10 @@ at::Tensor assign_cpu(const at::Tensor& weight, const at::Tensor& centroids) {
         }
       });
     };
-    if (index_dtype == at::kByte) run(out.mutable_data_ptr<uint8_t>());
-    else run(out.mutable_data_ptr<int32_t>());
+    if (index_dtype == at::kByte)
+      run(out.mutable_data_ptr<uint8_t>());
+    else
+      run(out.mutable_data_ptr<int32_t>());
   });
   TORCH_CHECK_VALUE(!bad, "assign: weight contains NaN or Inf");
   return out;
@@ -133,10 +137,18 @@ at::Tensor dequantize_cpu(const at::Tensor& indices, const at::Tensor& centroids
       });
     };
     switch (idx.scalar_type()) {
-      case at::kByte: run(idx.const_data_ptr<uint8_t>()); break;
-      case at::kShort: run(idx.const_data_ptr<int16_t>()); break;
-      case at::kInt: run(idx.const_data_ptr<int32_t>()); break;
-      default: run(idx.const_data_ptr<int64_t>()); break;
+      case at::kByte:
+        run(idx.const_data_ptr<uint8_t>());
+        break;
+      case at::kShort:
+        run(idx.const_data_ptr<int16_t>());
+        break;
+      case at::kInt:
+        run(idx.const_data_ptr<int32_t>());
+        break;
+      default:
+        run(idx.const_data_ptr<int64_t>());
+        break;
     }
   });
   return out;

@@ -109,8 +109,7 @@ struct Workspace {
 
 // The optimal k clusters of sorted, strictly increasing v[0..u) with masses w > 0: writes the
 // k ascending centroids to c (k >= u: the values, the last one repeated) and returns the cost.
-double solve_sorted(const double* v, const double* w, int64_t u, int64_t k, double* c,
-                    Workspace& ws) {
+double solve_sorted(const double* v, const double* w, int64_t u, int64_t k, double* c, Workspace& ws) {
   if (k >= u) {
     for (int64_t j = 0; j < k; ++j) c[j] = v[std::min(j, u - 1)];
     return 0.0;
@@ -131,10 +130,11 @@ double solve_sorted(const double* v, const double* w, int64_t u, int64_t k, doub
     for (int64_t i = 1; i <= width; ++i) prev[i] = p.cost(0, i);
     for (int64_t m = 2; m <= k; ++m) {
       const int64_t lo = m, hi = u - k + m;
-      Layer layer{p, prev, cur, ws.splits.data() + (m - 2) * width, lo, m - 1,
-                  ws.scratch.data()};
-      if (m == k) layer.solve(u, u, m - 1, u - 1);
-      else layer.solve(lo, hi, m - 1, hi - 1);
+      Layer layer{p, prev, cur, ws.splits.data() + (m - 2) * width, lo, m - 1, ws.scratch.data()};
+      if (m == k)
+        layer.solve(u, u, m - 1, u - 1);
+      else
+        layer.solve(lo, hi, m - 1, hi - 1);
       std::swap(prev, cur);
     }
     int64_t i = u;
@@ -158,8 +158,8 @@ double solve_sorted(const double* v, const double* w, int64_t u, int64_t k, doub
   return cost;
 }
 
-std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d_cpu(const at::Tensor& values,
-                                                         const at::Tensor& counts, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d_cpu(const at::Tensor& values, const at::Tensor& counts,
+                                                         int64_t k) {
   check_kmeans1d_args(values, counts, k);
   auto vt = values.to(at::kDouble).contiguous();
   auto wt = counts.to(at::kDouble).contiguous();
@@ -167,13 +167,12 @@ std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d_cpu(const at::Tensor& value
   const double* w = wt.const_data_ptr<double>();
   const int64_t u = vt.numel();
   for (int64_t t = 0; t < u; ++t) {
-    TORCH_CHECK_VALUE(std::isfinite(v[t]), kOp, ": values must be finite, got ", v[t],
+    TORCH_CHECK_VALUE(std::isfinite(v[t]), kOp, ": values must be finite, got ", v[t], " at index ", t);
+    TORCH_CHECK_VALUE(std::isfinite(w[t]) && w[t] > 0, kOp, ": counts must be finite and > 0, got ", w[t],
                       " at index ", t);
-    TORCH_CHECK_VALUE(std::isfinite(w[t]) && w[t] > 0, kOp,
-                      ": counts must be finite and > 0, got ", w[t], " at index ", t);
     TORCH_CHECK_VALUE(t == 0 || v[t] > v[t - 1], kOp,
-                      ": values must be sorted strictly increasing, got values[", t - 1,
-                      "] = ", v[t - 1], " and values[", t, "] = ", v[t]);
+                      ": values must be sorted strictly increasing, got values[", t - 1, "] = ", v[t - 1],
+                      " and values[", t, "] = ", v[t]);
   }
   const auto opts = vt.options();
   auto centroids = at::empty({k}, opts);
@@ -220,10 +219,14 @@ void solve_groups(const scalar_t* x, const double* imp, int64_t groups, int64_t 
       int64_t u = 0;
       // Appends element (value, mass) in ascending value order, merging equal values.
       auto push = [&](double value, double mass) {
-        TORCH_CHECK_VALUE(std::isfinite(value), "optimal_kmeans_1d_grouped: weight has NaN or "
-                          "Inf values (group ", g, "); cannot cluster it");
-        TORCH_CHECK_VALUE(std::isfinite(mass) && mass >= 0, "optimal_kmeans_1d_grouped: "
-                          "importance must be finite and >= 0, got ", mass, " in group ", g);
+        TORCH_CHECK_VALUE(std::isfinite(value),
+                          "optimal_kmeans_1d_grouped: weight has NaN or "
+                          "Inf values (group ",
+                          g, "); cannot cluster it");
+        TORCH_CHECK_VALUE(std::isfinite(mass) && mass >= 0,
+                          "optimal_kmeans_1d_grouped: "
+                          "importance must be finite and >= 0, got ",
+                          mass, " in group ", g);
         if (u > 0 && value == v[u - 1]) {
           w[u - 1] += mass;
         } else {
@@ -239,10 +242,8 @@ void solve_groups(const scalar_t* x, const double* imp, int64_t groups, int64_t 
         for (int64_t t = 0; t < m; ++t)
           push(from_order_key(uint32_t(keys[t] >> 32)), ig ? ig[keys[t] & 0xffffffffu] : 1.0);
       } else {
-        for (int64_t t = 0; t < m; ++t)
-          pairs[t] = {static_cast<double>(xg[t]), ig ? ig[t] : 1.0};
-        std::sort(pairs.begin(), pairs.end(),
-                  [](const auto& a, const auto& b) { return a.first < b.first; });
+        for (int64_t t = 0; t < m; ++t) pairs[t] = {static_cast<double>(xg[t]), ig ? ig[t] : 1.0};
+        std::sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
         for (int64_t t = 0; t < m; ++t) push(pairs[t].first, pairs[t].second);
       }
       double wmax = 0;

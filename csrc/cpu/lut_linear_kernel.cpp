@@ -253,11 +253,13 @@ EDKM_AVX2 inline float hsum(__m256 v) {
 // cluster_dim 1. Each row is cut where its group changes; whole blocks of 8 run in lanes, the
 // few columns before a group boundary or the row end run scalar.
 template <int B>
-constexpr int lut_regs() { return B <= 3 ? 8 : B == 4 ? 16 : B == 5 ? 32 : B == 6 ? 64 : 0; }
+constexpr int lut_regs() {
+  return B <= 3 ? 8 : B == 4 ? 16 : B == 5 ? 32 : B == 6 ? 64 : 0;
+}
 
 template <int M, int B>
-EDKM_AVX2 void gemv_rows(const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy,
-                         int64_t r0, int64_t r1) {
+EDKM_AVX2 void gemv_rows(const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r0,
+                         int64_t r1) {
   constexpr int KC = lut_regs<B>();
   const int64_t cols = p.w.cols, gn = p.w.group_numel, k = p.w.k, nb = p.nbytes;
   const uint8_t* bytes = p.bytes;
@@ -273,9 +275,9 @@ EDKM_AVX2 void gemv_rows(const Packed& p, const float* x, int64_t ldx, float* y,
     constexpr int U = M >= 3 ? 1 : 4 / M;
     __m256 acc[U][M];
     float tail[M];
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
-      #pragma GCC unroll 4
+#pragma GCC unroll 4
       for (int u = 0; u < U; ++u) acc[u][m] = _mm256_setzero_ps();
       tail[m] = 0.f;
     }
@@ -291,10 +293,10 @@ EDKM_AVX2 void gemv_rows(const Packed& p, const float* x, int64_t ldx, float* y,
         constexpr int C = Window16<B>::C;
         for (; c + 8 * C <= end && (base + c) * B / 8 + 16 <= nb; c += 8 * C) {
           const __m256i win = window.load(bytes + (base + c) * B / 8);
-          #pragma GCC unroll 16
+#pragma GCC unroll 16
           for (int u = 0; u < C; ++u) {
             const __m256 w = look(window.chunk(win, u));
-            #pragma GCC unroll 4
+#pragma GCC unroll 4
             for (int m = 0; m < M; ++m) {
               acc[u % U][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + c + 8 * u), acc[u % U][m]);
             }
@@ -302,10 +304,10 @@ EDKM_AVX2 void gemv_rows(const Packed& p, const float* x, int64_t ldx, float* y,
         }
       }
       for (; c + 8 * U <= end; c += 8 * U) {
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int u = 0; u < U; ++u) {
           const __m256 w = look(unpack(bytes, nb, base + c + 8 * u));
-          #pragma GCC unroll 4
+#pragma GCC unroll 4
           for (int m = 0; m < M; ++m) {
             acc[u][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + c + 8 * u), acc[u][m]);
           }
@@ -313,14 +315,14 @@ EDKM_AVX2 void gemv_rows(const Packed& p, const float* x, int64_t ldx, float* y,
       }
       for (; c + 8 <= end; c += 8) {
         const __m256 w = look(unpack(bytes, nb, base + c));
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
           acc[0][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + c), acc[0][m]);
         }
       }
       for (; c < end; ++c) {
         const float w = p.lut[g * k + index_at(p, base + c)];
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int m = 0; m < M; ++m) tail[m] += w * x[m * ldx + c];
       }
     }
@@ -328,13 +330,13 @@ EDKM_AVX2 void gemv_rows(const Packed& p, const float* x, int64_t ldx, float* y,
     for (int64_t i = a; i < b; ++i) {
       const int64_t col = p.o_pos[i] - base;
       const float delta = p.o_val[i] - lut_value(p, p.o_pos[i]);
-      #pragma GCC unroll 4
+#pragma GCC unroll 4
       for (int m = 0; m < M; ++m) tail[m] += delta * x[m * ldx + col];
     }
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
       __m256 sum = acc[0][m];
-      #pragma GCC unroll 4
+#pragma GCC unroll 4
       for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][m]);
       y[m * ldy + r] = hsum(sum) + tail[m];
     }
@@ -359,7 +361,7 @@ EDKM_AVX2 void decode_row_avx2(const Packed& p, int64_t r, float* out) {
       constexpr int C = Window16<B>::C;
       for (; c + 8 * C <= end && (base + c) * B / 8 + 16 <= p.nbytes; c += 8 * C) {
         const __m256i win = window.load(p.bytes + (base + c) * B / 8);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int u = 0; u < C; ++u) _mm256_storeu_ps(out + c + 8 * u, look(window.chunk(win, u)));
       }
     }
@@ -373,14 +375,22 @@ EDKM_AVX2 void decode_row_avx2(const Packed& p, int64_t r, float* out) {
 template <typename F>
 void with_bits(int64_t bits, F&& f) {
   switch (bits) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 8>{});
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 6:
+      return f(std::integral_constant<int, 6>{});
+    case 7:
+      return f(std::integral_constant<int, 7>{});
+    default:
+      return f(std::integral_constant<int, 8>{});
   }
 }
 
@@ -416,10 +426,14 @@ void gemv(const Packed& p, const float* x, int64_t m_rows, float* y) {
         with_bits(p.w.bits, [&](auto b) {
           constexpr int B = decltype(b)::value;
           switch (mb) {
-            case 1: return gemv_rows<1, B>(p, xb, cols, yb, rows, r0, r1);
-            case 2: return gemv_rows<2, B>(p, xb, cols, yb, rows, r0, r1);
-            case 3: return gemv_rows<3, B>(p, xb, cols, yb, rows, r0, r1);
-            default: return gemv_rows<4, B>(p, xb, cols, yb, rows, r0, r1);
+            case 1:
+              return gemv_rows<1, B>(p, xb, cols, yb, rows, r0, r1);
+            case 2:
+              return gemv_rows<2, B>(p, xb, cols, yb, rows, r0, r1);
+            case 3:
+              return gemv_rows<3, B>(p, xb, cols, yb, rows, r0, r1);
+            default:
+              return gemv_rows<4, B>(p, xb, cols, yb, rows, r0, r1);
           }
         });
       }
@@ -482,13 +496,11 @@ at::Tensor lut_linear_cpu(const at::Tensor& input, const at::Tensor& packed, con
                           const std::optional<at::Tensor>& outlier_values) {
   TORCH_CHECK_VALUE(input.defined(), "lut_linear: input must be a tensor, got None");
   if (input.scalar_type() == at::kDouble) {
-    return generic::lut_linear(input, packed, lut, bits, out_features, bias, outlier_index,
-                               outlier_values);
+    return generic::lut_linear(input, packed, lut, bits, out_features, bias, outlier_index, outlier_values);
   }
   const char* op = "lut_linear";
-  const auto w = check_lut_weight(op, packed, lut, bits, out_features,
-                                  input.dim() >= 1 ? input.size(-1) : 0, outlier_index,
-                                  outlier_values, /*check_values=*/false);
+  const auto w = check_lut_weight(op, packed, lut, bits, out_features, input.dim() >= 1 ? input.size(-1) : 0,
+                                  outlier_index, outlier_values, /*check_values=*/false);
   check_lut_linear_input(input, w, bias);
   std::vector<at::Tensor> keep;
   const Packed p = make_packed(op, packed, lut, w, outlier_index, outlier_values, keep);
@@ -505,19 +517,19 @@ at::Tensor lut_linear_cpu(const at::Tensor& input, const at::Tensor& packed, con
   return lut_linear_output(y, bias, input);
 }
 
-at::Tensor lut_embedding_cpu(const at::Tensor& indices, const at::Tensor& packed,
-                             const at::Tensor& lut, int64_t bits, int64_t num_embeddings,
-                             int64_t embedding_dim, const std::optional<at::Tensor>& outlier_index,
+at::Tensor lut_embedding_cpu(const at::Tensor& indices, const at::Tensor& packed, const at::Tensor& lut,
+                             int64_t bits, int64_t num_embeddings, int64_t embedding_dim,
+                             const std::optional<at::Tensor>& outlier_index,
                              const std::optional<at::Tensor>& outlier_values,
                              std::optional<at::ScalarType> dtype) {
   const auto out_t = dtype.value_or(lut.scalar_type());
   if (out_t == at::kDouble) {
-    return generic::lut_embedding(indices, packed, lut, bits, num_embeddings, embedding_dim,
-                                  outlier_index, outlier_values, dtype);
+    return generic::lut_embedding(indices, packed, lut, bits, num_embeddings, embedding_dim, outlier_index,
+                                  outlier_values, dtype);
   }
   const char* op = "lut_embedding";
-  const auto w = check_lut_weight(op, packed, lut, bits, num_embeddings, embedding_dim,
-                                  outlier_index, outlier_values, /*check_values=*/false);
+  const auto w = check_lut_weight(op, packed, lut, bits, num_embeddings, embedding_dim, outlier_index,
+                                  outlier_values, /*check_values=*/false);
   TORCH_CHECK_TYPE(out_t == at::kFloat || out_t == at::kHalf || out_t == at::kBFloat16,
                    "lut_embedding: dtype must be a floating type, got ", out_t);
   TORCH_CHECK_VALUE(indices.defined(), op, ": indices must be a tensor, got None");
@@ -531,8 +543,10 @@ at::Tensor lut_embedding_cpu(const at::Tensor& indices, const at::Tensor& packed
   const int64_t* id = ids.data_ptr<int64_t>();
   if (n > 0) {
     const auto [lo, hi] = std::minmax_element(id, id + n);
-    TORCH_CHECK_INDEX(*lo >= 0 && *hi < w.rows, op, ": indices must lie in [0, num_embeddings) = "
-                      "[0, ", w.rows, "), got values in [", *lo, ", ", *hi, "]");
+    TORCH_CHECK_INDEX(*lo >= 0 && *hi < w.rows, op,
+                      ": indices must lie in [0, num_embeddings) = "
+                      "[0, ",
+                      w.rows, "), got values in [", *lo, ", ", *hi, "]");
   }
   float* o = out.data_ptr<float>();
   at::parallel_for(0, n, std::max<int64_t>(1, row_grain(w) / 4), [&](int64_t a, int64_t e) {

@@ -194,8 +194,8 @@ void scatter_soft_of_distinct(const DistinctGroup& d, const float* c, int64_t k,
 
 // F_n = sum_j a_nj c_j of every weight, rounded to T (as the U-domain's soft values) then W.
 template <typename W, typename T>
-void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
-                  double temperature, bool squared, bool simd, W* out) {
+void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k, double temperature,
+                  bool squared, bool simd, W* out) {
   const double neg_inv_tau = -1.0 / temperature;
   if constexpr (std::is_same_v<T, float> && is_16bit_v<W>) {
     if (distinct_applies<W>(simd, m)) {  // the same values per weight, computed once per value
@@ -248,10 +248,9 @@ void ndomain_soft(const W* w, const T* c, int64_t groups, int64_t m, int64_t k,
 // c_T. The soft value of a value is the one ndomain_soft computes for each weight of that value
 // (the same lanewise arithmetic), so the clustered weight is bit-identical to the per-weight path.
 template <typename W>
-NDomainForward forward_distinct(const at::Tensor& weight, const W* w, float* h,
-                                const at::Tensor& history, int64_t groups, int64_t m, int64_t k,
-                                double temperature, int64_t max_iter, double epsilon,
-                                bool squared) {
+NDomainForward forward_distinct(const at::Tensor& weight, const W* w, float* h, const at::Tensor& history,
+                                int64_t groups, int64_t m, int64_t k, double temperature, int64_t max_iter,
+                                double epsilon, bool squared) {
   const int64_t gk = groups * k;
   const float neg_inv_tau = float(-1.0 / temperature);
   std::vector<double> move(max_iter * groups);
@@ -267,8 +266,8 @@ NDomainForward forward_distinct(const at::Tensor& weight, const W* w, float* h,
       for (int64_t t = 0; t < max_iter; ++t) {
         const float* cg = h + t * gk + g * k;
         float* next = h + (t + 1) * gk + g * k;
-        attention_avx2::moments(d.values.data(), d.counts.data(), u, cg, k, neg_inv_tau, squared,
-                                num.data(), den.data(), nullptr);
+        attention_avx2::moments(d.values.data(), d.counts.data(), u, cg, k, neg_inv_tau, squared, num.data(),
+                                den.data(), nullptr);
         double mv = 0;
         for (int64_t j = 0; j < k; ++j) {
           next[j] = den[j] > 0 ? float(num[j] / den[j]) : cg[j];
@@ -276,8 +275,7 @@ NDomainForward forward_distinct(const at::Tensor& weight, const W* w, float* h,
         }
         move[t * groups + g] = mv;
       }
-      scatter_soft_of_distinct(d, h + max_iter * gk + g * k, k, neg_inv_tau, squared, soft,
-                               out + g * m);
+      scatter_soft_of_distinct(d, h + max_iter * gk + g * k, k, neg_inv_tau, squared, soft, out + g * m);
     }
   });
   int64_t t = 0;
@@ -290,20 +288,19 @@ NDomainForward forward_distinct(const at::Tensor& weight, const W* w, float* h,
     for (int64_t r = t + 1; r <= max_iter; ++r) std::copy(h + t * gk, h + (t + 1) * gk, h + r * gk);
     ndomain_soft<W, float>(w, h + t * gk, groups, m, k, temperature, squared, /*simd=*/true, out);
   }
-  return {clustered, history[t].clone(), history,
-          at::scalar_tensor(t, weight.options().dtype(at::kLong))};
+  return {clustered, history[t].clone(), history, at::scalar_tensor(t, weight.options().dtype(at::kLong))};
 }
 
 template <typename W, typename T>
-NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centroids_in,
-                            double temperature, int64_t max_iter, double epsilon, bool squared) {
+NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centroids_in, double temperature,
+                            int64_t max_iter, double epsilon, bool squared) {
   const char* op = "dkm";
   auto weight = weight_in.contiguous();
   const int64_t groups = centroids_in.size(0), k = centroids_in.size(1);
   const int64_t m = weight.numel() / groups;
   const double neg_inv_tau = -1.0 / temperature;
-  at::Tensor history = at::empty({max_iter + 1, groups, k},
-                                 centroids_in.options().dtype(c10::CppTypeToScalarType<T>::value));
+  at::Tensor history =
+      at::empty({max_iter + 1, groups, k}, centroids_in.options().dtype(c10::CppTypeToScalarType<T>::value));
   history[0].copy_(centroids_in);
   T* h = history.data_ptr<T>();
   const W* w = weight.const_data_ptr<W>();
@@ -316,8 +313,8 @@ NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centr
   const bool simd = simd_applies<T>(std::max(w_max, max_abs_or_nan(h, gk)), temperature, squared);
   if constexpr (std::is_same_v<T, float> && is_16bit_v<W>) {
     if (distinct_applies<W>(simd, m)) {
-      return forward_distinct<W>(weight, w, h, history, groups, m, k, temperature, max_iter,
-                                 epsilon, squared);
+      return forward_distinct<W>(weight, w, h, history, groups, m, k, temperature, max_iter, epsilon,
+                                 squared);
     }
   }
   std::vector<double> move(groups);
@@ -332,8 +329,8 @@ NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centr
         const T* cg = c + g * k;
         if constexpr (std::is_same_v<T, float>) {
           if (simd) {
-            attention_avx2::moments(as_float(w + g * m, m, buf), nullptr, m, cg, k,
-                                    float(neg_inv_tau), squared, num.data(), den.data(), nullptr);
+            attention_avx2::moments(as_float(w + g * m, m, buf), nullptr, m, cg, k, float(neg_inv_tau),
+                                    squared, num.data(), den.data(), nullptr);
           }
         }
         if (!simd) {
@@ -362,18 +359,16 @@ NDomainForward forward_impl(const at::Tensor& weight_in, const at::Tensor& centr
   }
   for (int64_t r = t + 1; r <= max_iter; ++r) std::copy(h + t * gk, h + (t + 1) * gk, h + r * gk);
   auto clustered = at::empty(weight.sizes(), weight.options());
-  ndomain_soft<W, T>(w, h + t * gk, groups, m, k, temperature, squared, simd,
-                     clustered.data_ptr<W>());
-  return {clustered, history[t].clone(), history,
-          at::scalar_tensor(t, weight.options().dtype(at::kLong))};
+  ndomain_soft<W, T>(w, h + t * gk, groups, m, k, temperature, squared, simd, clustered.data_ptr<W>());
+  return {clustered, history[t].clone(), history, at::scalar_tensor(t, weight.options().dtype(at::kLong))};
 }
 
 // One group's whole backward: dL/dw (written to out, which may alias gf) and dL/dc_0.
 template <typename W, typename T>
-void backward_group(const W* w, const W* gf, const T* h, const T* gct, int64_t groups,
-                    int64_t g, int64_t m, int64_t k, int64_t iterations, double inv_tau,
-                    bool squared, std::vector<double>& a, std::vector<double>& grad_a,
-                    std::vector<double>& cache, std::vector<T>& acc, W* out, T* gc_out) {
+void backward_group(const W* w, const W* gf, const T* h, const T* gct, int64_t groups, int64_t g, int64_t m,
+                    int64_t k, int64_t iterations, double inv_tau, bool squared, std::vector<double>& a,
+                    std::vector<double>& grad_a, std::vector<double>& cache, std::vector<T>& acc, W* out,
+                    T* gc_out) {
   // A small group's attention at c_t is computed once per iteration and read twice (for the
   // centroid sums, then for the gradient); a large one (forced N-domain) recomputes it.
   const bool cached = int64_t(cache.size()) >= m * k;
@@ -427,8 +422,10 @@ void backward_group(const W* w, const W* gf, const T* h, const T* gct, int64_t g
     for (int64_t n = 0; n < m; ++n) {
       const double v = double(w[g * m + n]);
       const double* an = a.data();
-      if (cached) an = cache.data() + n * k;
-      else attention(v, ct, k, neg_inv_tau, squared, a.data());
+      if (cached)
+        an = cache.data() + n * k;
+      else
+        attention(v, ct, k, neg_inv_tau, squared, a.data());
       double through = 0, sum_ag = 0;
       for (int64_t j = 0; j < k; ++j) {
         through += an[j] * g_num[j];
@@ -451,10 +448,9 @@ void backward_group(const W* w, const W* gf, const T* h, const T* gct, int64_t g
 
 // backward_group with the float32 AVX2 passes: the same sums, the attention cached as float32.
 template <typename W>
-void backward_group_simd(const W* w, const W* gf, const float* h, const float* gct,
-                         int64_t groups, int64_t g, int64_t m, int64_t k, int64_t iterations,
-                         double inv_tau, bool squared, std::vector<float>& wbuf,
-                         std::vector<float>& gbuf, std::vector<float>& cache,
+void backward_group_simd(const W* w, const W* gf, const float* h, const float* gct, int64_t groups, int64_t g,
+                         int64_t m, int64_t k, int64_t iterations, double inv_tau, bool squared,
+                         std::vector<float>& wbuf, std::vector<float>& gbuf, std::vector<float>& cache,
                          std::vector<float>& acc, W* out, float* gc_out) {
   const float* wg = as_float(w + g * m, m, wbuf);
   const float* gug = gf ? as_float(gf + g * m, m, gbuf) : nullptr;
@@ -462,8 +458,8 @@ void backward_group_simd(const W* w, const W* gf, const float* h, const float* g
   const int64_t gk = groups * k;
   std::vector<double> gc(k, 0.0), num(k), den(k), part(k), keep(k);
   std::vector<float> next(k), q(k);
-  attention_avx2::final_pass(wg, gug, m, h + iterations * gk + g * k, k, float(inv_tau), squared,
-                             acc.data(), nullptr, gc.data());
+  attention_avx2::final_pass(wg, gug, m, h + iterations * gk + g * k, k, float(inv_tau), squared, acc.data(),
+                             nullptr, gc.data());
   // dL/dc_T through F, rounded to the compute dtype whether or not a gradient for c_T came in,
   // so an absent one and a zero one (as torch.compile passes) give the same bits.
   for (int64_t j = 0; j < k; ++j) {
@@ -471,16 +467,16 @@ void backward_group_simd(const W* w, const W* gf, const float* h, const float* g
   }
   for (int64_t t = iterations - 1; t >= 0; --t) {
     const float* ct = h + t * gk + g * k;
-    attention_avx2::moments(wg, nullptr, m, ct, k, float(-inv_tau), squared, num.data(),
-                            den.data(), cached ? cache.data() : nullptr);
+    attention_avx2::moments(wg, nullptr, m, ct, k, float(-inv_tau), squared, num.data(), den.data(),
+                            cached ? cache.data() : nullptr);
     for (int64_t j = 0; j < k; ++j) {
       const bool attended = den[j] > 0;
       next[j] = attended ? float(num[j] / den[j]) : 0.0f;
       q[j] = attended ? float(gc[j] / den[j]) : 0.0f;
       keep[j] = attended ? 0.0 : gc[j];
     }
-    attention_avx2::reverse_pass(wg, nullptr, m, ct, next.data(), q.data(), k, float(-inv_tau),
-                                 squared, cached ? cache.data() : nullptr, acc.data(), part.data());
+    attention_avx2::reverse_pass(wg, nullptr, m, ct, next.data(), q.data(), k, float(-inv_tau), squared,
+                                 cached ? cache.data() : nullptr, acc.data(), part.data());
     for (int64_t j = 0; j < k; ++j) gc[j] = keep[j] + part[j] * inv_tau;
   }
   for (int64_t n = 0; n < m; ++n) out[g * m + n] = W(acc[n]);
@@ -492,11 +488,10 @@ void backward_group_simd(const W* w, const W* gf, const float* h, const float* g
 // the values with their counts, then each weight's gradient gf_n * dF/dv + (its value's indirect
 // gradient) / count, as the U-domain splits them (dkm.cpp).
 template <typename W>
-void backward_group_distinct(const W* w, const W* gf, const float* h, const float* gct,
-                             int64_t groups, int64_t g, int64_t m, int64_t k, int64_t iterations,
-                             double inv_tau, bool squared, DistinctGroup& d,
-                             std::vector<double>& gsum, std::vector<float>& gsoft,
-                             std::vector<float>& dir, std::vector<float>& ind,
+void backward_group_distinct(const W* w, const W* gf, const float* h, const float* gct, int64_t groups,
+                             int64_t g, int64_t m, int64_t k, int64_t iterations, double inv_tau,
+                             bool squared, DistinctGroup& d, std::vector<double>& gsum,
+                             std::vector<float>& gsoft, std::vector<float>& dir, std::vector<float>& ind,
                              std::vector<float>& cache, W* out, float* gc_out) {
   d.build(w + g * m, m);
   const int64_t u = d.size();
@@ -516,8 +511,8 @@ void backward_group_distinct(const W* w, const W* gf, const float* h, const floa
   if (cached && int64_t(cache.size()) < need) cache.resize(need);
   std::vector<double> gc(k, 0.0), num(k), den(k), part(k), keep(k);
   std::vector<float> next(k), q(k);
-  attention_avx2::final_pass(d.values.data(), gsp, u, h + iterations * gk + g * k, k,
-                             float(inv_tau), squared, nullptr, dir.data(), gc.data());
+  attention_avx2::final_pass(d.values.data(), gsp, u, h + iterations * gk + g * k, k, float(inv_tau), squared,
+                             nullptr, dir.data(), gc.data());
   // dL/dc_T through F, rounded to the compute dtype whether or not a gradient for c_T came in,
   // so an absent one and a zero one (as torch.compile passes) give the same bits.
   for (int64_t j = 0; j < k; ++j) {
@@ -525,8 +520,8 @@ void backward_group_distinct(const W* w, const W* gf, const float* h, const floa
   }
   for (int64_t t = iterations - 1; t >= 0; --t) {
     const float* ct = h + t * gk + g * k;
-    attention_avx2::moments(d.values.data(), d.counts.data(), u, ct, k, float(-inv_tau), squared,
-                            num.data(), den.data(), cached ? cache.data() : nullptr);
+    attention_avx2::moments(d.values.data(), d.counts.data(), u, ct, k, float(-inv_tau), squared, num.data(),
+                            den.data(), cached ? cache.data() : nullptr);
     for (int64_t j = 0; j < k; ++j) {
       const bool attended = den[j] > 0;
       next[j] = attended ? float(num[j] / den[j]) : 0.0f;
@@ -534,8 +529,8 @@ void backward_group_distinct(const W* w, const W* gf, const float* h, const floa
       keep[j] = attended ? 0.0 : gc[j];
     }
     attention_avx2::reverse_pass(d.values.data(), d.counts.data(), u, ct, next.data(), q.data(), k,
-                                 float(-inv_tau), squared, cached ? cache.data() : nullptr,
-                                 ind.data(), part.data());
+                                 float(-inv_tau), squared, cached ? cache.data() : nullptr, ind.data(),
+                                 part.data());
     for (int64_t j = 0; j < k; ++j) gc[j] = keep[j] + part[j] * inv_tau;
   }
   for (int64_t i = 0; i < u; ++i) ind[i] /= d.counts[i];
@@ -549,9 +544,8 @@ void backward_group_distinct(const W* w, const W* gf, const float* h, const floa
 
 template <typename W, typename T>
 void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
-                   const at::Tensor& grad_centroids, const at::Tensor& history,
-                   int64_t iterations, double temperature, bool squared, at::Tensor& grad_weight,
-                   at::Tensor& grad_c0) {
+                   const at::Tensor& grad_centroids, const at::Tensor& history, int64_t iterations,
+                   double temperature, bool squared, at::Tensor& grad_weight, at::Tensor& grad_c0) {
   const int64_t groups = history.size(1), k = history.size(2);
   const int64_t m = weight.numel() / groups;
   const W* w = weight.const_data_ptr<W>();
@@ -562,8 +556,7 @@ void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
   T* gco = grad_c0.data_ptr<T>();
   if constexpr (std::is_same_v<T, float>) {
     const double w_max = max_abs_or_nan(w, weight.numel());
-    if (simd_applies<T>(std::max(w_max, max_abs_or_nan(h, history.numel())), temperature,
-                        squared)) {
+    if (simd_applies<T>(std::max(w_max, max_abs_or_nan(h, history.numel())), temperature, squared)) {
       if constexpr (is_16bit_v<W>) {
         if (distinct_applies<W>(true, m)) {
           at::parallel_for(0, groups, grain_of(m), [&](int64_t g0, int64_t g1) {
@@ -571,9 +564,8 @@ void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
             std::vector<double> gsum;
             std::vector<float> gsoft, dir, ind, cache;
             for (int64_t g = g0; g < g1; ++g) {
-              backward_group_distinct<W>(w, gf, h, gct, groups, g, m, k, iterations,
-                                         1.0 / temperature, squared, d, gsum, gsoft, dir, ind,
-                                         cache, out, gco);
+              backward_group_distinct<W>(w, gf, h, gct, groups, g, m, k, iterations, 1.0 / temperature,
+                                         squared, d, gsum, gsoft, dir, ind, cache, out, gco);
             }
           });
           return;
@@ -584,8 +576,8 @@ void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
         std::vector<float> wbuf, gbuf, acc(m);
         std::vector<float> cache(cache_floats <= 2 * kCacheEntries ? cache_floats : 0);
         for (int64_t g = g0; g < g1; ++g) {
-          backward_group_simd<W>(w, gf, h, gct, groups, g, m, k, iterations, 1.0 / temperature,
-                                 squared, wbuf, gbuf, cache, acc, out, gco);
+          backward_group_simd<W>(w, gf, h, gct, groups, g, m, k, iterations, 1.0 / temperature, squared, wbuf,
+                                 gbuf, cache, acc, out, gco);
         }
       });
       return;
@@ -596,34 +588,49 @@ void backward_impl(const at::Tensor& weight, const at::Tensor& grad_clustered,
     std::vector<double> cache(m * k <= kCacheEntries ? m * k : 0);
     std::vector<T> acc(m);
     for (int64_t g = g0; g < g1; ++g) {
-      backward_group<W, T>(w, gf, h, gct, groups, g, m, k, iterations, 1.0 / temperature,
-                           squared, a, grad_a, cache, acc, out, gco);
+      backward_group<W, T>(w, gf, h, gct, groups, g, m, k, iterations, 1.0 / temperature, squared, a, grad_a,
+                           cache, acc, out, gco);
     }
   });
 }
 
 // W = the weight's scalar type, T = the compute dtype (float64 for float64 weights, else float).
-#define EDKM_DISPATCH_WT(wtype, name, ...)                                         \
-  [&] {                                                                            \
-    switch (wtype) {                                                               \
-      case at::kDouble: { using W = double; using T = double; return __VA_ARGS__(); } \
-      case at::kFloat: { using W = float; using T = float; return __VA_ARGS__(); }    \
-      case at::kBFloat16: { using W = at::BFloat16; using T = float; return __VA_ARGS__(); } \
-      case at::kHalf: { using W = at::Half; using T = float; return __VA_ARGS__(); }  \
-      default: TORCH_CHECK_TYPE(false, name, ": unsupported weight dtype ", wtype); \
-    }                                                                              \
+#define EDKM_DISPATCH_WT(wtype, name, ...)                                   \
+  [&] {                                                                      \
+    switch (wtype) {                                                         \
+      case at::kDouble: {                                                    \
+        using W = double;                                                    \
+        using T = double;                                                    \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kFloat: {                                                     \
+        using W = float;                                                     \
+        using T = float;                                                     \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kBFloat16: {                                                  \
+        using W = at::BFloat16;                                              \
+        using T = float;                                                     \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kHalf: {                                                      \
+        using W = at::Half;                                                  \
+        using T = float;                                                     \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      default:                                                               \
+        TORCH_CHECK_TYPE(false, name, ": unsupported weight dtype ", wtype); \
+    }                                                                        \
   }()
 
 void check_ndomain_args(const char* op, const at::Tensor& weight, const at::Tensor& history,
                         const at::Tensor& iterations) {
   TORCH_CHECK_VALUE(history.dim() == 3 && history.size(0) >= 2 && history.size(1) >= 1, op,
                     ": history must be [max_iter + 1, groups, K], got shape ", history.sizes());
-  TORCH_CHECK_VALUE(weight.numel() % history.size(1) == 0, op, ": history's ",
-                    history.size(1), " groups do not divide the weight's ", weight.numel(),
-                    " elements");
-  TORCH_CHECK_TYPE(history.scalar_type() == compute_dtype(weight.scalar_type()), op,
-                   ": history must be ", compute_dtype(weight.scalar_type()), ", got ",
-                   history.scalar_type());
+  TORCH_CHECK_VALUE(weight.numel() % history.size(1) == 0, op, ": history's ", history.size(1),
+                    " groups do not divide the weight's ", weight.numel(), " elements");
+  TORCH_CHECK_TYPE(history.scalar_type() == compute_dtype(weight.scalar_type()), op, ": history must be ",
+                   compute_dtype(weight.scalar_type()), ", got ", history.scalar_type());
   TORCH_CHECK_VALUE(iterations.numel() == 1, op, ": iterations must be a scalar");
   const int64_t t = iterations.item<int64_t>();
   TORCH_CHECK_VALUE(t >= 1 && t < history.size(0), op, ": iterations out of range: ", t);
@@ -639,15 +646,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ndomain_forward_cpu(
   auto r = EDKM_DISPATCH_WT(weight.scalar_type(), op, [&] {
     return forward_impl<W, T>(weight, c, temperature, max_iter, epsilon, squared);
   });
-  return {r.clustered.view(weight.sizes()), r.centroids.to(centroids.scalar_type()), r.iterations,
-          r.history};
+  return {r.clustered.view(weight.sizes()), r.centroids.to(centroids.scalar_type()), r.iterations, r.history};
 }
 
 std::tuple<at::Tensor, at::Tensor> ndomain_backward_cpu(
-    const c10::optional<at::Tensor>& grad_clustered,
-    const c10::optional<at::Tensor>& grad_centroids, const at::Tensor& weight_in,
-    const at::Tensor& history_in, const at::Tensor& iterations, double temperature,
-    c10::string_view distance, at::ScalarType centroids_dtype) {
+    const c10::optional<at::Tensor>& grad_clustered, const c10::optional<at::Tensor>& grad_centroids,
+    const at::Tensor& weight_in, const at::Tensor& history_in, const at::Tensor& iterations,
+    double temperature, c10::string_view distance, at::ScalarType centroids_dtype) {
   const char* op = "_ndomain_backward";
   const bool squared = parse_distance(op, distance) == Distance::kSquared;
   check_ndomain_args(op, weight_in, history_in, iterations);
@@ -689,8 +694,8 @@ at::Tensor ndomain_recompute_cpu(const at::Tensor& weight_in, const at::Tensor& 
     auto hist = history.contiguous();
     const double c_max = max_abs_or_nan(hist.const_data_ptr<T>(), hist.numel());
     const bool simd = simd_applies<T>(std::max(w_max, c_max), temperature, squared);
-    ndomain_soft<W, T>(w, c.const_data_ptr<T>(), groups, weight.numel() / groups, k,
-                       temperature, squared, simd, out.data_ptr<W>());
+    ndomain_soft<W, T>(w, c.const_data_ptr<T>(), groups, weight.numel() / groups, k, temperature, squared,
+                       simd, out.data_ptr<W>());
   });
   return out;
 }

@@ -94,14 +94,30 @@ void unpack_impl(const uint8_t* src, int64_t count, uint8_t* dst) {
 template <typename F>
 void with_bits(int64_t bits, const F& f) {
   switch (bits) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      f(std::integral_constant<int, 3>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 5:
+      f(std::integral_constant<int, 5>{});
+      break;
+    case 6:
+      f(std::integral_constant<int, 6>{});
+      break;
+    case 7:
+      f(std::integral_constant<int, 7>{});
+      break;
+    default:
+      f(std::integral_constant<int, 8>{});
+      break;
   }
 }
 
@@ -116,11 +132,21 @@ at::Tensor pack_indices_cpu(const at::Tensor& indices, int64_t bits) {
   with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
     switch (idx.scalar_type()) {
-      case at::kByte: ok = pack_impl<B>(idx.const_data_ptr<uint8_t>(), n, dst); break;
-      case at::kChar: ok = pack_impl<B>(idx.const_data_ptr<int8_t>(), n, dst); break;
-      case at::kShort: ok = pack_impl<B>(idx.const_data_ptr<int16_t>(), n, dst); break;
-      case at::kInt: ok = pack_impl<B>(idx.const_data_ptr<int32_t>(), n, dst); break;
-      default: ok = pack_impl<B>(idx.const_data_ptr<int64_t>(), n, dst); break;
+      case at::kByte:
+        ok = pack_impl<B>(idx.const_data_ptr<uint8_t>(), n, dst);
+        break;
+      case at::kChar:
+        ok = pack_impl<B>(idx.const_data_ptr<int8_t>(), n, dst);
+        break;
+      case at::kShort:
+        ok = pack_impl<B>(idx.const_data_ptr<int16_t>(), n, dst);
+        break;
+      case at::kInt:
+        ok = pack_impl<B>(idx.const_data_ptr<int32_t>(), n, dst);
+        break;
+      default:
+        ok = pack_impl<B>(idx.const_data_ptr<int64_t>(), n, dst);
+        break;
     }
   });
   if (!ok) fail_index_range(indices, bits);
@@ -136,8 +162,7 @@ at::Tensor unpack_indices_cpu(const at::Tensor& packed, int64_t bits, int64_t co
   const uint8_t last = src.const_data_ptr<uint8_t>()[src.numel() - 1];
   if (used != 0 && (last >> used) != 0) fail_padding_bits(bits, count, last);
   with_bits(bits, [&](auto b) {
-    unpack_impl<decltype(b)::value>(src.const_data_ptr<uint8_t>(), count,
-                                    out.mutable_data_ptr<uint8_t>());
+    unpack_impl<decltype(b)::value>(src.const_data_ptr<uint8_t>(), count, out.mutable_data_ptr<uint8_t>());
   });
   return out;
 }

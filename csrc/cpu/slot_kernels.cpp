@@ -26,8 +26,9 @@ const uint16_t* bits_of(const at::Tensor& weight) {
 }
 
 [[noreturn]] void missing_slot() {
-  TORCH_CHECK_VALUE(false, "edkm: weight holds values missing from its slot table (was the "
-                           "weight modified after the forward pass?)");
+  TORCH_CHECK_VALUE(false,
+                    "edkm: weight holds values missing from its slot table (was the "
+                    "weight modified after the forward pass?)");
 }
 
 // Calls body(i, u) for every weight i in [0, N) with u its position in its group's slot row.
@@ -68,31 +69,31 @@ void for_each_slot(const at::Tensor& weight, const at::Tensor& slots, const Body
     std::atomic<int64_t> bad_slot{-1};
     at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / std::max<int64_t>(m, 1)),
                      [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> map(65536, -1);
-      for (int64_t g = begin; g < end && !missing; ++g) {
-        const int32_t* row = table + g * cap;
-        int64_t used = 0;
-        for (; used < cap && row[used] != kEmptySlot; ++used) {
-          if (row[used] < 0 || row[used] >= 65536) {
-            bad_slot = row[used];
-            missing = true;
-            break;
-          }
-          map[row[used]] = static_cast<int32_t>(used);
-        }
-        for (int64_t i = g * m; i < (g + 1) * m && !missing; ++i) {
-          const int32_t u = map[bits[i]];
-          if (u < 0) {
-            missing = true;
-            break;
-          }
-          body(i, g * cap + u);
-        }
-        for (int64_t u = 0; u < used; ++u) {
-          if (row[u] >= 0 && row[u] < 65536) map[row[u]] = -1;
-        }
-      }
-    });
+                       std::vector<int32_t> map(65536, -1);
+                       for (int64_t g = begin; g < end && !missing; ++g) {
+                         const int32_t* row = table + g * cap;
+                         int64_t used = 0;
+                         for (; used < cap && row[used] != kEmptySlot; ++used) {
+                           if (row[used] < 0 || row[used] >= 65536) {
+                             bad_slot = row[used];
+                             missing = true;
+                             break;
+                           }
+                           map[row[used]] = static_cast<int32_t>(used);
+                         }
+                         for (int64_t i = g * m; i < (g + 1) * m && !missing; ++i) {
+                           const int32_t u = map[bits[i]];
+                           if (u < 0) {
+                             missing = true;
+                             break;
+                           }
+                           body(i, g * cap + u);
+                         }
+                         for (int64_t u = 0; u < used; ++u) {
+                           if (row[u] >= 0 && row[u] < 65536) map[row[u]] = -1;
+                         }
+                       }
+                     });
     TORCH_CHECK_VALUE(bad_slot.load() == -1, "edkm: slots hold ", bad_slot.load(),
                       ", outside the 16-bit range [0, 65535]");
   }
@@ -150,8 +151,7 @@ std::tuple<at::Tensor, at::Tensor> slot_table_cpu(const at::Tensor& weight, int6
   return {slots, counts};
 }
 
-at::Tensor slot_gather_cpu(const at::Tensor& weight, const at::Tensor& slots,
-                           const at::Tensor& table) {
+at::Tensor slot_gather_cpu(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& table) {
   const char* op = "_slot_gather";
   check_slot_args(op, weight, slots);
   check_slot_table_values(op, slots, table, "table");
@@ -168,8 +168,7 @@ at::Tensor slot_gather_cpu(const at::Tensor& weight, const at::Tensor& slots,
   return out;
 }
 
-at::Tensor slot_scatter_add_cpu(const at::Tensor& weight, const at::Tensor& slots,
-                                const at::Tensor& grad) {
+at::Tensor slot_scatter_add_cpu(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad) {
   const char* op = "_slot_scatter_add";
   check_slot_args(op, weight, slots);
   check_slot_grad_input(op, weight, grad);
@@ -242,14 +241,13 @@ at::Tensor slot_scatter_add_cpu(const at::Tensor& weight, const at::Tensor& slot
 }
 
 // out_i = grad_i * scale[u(i)] + shift[u(i)]; out may be grad itself (each i reads, then writes).
-void slot_grad_into(const char* op, const at::Tensor& weight, const at::Tensor& slots,
-                    const at::Tensor& g, const at::Tensor& scale, const at::Tensor& shift,
-                    const at::Tensor& out) {
+void slot_grad_into(const char* op, const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& g,
+                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   check_slot_table_values(op, slots, scale, "scale");
   check_slot_table_values(op, slots, shift, "shift");
   TORCH_CHECK_TYPE(scale.scalar_type() == shift.scalar_type(), op,
-                   ": scale and shift must have the same dtype, got ", scale.scalar_type(),
-                   " and ", shift.scalar_type());
+                   ": scale and shift must have the same dtype, got ", scale.scalar_type(), " and ",
+                   shift.scalar_type());
   auto sc = scale.contiguous(), sh = shift.contiguous();
   AT_DISPATCH_FLOATING_TYPES(sc.scalar_type(), "_slot_grad", [&] {
     using acc_t = scalar_t;
@@ -265,9 +263,8 @@ void slot_grad_into(const char* op, const at::Tensor& weight, const at::Tensor& 
   });
 }
 
-at::Tensor slot_grad_cpu(const at::Tensor& weight, const at::Tensor& slots,
-                         const at::Tensor& grad, const at::Tensor& scale,
-                         const at::Tensor& shift) {
+at::Tensor slot_grad_cpu(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
+                         const at::Tensor& scale, const at::Tensor& shift) {
   const char* op = "_slot_grad";
   check_slot_args(op, weight, slots);
   check_slot_grad_input(op, weight, grad);
@@ -277,9 +274,8 @@ at::Tensor slot_grad_cpu(const at::Tensor& weight, const at::Tensor& slots,
   return out;
 }
 
-void slot_grad_inplace_cpu(const at::Tensor& weight, const at::Tensor& slots,
-                           const at::Tensor& grad, const at::Tensor& scale,
-                           const at::Tensor& shift) {
+void slot_grad_inplace_cpu(const at::Tensor& weight, const at::Tensor& slots, const at::Tensor& grad,
+                           const at::Tensor& scale, const at::Tensor& shift) {
   const char* op = "_slot_grad_";
   check_slot_args(op, weight, slots);
   check_slot_grad_inplace(op, weight, grad);

@@ -107,8 +107,8 @@ bool simd_applies(const T* values, const T* counts, int64_t n_values, const T* c
 
 // Per group: num_j = sum_u n_u a_uj v_u and den_j = sum_u n_u a_uj at centroids c [G, K].
 template <typename T>
-void moments(const T* values, const T* counts, const T* c, const Layout& l, double neg_inv_tau,
-             bool squared, bool simd, std::vector<double>& num, std::vector<double>& den) {
+void moments(const T* values, const T* counts, const T* c, const Layout& l, double neg_inv_tau, bool squared,
+             bool simd, std::vector<double>& num, std::vector<double>& den) {
   std::vector<double> pnum(l.tasks() * l.k, 0.0), pden(l.tasks() * l.k, 0.0);
   at::parallel_for(0, l.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> a(l.k);
@@ -120,8 +120,8 @@ void moments(const T* values, const T* counts, const T* c, const Layout& l, doub
       if constexpr (std::is_same_v<T, float>) {
         if (simd) {
           const int64_t at = g * l.width + lo;
-          attention_avx2::moments(values + at, counts + at, hi - lo, cg, l.k, float(neg_inv_tau),
-                                  squared, tn, td, nullptr);
+          attention_avx2::moments(values + at, counts + at, hi - lo, cg, l.k, float(neg_inv_tau), squared, tn,
+                                  td, nullptr);
           continue;
         }
       }
@@ -146,8 +146,8 @@ void moments(const T* values, const T* counts, const T* c, const Layout& l, doub
 
 // F_u = sum_j a_uj c_j for every entry (padding included, as the ATen path does).
 template <typename T>
-void soft_values(const T* values, const T* c, const Layout& l, double neg_inv_tau, bool squared,
-                 bool simd, T* soft) {
+void soft_values(const T* values, const T* c, const Layout& l, double neg_inv_tau, bool squared, bool simd,
+                 T* soft) {
   at::parallel_for(0, l.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> a(l.k);
     for (int64_t task = begin; task < end; ++task) {
@@ -172,8 +172,8 @@ void soft_values(const T* values, const T* c, const Layout& l, double neg_inv_ta
 
 template <typename T>
 UDomainForward forward_impl(const at::Tensor& values_in, const at::Tensor& counts_in,
-                            const at::Tensor& centroids, double temperature, int64_t max_iter,
-                            double epsilon, Distance distance) {
+                            const at::Tensor& centroids, double temperature, int64_t max_iter, double epsilon,
+                            Distance distance) {
   auto values = values_in.contiguous();
   auto counts = counts_in.contiguous();
   const Layout l = layout_of(values, centroids.size(1));
@@ -245,8 +245,8 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
       if constexpr (std::is_same_v<T, float>) {
         if (simd) {
           const int64_t at = g * l.width + lo;
-          attention_avx2::final_pass(v + at, gs + at, hi - lo, c, l.k, float(inv_tau), squared,
-                                     nullptr, dir + at, pg);
+          attention_avx2::final_pass(v + at, gs + at, hi - lo, c, l.k, float(inv_tau), squared, nullptr,
+                                     dir + at, pg);
           continue;
         }
       }
@@ -305,8 +305,8 @@ UDomainBackward backward_impl(const at::Tensor& values_in, const at::Tensor& cou
           if (simd) {
             const int64_t at = g * l.width + lo;
             attention_avx2::reverse_pass(v + at, n + at, hi - lo, cg, next_f.data() + g * l.k,
-                                         q_f.data() + g * l.k, l.k, float(neg_inv_tau), squared,
-                                         nullptr, ind + at, pg);
+                                         q_f.data() + g * l.k, l.k, float(neg_inv_tau), squared, nullptr,
+                                         ind + at, pg);
             for (int64_t j = 0; j < l.k; ++j) pg[j] *= inv_tau;
             continue;
           }
@@ -354,8 +354,8 @@ bool udomain_fused_applies(const at::Tensor& values, const at::Tensor& counts,
 }
 
 UDomainForward udomain_forward_fused(const at::Tensor& values, const at::Tensor& counts,
-                                     const at::Tensor& centroids, double temperature,
-                                     int64_t max_iter, double epsilon, Distance distance) {
+                                     const at::Tensor& centroids, double temperature, int64_t max_iter,
+                                     double epsilon, Distance distance) {
   auto c = centroids.contiguous();
   if (values.scalar_type() == at::kDouble) {
     return forward_impl<double>(values, counts, c, temperature, max_iter, epsilon, distance);
@@ -364,15 +364,15 @@ UDomainForward udomain_forward_fused(const at::Tensor& values, const at::Tensor&
 }
 
 UDomainBackward udomain_backward_fused(const at::Tensor& values, const at::Tensor& counts,
-                                       const at::Tensor& history, int64_t iterations,
-                                       double temperature, Distance distance,
-                                       const at::Tensor& grad_soft, const at::Tensor& grad_centroids) {
+                                       const at::Tensor& history, int64_t iterations, double temperature,
+                                       Distance distance, const at::Tensor& grad_soft,
+                                       const at::Tensor& grad_centroids) {
   if (values.scalar_type() == at::kDouble) {
-    return backward_impl<double>(values, counts, history, iterations, temperature, distance,
-                                 grad_soft, grad_centroids);
+    return backward_impl<double>(values, counts, history, iterations, temperature, distance, grad_soft,
+                                 grad_centroids);
   }
-  return backward_impl<float>(values, counts, history, iterations, temperature, distance,
-                              grad_soft, grad_centroids);
+  return backward_impl<float>(values, counts, history, iterations, temperature, distance, grad_soft,
+                              grad_centroids);
 }
 
 }  // namespace edkm

@@ -40,10 +40,9 @@ struct DtypeInfo {
   int64_t itemsize;
 };
 constexpr DtypeInfo kDtypes[] = {
-    {"BOOL", at::kBool, 1}, {"U8", at::kByte, 1},       {"I8", at::kChar, 1},
-    {"I16", at::kShort, 2}, {"I32", at::kInt, 4},       {"I64", at::kLong, 8},
-    {"F16", at::kHalf, 2},  {"BF16", at::kBFloat16, 2}, {"F32", at::kFloat, 4},
-    {"F64", at::kDouble, 8},
+    {"BOOL", at::kBool, 1}, {"U8", at::kByte, 1},    {"I8", at::kChar, 1},  {"I16", at::kShort, 2},
+    {"I32", at::kInt, 4},   {"I64", at::kLong, 8},   {"F16", at::kHalf, 2}, {"BF16", at::kBFloat16, 2},
+    {"F32", at::kFloat, 4}, {"F64", at::kDouble, 8},
 };
 
 const DtypeInfo* dtype_by_code(const std::string& code) {
@@ -64,10 +63,8 @@ struct WeightDtype {
   const char* name;
   at::ScalarType type;
 };
-constexpr WeightDtype kWeightDtypes[] = {{"bfloat16", at::kBFloat16},
-                                         {"float16", at::kHalf},
-                                         {"float32", at::kFloat},
-                                         {"float64", at::kDouble}};
+constexpr WeightDtype kWeightDtypes[] = {
+    {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}, {"float32", at::kFloat}, {"float64", at::kDouble}};
 
 const char* weight_dtype_name(at::ScalarType t) {
   for (const auto& d : kWeightDtypes) {
@@ -142,7 +139,7 @@ class Reader {
     fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
     TORCH_CHECK(fd_ >= 0, "edkm::load_compressed: cannot open ", path_, ": ", std::strerror(errno));
     guard_.reset(&fd_);
-    struct stat st {};
+    struct stat st{};
     TORCH_CHECK(::fstat(fd_, &st) == 0, "edkm::load_compressed: cannot stat ", path_, ": ",
                 std::strerror(errno));
     if (S_ISDIR(st.st_mode)) bad("is a directory; expected an edkm .safetensors file");
@@ -156,8 +153,7 @@ class Reader {
       const size_t chunk = static_cast<size_t>(std::min<uint64_t>(n, uint64_t(1) << 30));
       const ssize_t got = ::pread(fd_, p, chunk, static_cast<off_t>(offset));
       if (got < 0 && errno == EINTR) continue;
-      TORCH_CHECK(got >= 0, "edkm::load_compressed: reading ", path_, " failed: ",
-                  std::strerror(errno));
+      TORCH_CHECK(got >= 0, "edkm::load_compressed: reading ", path_, " failed: ", std::strerror(errno));
       if (got == 0) bad(std::string("file ended inside ") + what + " (was it truncated while reading?)");
       p += got;
       n -= static_cast<uint64_t>(got);
@@ -172,12 +168,11 @@ class Reader {
     uint64_t n = 0;
     for (int b = 7; b >= 0; --b) n = (n << 8) | len[b];
     if (n > size_ - 8) {
-      bad("header length " + std::to_string(n) + " exceeds the file (" + std::to_string(size_) +
-          " bytes)");
+      bad("header length " + std::to_string(n) + " exceeds the file (" + std::to_string(size_) + " bytes)");
     }
     if (n > kMaxHeaderBytes) {
-      bad("header length " + std::to_string(n) + " exceeds the limit of " +
-          std::to_string(kMaxHeaderBytes) + " bytes");
+      bad("header length " + std::to_string(n) + " exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
+          " bytes");
     }
     header_len_ = n;
     std::string text(static_cast<size_t>(n), '\0');
@@ -187,7 +182,8 @@ class Reader {
     } catch (const json::ParseError& e) {
       bad(std::string("header is not valid JSON: ") + e.what());
     }
-    if (!header_.is_object()) bad(std::string("header must be a JSON object, got ") + json::type_name(header_));
+    if (!header_.is_object())
+      bad(std::string("header must be a JSON object, got ") + json::type_name(header_));
     data_start_ = 8 + header_len_;
     data_len_ = size_ - data_start_;
   }
@@ -196,7 +192,7 @@ class Reader {
     if (v.type != json::Value::Type::kNumber || !v.is_integer) {
       bad("tensor " + q(name) + ": " + what + " must be an integer, got " +
           (v.type == json::Value::Type::kNumber ? "a non-integer or out-of-range number"
-                                                 : std::string("a ") + json::type_name(v)));
+                                                : std::string("a ") + json::type_name(v)));
     }
     return v.integer;
   }
@@ -243,17 +239,15 @@ class Reader {
       }
       entry.begin = as_int(offsets->array[0], name, "data_offsets");
       entry.end = as_int(offsets->array[1], name, "data_offsets");
-      if (entry.begin < 0 || entry.begin > entry.end ||
-          static_cast<uint64_t>(entry.end) > data_len_) {
+      if (entry.begin < 0 || entry.begin > entry.end || static_cast<uint64_t>(entry.end) > data_len_) {
         bad("tensor " + q(name) + ": data_offsets [" + std::to_string(entry.begin) + ", " +
-            std::to_string(entry.end) + "] outside the data section (" +
-            std::to_string(data_len_) + " bytes)");
+            std::to_string(entry.end) + "] outside the data section (" + std::to_string(data_len_) +
+            " bytes)");
       }
       const int64_t nbytes = numel * entry.dtype->itemsize;
       if (entry.end - entry.begin != nbytes) {
-        bad("tensor " + q(name) + ": " + std::to_string(entry.end - entry.begin) +
-            " bytes do not hold " + entry.dtype->code + " " + dims_str(entry.shape) + " (" +
-            std::to_string(nbytes) + " bytes)");
+        bad("tensor " + q(name) + ": " + std::to_string(entry.end - entry.begin) + " bytes do not hold " +
+            entry.dtype->code + " " + dims_str(entry.shape) + " (" + std::to_string(nbytes) + " bytes)");
       }
       spans.emplace_back(entry.begin, entry.end, entries_.size());
       entries_.push_back(std::move(entry));
@@ -358,9 +352,7 @@ class Reader {
   }
 
   void read_layout(const std::string& name, const json::Value& d) {
-    const auto fail = [&](const std::string& what) {
-      bad("edkm.layout entry for " + q(name) + ": " + what);
-    };
+    const auto fail = [&](const std::string& what) { bad("edkm.layout entry for " + q(name) + ": " + what); };
     if (!d.is_object()) fail("expected an object");
     ClusteredTensor c;
     c.bits = layout_int(d, name, "bits");
@@ -418,8 +410,8 @@ class Reader {
       c.outlier_index = out_.tensors.at(name + ".outlier_index");
       c.outlier_values = out_.tensors.at(name + ".outlier_values");
       if (c.outlier_index.dim() != 1 || c.outlier_index.numel() != outliers) {
-        fail("the layout has " + std::to_string(outliers) + " outliers but " +
-             q(name + ".outlier_index") + " has shape " + dims_str(c.outlier_index.sizes().vec()));
+        fail("the layout has " + std::to_string(outliers) + " outliers but " + q(name + ".outlier_index") +
+             " has shape " + dims_str(c.outlier_index.sizes().vec()));
       }
     }
     try {
@@ -509,14 +501,13 @@ class TempFile {
   }
 
   void commit() {
-    TORCH_CHECK(::fsync(fd_) == 0, "edkm::save_compressed: fsync of ", tmp_, " failed: ",
-                std::strerror(errno));
+    TORCH_CHECK(::fsync(fd_) == 0, "edkm::save_compressed: fsync of ", tmp_,
+                " failed: ", std::strerror(errno));
     const int fd = fd_;
     fd_ = -1;
-    TORCH_CHECK(::close(fd) == 0, "edkm::save_compressed: closing ", tmp_, " failed: ",
-                std::strerror(errno));
-    TORCH_CHECK(::rename(tmp_.c_str(), path_.c_str()) == 0, "edkm::save_compressed: renaming ",
-                tmp_, " to ", path_, " failed: ", std::strerror(errno));
+    TORCH_CHECK(::close(fd) == 0, "edkm::save_compressed: closing ", tmp_, " failed: ", std::strerror(errno));
+    TORCH_CHECK(::rename(tmp_.c_str(), path_.c_str()) == 0, "edkm::save_compressed: renaming ", tmp_, " to ",
+                path_, " failed: ", std::strerror(errno));
     committed_ = true;
     // Make the rename itself durable (best effort: some file systems refuse fsync on a directory).
     const int dfd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -545,8 +536,8 @@ int64_t ClusteredTensor::numel() const {
 void ClusteredTensor::check(const std::string& name) const {
   const std::string who = "clustered tensor " + q(name);
   TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, who, ": bits must be in 1..8, got ", bits);
-  TORCH_CHECK_VALUE(!shape.empty() && shape.size() <= kMaxDims, who,
-                    ": shape must have 1 to ", kMaxDims, " dimensions, got ", dims_str(shape));
+  TORCH_CHECK_VALUE(!shape.empty() && shape.size() <= kMaxDims, who, ": shape must have 1 to ", kMaxDims,
+                    " dimensions, got ", dims_str(shape));
   for (const int64_t s : shape) {
     TORCH_CHECK_VALUE(s > 0, who, ": every shape dimension must be > 0, got ", dims_str(shape));
   }
@@ -557,30 +548,25 @@ void ClusteredTensor::check(const std::string& name) const {
   TORCH_CHECK_VALUE(groups >= 1 && groups <= n, who, ": groups must be in 1..numel, got ", groups);
   TORCH_CHECK_VALUE(cluster_dim >= 1 && cluster_dim <= shape.back(), who,
                     ": cluster_dim must be in 1..shape[-1], got ", cluster_dim);
-  TORCH_CHECK_VALUE(shape.back() % cluster_dim == 0 && n % (groups * cluster_dim) == 0, who,
-                    ": shape ", dims_str(shape), " cannot be cut into ", groups, " groups of ",
-                    cluster_dim, "-vectors");
+  TORCH_CHECK_VALUE(shape.back() % cluster_dim == 0 && n % (groups * cluster_dim) == 0, who, ": shape ",
+                    dims_str(shape), " cannot be cut into ", groups, " groups of ", cluster_dim, "-vectors");
   const int64_t k = int64_t(1) << bits;
   TORCH_CHECK_VALUE(lut.defined(), who, ": lut is missing");
-  TORCH_CHECK_VALUE(lut.scalar_type() == at::kHalf, who, ": lut must be float16, got ",
-                    lut.scalar_type());
-  TORCH_CHECK_VALUE(lut.dim() == 3 && lut.size(0) == groups && lut.size(1) == k &&
-                        lut.size(2) == cluster_dim,
-                    who, ": lut must have shape [groups, 2^bits, cluster_dim] = [", groups, ", ",
-                    k, ", ", cluster_dim, "], got ", lut.sizes());
+  TORCH_CHECK_VALUE(lut.scalar_type() == at::kHalf, who, ": lut must be float16, got ", lut.scalar_type());
+  TORCH_CHECK_VALUE(lut.dim() == 3 && lut.size(0) == groups && lut.size(1) == k && lut.size(2) == cluster_dim,
+                    who, ": lut must have shape [groups, 2^bits, cluster_dim] = [", groups, ", ", k, ", ",
+                    cluster_dim, "], got ", lut.sizes());
   TORCH_CHECK_VALUE(at::isfinite(lut).all().item<bool>(), who, ": lut has NaN or Inf values");
   const int64_t nbytes = (n / cluster_dim * bits + 7) / 8;
   TORCH_CHECK_VALUE(packed.defined(), who, ": packed indices are missing");
-  TORCH_CHECK_VALUE(packed.scalar_type() == at::kByte && packed.dim() == 1 &&
-                        packed.numel() == nbytes,
-                    who, ": packed indices must be uint8 [ceil(", n / cluster_dim, " * ", bits,
-                    " / 8)] = [", nbytes, "], got ", packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK_VALUE(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.numel() == nbytes, who,
+                    ": packed indices must be uint8 [ceil(", n / cluster_dim, " * ", bits, " / 8)] = [",
+                    nbytes, "], got ", packed.scalar_type(), " ", packed.sizes());
   const int64_t used = (n / cluster_dim * bits) % 8;
   if (used != 0) {
     const int last = packed[nbytes - 1].item<int>();
     TORCH_CHECK_VALUE((last >> used) == 0, who,
-                      ": the unused high bits of the last packed byte must be zero, got byte ",
-                      last);
+                      ": the unused high bits of the last packed byte must be zero, got byte ", last);
   }
   check_outliers(who);
 }
@@ -595,15 +581,13 @@ void ClusteredTensor::check_outliers(const std::string& who) const {
   if (!outlier_index.defined()) return;
   const int64_t n = numel();
   const int64_t count = outlier_index.numel();
-  TORCH_CHECK_VALUE(cluster_dim == 1 || count == 0, who, ": outliers need cluster_dim 1, got ",
-                    cluster_dim);
-  TORCH_CHECK_VALUE(outlier_index.scalar_type() == outlier_index_dtype(), who,
-                    ": outlier_index must be ", outlier_index_dtype(), " for ", n,
-                    " elements, got ", outlier_index.scalar_type());
-  TORCH_CHECK_VALUE(outlier_index.dim() == 1 && outlier_values.dim() == 1 &&
-                        outlier_values.numel() == count && count <= n,
-                    who, ": outlier_index and outlier_values must be 1-D of the same length (at most ",
-                    n, "), got ", outlier_index.sizes(), " and ", outlier_values.sizes());
+  TORCH_CHECK_VALUE(cluster_dim == 1 || count == 0, who, ": outliers need cluster_dim 1, got ", cluster_dim);
+  TORCH_CHECK_VALUE(outlier_index.scalar_type() == outlier_index_dtype(), who, ": outlier_index must be ",
+                    outlier_index_dtype(), " for ", n, " elements, got ", outlier_index.scalar_type());
+  TORCH_CHECK_VALUE(
+      outlier_index.dim() == 1 && outlier_values.dim() == 1 && outlier_values.numel() == count && count <= n,
+      who, ": outlier_index and outlier_values must be 1-D of the same length (at most ", n, "), got ",
+      outlier_index.sizes(), " and ", outlier_values.sizes());
   const bool sixteen = dtype == at::kHalf || dtype == at::kBFloat16;
   const at::ScalarType vt = outlier_values.scalar_type();
   TORCH_CHECK_VALUE(sixteen ? vt == dtype : (vt == at::kHalf || vt == at::kBFloat16), who,
@@ -612,12 +596,13 @@ void ClusteredTensor::check_outliers(const std::string& who) const {
   if (count == 0) return;
   const auto idx = outlier_index.cpu().to(at::kLong).contiguous();
   const int64_t* p = idx.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(p[0] >= 0 && p[count - 1] < n, who, ": outlier positions must be in [0, ", n,
-                    "), got ", p[0], "..", p[count - 1]);
+  TORCH_CHECK_VALUE(p[0] >= 0 && p[count - 1] < n, who, ": outlier positions must be in [0, ", n, "), got ",
+                    p[0], "..", p[count - 1]);
   for (int64_t k = 1; k < count; ++k) {
     TORCH_CHECK_VALUE(p[k] > p[k - 1], who,
                       ": outlier positions must be strictly increasing (sorted, no repeats); "
-                      "position ", k, " is ", p[k], " after ", p[k - 1]);
+                      "position ",
+                      k, " is ", p[k], " after ", p[k - 1]);
   }
   TORCH_CHECK_VALUE(at::isfinite(outlier_values).all().item<bool>(), who,
                     ": outlier_values has NaN or Inf values");
@@ -632,7 +617,8 @@ at::Tensor ClusteredTensor::dequantize() const {
   if (cluster_dim == 1) {
     w = edkm::dequantize(idx.view(shape), table.select(2, 0).contiguous(), dtype);
   } else {
-    auto index = idx.to(at::kLong).view({groups, n_idx / groups, 1}).expand({groups, n_idx / groups, cluster_dim});
+    auto index =
+        idx.to(at::kLong).view({groups, n_idx / groups, 1}).expand({groups, n_idx / groups, cluster_dim});
     w = table.gather(1, index).to(dtype).reshape(shape);
   }
   if (num_outliers() > 0) {
@@ -693,9 +679,9 @@ void save_compressed(const std::string& path, const CompressedFile& file) {
       version = "2";
     }
     layout += (layout.size() > 1 ? "," : "") + json_str(op, name, "clustered tensor name") +
-              ":{\"bits\":" + std::to_string(c.bits) + ",\"shape\":" + json_ints(c.shape) +
-              ",\"dtype\":\"" + weight_dtype_name(c.dtype) + "\",\"groups\":" +
-              std::to_string(c.groups) + ",\"cluster_dim\":" + std::to_string(c.cluster_dim) +
+              ":{\"bits\":" + std::to_string(c.bits) + ",\"shape\":" + json_ints(c.shape) + ",\"dtype\":\"" +
+              weight_dtype_name(c.dtype) + "\",\"groups\":" + std::to_string(c.groups) +
+              ",\"cluster_dim\":" + std::to_string(c.cluster_dim) +
               (outliers > 0 ? ",\"outliers\":" + std::to_string(outliers) : std::string()) + "}";
   }
   layout += "}";
@@ -720,11 +706,10 @@ void save_compressed(const std::string& path, const CompressedFile& file) {
   TORCH_CHECK_VALUE(!entries.count("__metadata__"), op, ": '__metadata__' is reserved");
   std::string aliases = "{";
   for (const auto& [alias, target] : file.aliases) {
-    TORCH_CHECK_VALUE(file.tensors.count(target) || file.clustered.count(target), op, ": alias ",
-                      q(alias), " points to ", q(target), ", which is not a stored tensor");
-    TORCH_CHECK_VALUE(!file.tensors.count(alias) && !file.clustered.count(alias) &&
-                          !entries.count(alias),
-                      op, ": alias ", q(alias), " is also the name of a stored tensor");
+    TORCH_CHECK_VALUE(file.tensors.count(target) || file.clustered.count(target), op, ": alias ", q(alias),
+                      " points to ", q(target), ", which is not a stored tensor");
+    TORCH_CHECK_VALUE(!file.tensors.count(alias) && !file.clustered.count(alias) && !entries.count(alias), op,
+                      ": alias ", q(alias), " is also the name of a stored tensor");
     aliases += (aliases.size() > 1 ? "," : "") + json_str(op, alias, "alias") + ":" +
                json_str(op, target, "alias target");
   }
@@ -735,8 +720,7 @@ void save_compressed(const std::string& path, const CompressedFile& file) {
   if (!file.aliases.empty()) header += ",\"edkm.aliases\":" + json::quote(aliases);
   for (const auto& [k, v] : file.metadata) {
     for (const char* reserved : kReservedMetadata) {
-      TORCH_CHECK_VALUE(k != reserved, op, ": metadata key ", q(k),
-                        " is reserved (edkm writes it itself)");
+      TORCH_CHECK_VALUE(k != reserved, op, ": metadata key ", q(k), " is reserved (edkm writes it itself)");
     }
     header += "," + json_str(op, k, "metadata key") + ":" + json_str(op, v, "metadata value");
   }
@@ -751,12 +735,12 @@ void save_compressed(const std::string& path, const CompressedFile& file) {
   }
   header += "}";
   header.append((8 - header.size() % 8) % 8, ' ');  // 8 + N is a multiple of 8
-  TORCH_CHECK_VALUE(header.size() <= kMaxHeaderBytes, op, ": the header would take ",
-                    header.size(), " bytes, over safetensors' limit of ", kMaxHeaderBytes);
+  TORCH_CHECK_VALUE(header.size() <= kMaxHeaderBytes, op, ": the header would take ", header.size(),
+                    " bytes, over safetensors' limit of ", kMaxHeaderBytes);
 
-  struct stat st {};
-  TORCH_CHECK_VALUE(!(::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)), op, ": path ",
-                    q(path), " is a directory; expected a file name");
+  struct stat st{};
+  TORCH_CHECK_VALUE(!(::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)), op, ": path ", q(path),
+                    " is a directory; expected a file name");
   TempFile out(path);
   unsigned char len[8];
   uint64_t n = header.size();

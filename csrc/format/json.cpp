@@ -17,10 +17,14 @@ size_t utf8_sequence(const std::string& s, size_t i) {
   if (c < 0x80) return 1;
   size_t len;
   uint32_t cp;
-  if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1F;
-  else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0F;
-  else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
-  else return 0;
+  if (c >= 0xC2 && c <= 0xDF)
+    len = 2, cp = c & 0x1F;
+  else if (c >= 0xE0 && c <= 0xEF)
+    len = 3, cp = c & 0x0F;
+  else if (c >= 0xF0 && c <= 0xF4)
+    len = 4, cp = c & 0x07;
+  else
+    return 0;
   if (s.size() - i < len) return 0;
   for (size_t k = 1; k < len; ++k) {
     const unsigned char b = at(i + k);
@@ -28,7 +32,7 @@ size_t utf8_sequence(const std::string& s, size_t i) {
     cp = (cp << 6) | (b & 0x3F);
   }
   if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000)) return 0;  // overlong
-  if (cp >= 0xD800 && cp <= 0xDFFF) return 0;                           // surrogate
+  if (cp >= 0xD800 && cp <= 0xDFFF) return 0;                            // surrogate
   if (cp > 0x10FFFF) return 0;
   return len;
 }
@@ -96,8 +100,12 @@ class Parser {
     if (at_end()) fail("unexpected end of JSON text");
     count_value();
     switch (peek()) {
-      case '{': parse_object(v, depth + 1); return;
-      case '[': parse_array(v, depth + 1); return;
+      case '{':
+        parse_object(v, depth + 1);
+        return;
+      case '[':
+        parse_array(v, depth + 1);
+        return;
       case '"':
         v.type = Value::Type::kString;
         parse_string(v.string);
@@ -210,10 +218,14 @@ class Parser {
     for (int k = 0; k < 4; ++k) {
       const char c = s_[i_ + k];
       cp <<= 4;
-      if (c >= '0' && c <= '9') cp |= c - '0';
-      else if (c >= 'a' && c <= 'f') cp |= c - 'a' + 10;
-      else if (c >= 'A' && c <= 'F') cp |= c - 'A' + 10;
-      else fail("invalid hex digit in \\u escape");
+      if (c >= '0' && c <= '9')
+        cp |= c - '0';
+      else if (c >= 'a' && c <= 'f')
+        cp |= c - 'a' + 10;
+      else if (c >= 'A' && c <= 'F')
+        cp |= c - 'A' + 10;
+      else
+        fail("invalid hex digit in \\u escape");
     }
     i_ += 4;
     return cp;
@@ -235,14 +247,30 @@ class Parser {
         const char e = peek();
         ++i_;
         switch (e) {
-          case '"': out += '"'; break;
-          case '\\': out += '\\'; break;
-          case '/': out += '/'; break;
-          case 'b': out += '\b'; break;
-          case 'f': out += '\f'; break;
-          case 'n': out += '\n'; break;
-          case 'r': out += '\r'; break;
-          case 't': out += '\t'; break;
+          case '"':
+            out += '"';
+            break;
+          case '\\':
+            out += '\\';
+            break;
+          case '/':
+            out += '/';
+            break;
+          case 'b':
+            out += '\b';
+            break;
+          case 'f':
+            out += '\f';
+            break;
+          case 'n':
+            out += '\n';
+            break;
+          case 'r':
+            out += '\r';
+            break;
+          case 't':
+            out += '\t';
+            break;
           case 'u': {
             uint32_t cp = parse_hex4();
             if (cp >= 0xDC00 && cp <= 0xDFFF) fail("unpaired low surrogate in \\u escape");
@@ -258,7 +286,9 @@ class Parser {
             append_utf8(out, cp);
             break;
           }
-          default: --i_; fail(std::string("invalid escape '\\") + printable(e) + "' in string");
+          default:
+            --i_;
+            fail(std::string("invalid escape '\\") + printable(e) + "' in string");
         }
         continue;
       }
@@ -350,9 +380,7 @@ const Value* Value::find(const std::string& key) const {
   return nullptr;
 }
 
-Value parse(const std::string& text, const Limits& limits) {
-  return Parser(text, limits).parse_document();
-}
+Value parse(const std::string& text, const Limits& limits) { return Parser(text, limits).parse_document(); }
 
 bool valid_utf8(const std::string& s) {
   for (size_t i = 0; i < s.size();) {
@@ -369,13 +397,27 @@ std::string quote(const std::string& s) {
   for (const char ch : s) {
     const auto c = static_cast<unsigned char>(ch);
     switch (ch) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (c < 0x20) {
           const char* hex = "0123456789abcdef";
@@ -393,12 +435,18 @@ std::string quote(const std::string& s) {
 
 const char* type_name(const Value& v) {
   switch (v.type) {
-    case Value::Type::kNull: return "null";
-    case Value::Type::kBool: return "boolean";
-    case Value::Type::kNumber: return "number";
-    case Value::Type::kString: return "string";
-    case Value::Type::kArray: return "array";
-    default: return "object";
+    case Value::Type::kNull:
+      return "null";
+    case Value::Type::kBool:
+      return "boolean";
+    case Value::Type::kNumber:
+      return "number";
+    case Value::Type::kString:
+      return "string";
+    case Value::Type::kArray:
+      return "array";
+    default:
+      return "object";
   }
 }
 

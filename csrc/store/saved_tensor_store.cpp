@@ -14,10 +14,14 @@ namespace {
 // Integer dtype with the same element size, to compare and hash values bit for bit.
 at::ScalarType bits_dtype(const at::Tensor& t) {
   switch (t.element_size()) {
-    case 1: return at::kByte;
-    case 2: return at::kShort;
-    case 4: return at::kInt;
-    default: return at::kLong;
+    case 1:
+      return at::kByte;
+    case 2:
+      return at::kShort;
+    case 4:
+      return at::kInt;
+    default:
+      return at::kLong;
   }
 }
 
@@ -38,8 +42,8 @@ struct SavedTensorStore::Blob {
   at::Tensor bytes;         // raw: the storage's bytes, uint8 [nbytes]
   at::Tensor table, index;  // uniquified: distinct rows (as integers) and one index per row
   at::ScalarType dtype = at::kByte;
-  int64_t numel = 0;        // uniquified: elements of the storage
-  int64_t nbytes = 0;       // bytes of the original storage
+  int64_t numel = 0;   // uniquified: elements of the storage
+  int64_t nbytes = 0;  // bytes of the original storage
   c10::Device device{at::kCPU};
   std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> source;    // keeps the dedup key unique
   std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> restored;  // unpack cache
@@ -173,8 +177,7 @@ int64_t SavedTensorStore::pack(const at::Tensor& tensor) {
 
   const bool inference = tensor.is_inference();
   // A parameter, or a view of one (F.linear saves weight.t()): kept alive by its module anyway.
-  const at::TensorBase& root =
-      tensor.is_view() ? tensor._base() : static_cast<const at::TensorBase&>(tensor);
+  const at::TensorBase& root = tensor.is_view() ? tensor._base() : static_cast<const at::TensorBase&>(tensor);
   const bool parameter = root.is_leaf() && root.requires_grad();
   const bool copy = options_.offload || options_.uniquify;
   if ((parameter && options_.keep_parameters) || !copy || !tensor.has_storage()) {
@@ -246,8 +249,8 @@ at::Tensor SavedTensorStore::unpack(int64_t handle) {
   if (!e.blob) {
     TORCH_CHECK(!e.check_version || e.referenced._version() == e.version,
                 "saved_tensors: a tensor needed for gradient computation has been modified by an "
-                "inplace operation after it was saved (version ", e.referenced._version(),
-                ", expected ", e.version, ")");
+                "inplace operation after it was saved (version ",
+                e.referenced._version(), ", expected ", e.version, ")");
     return e.referenced;
   }
   c10::Storage storage = e.blob->restore();

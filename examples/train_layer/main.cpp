@@ -100,15 +100,16 @@ int main() {
       distinct_max = std::max<int64_t>(distinct_max, std::get<0>(at::_unique2(groups[g])).numel());
     }
   }
-  std::printf("loss %.5f -> %.5f (soft, 150 steps), %.5f (finalized, <= %lld values per LUT group)\n",
-              first, last, final_loss, static_cast<long long>(distinct_max));
+  std::printf("loss %.5f -> %.5f (soft, 150 steps), %.5f (finalized, <= %lld values per LUT group)\n", first,
+              last, final_loss, static_cast<long long>(distinct_max));
   std::printf("file %s: %lld bytes; the same %lld parameters in float32: %lld bytes (%.1fx smaller)\n",
               path.c_str(), static_cast<long long>(file_bytes), static_cast<long long>(params),
               static_cast<long long>(params * 4), double(params * 4) / double(file_bytes));
-  std::printf("clustered weights: %lld bytes for %lld weights = %.2f bits each (3-bit indices + "
-              "fp16 LUTs); the rest is biases and the header\n",
-              static_cast<long long>(clustered_bytes), static_cast<long long>(weights),
-              8.0 * double(clustered_bytes) / double(weights));
+  std::printf(
+      "clustered weights: %lld bytes for %lld weights = %.2f bits each (3-bit indices + "
+      "fp16 LUTs); the rest is biases and the header\n",
+      static_cast<long long>(clustered_bytes), static_cast<long long>(weights),
+      8.0 * double(clustered_bytes) / double(weights));
   std::printf("loaded model output %s the finalized model's\n",
               exact ? "equals, bit for bit," : "DIFFERS from");
   const bool ok = exact && last < 0.5 * first && final_loss < first && distinct_max <= 8;

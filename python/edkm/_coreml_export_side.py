@@ -12,6 +12,7 @@ edkm wrote (indices [rows, cols / d], LUT [G, 1, K, d]), so nothing is clustered
 outliers the decompressed ``constexpr_sparse_to_dense`` (NAME.outliers_dense), for the tests.
 Both print one JSON line of facts on stdout.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,10 @@ class MilOps:
                 mask[self.weights[name + ".outlier_index"]] = 1
                 mask = mask.reshape(info["shape"]).astype(self.types.np_uint1_dtype)
                 sparse = self.mb.constexpr_sparse_to_dense(
-                    nonzero_data=self.weights[name + ".outlier_values"].astype(np.float16), mask=mask,
-                    name=mil_name(name) + "___outliers")
+                    nonzero_data=self.weights[name + ".outlier_values"].astype(np.float16),
+                    mask=mask,
+                    name=mil_name(name) + "___outliers",
+                )
                 v = self.mb.select(cond=self.mb.not_equal(x=sparse, y=np.float16(0)), a=sparse, b=v)
         else:
             v = self.mb.const(val=self.weights[name].astype(np.float16), name=mil_name(name))
@@ -134,13 +137,21 @@ def build(spec_path: str, weights_path: str, out: str) -> dict:
 
     # The program is fp16 already, with RMSNorm's statistics in fp32 on purpose: FLOAT32 here
     # means "leave the dtypes as built" (FLOAT16 would turn those fp32 ops into fp16 as well).
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                       compute_precision=ct.precision.FLOAT32, skip_model_load=True)
+    model = ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT32,
+        skip_model_load=True,
+    )
     model.short_description = spec.get("description", "")
     model.save(out)
     weight_file = os.path.join(out, "Data", "com.apple.CoreML", "weights", "weight.bin")
-    return {"path": out, "weight_bytes": os.path.getsize(weight_file),
-            "clustered": sum(1 for w in spec["weights"].values() if w["kind"] == "lut")}
+    return {
+        "path": out,
+        "weight_bytes": os.path.getsize(weight_file),
+        "clustered": sum(1 for w in spec["weights"].values() if w["kind"] == "lut"),
+    }
 
 
 def read(package: str, out_npz: str) -> dict:
@@ -149,8 +160,7 @@ def read(package: str, out_npz: str) -> dict:
 
     model = ct.models.MLModel(package, skip_model_load=True)
     spec = model.get_spec()
-    prog = milproto_load(spec, spec.specificationVersion,
-                         os.path.join(package, "Data", "com.apple.CoreML", "weights"))
+    prog = milproto_load(spec, spec.specificationVersion, os.path.join(package, "Data", "com.apple.CoreML", "weights"))
     arrays, ops = {}, {}
     for op in prog.functions["main"].operations:
         ops[op.op_type] = ops.get(op.op_type, 0) + 1
@@ -163,9 +173,12 @@ def read(package: str, out_npz: str) -> dict:
             arrays[name + ".lut"] = np.asarray(op.lut.val)
             arrays[name + ".dense"] = np.asarray(op.materialized_val_inference())
     np.savez(out_npz, **arrays)
-    return {"ops": ops, "opset": str(prog.functions["main"].opset_version),
-            "inputs": {k: list(v.shape) for k, v in prog.functions["main"].inputs.items()},
-            "outputs": [list(o.shape) for o in prog.functions["main"].outputs]}
+    return {
+        "ops": ops,
+        "opset": str(prog.functions["main"].opset_version),
+        "inputs": {k: list(v.shape) for k, v in prog.functions["main"].inputs.items()},
+        "outputs": [list(o.shape) for o in prog.functions["main"].outputs],
+    }
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ inside the coremltools environment, which has no torch.
 ``spec``: {"hidden", "heads", "kv_heads", "head_dim", "intermediate", "eps", "rope_theta",
 "vocab", "layers", "seq_len", "tie"}; weight names are Hugging Face LLaMA's.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def causal_mask(t: int, neg: float) -> np.ndarray:
 def forward(ops, spec: dict, input_ids):
     """Logits [1, seq_len, vocab] of ``input_ids`` [1, seq_len] through ``spec["layers"]``
     decoder layers, the final norm and the LM head."""
-    t, h, hd = spec["seq_len"], spec["hidden"], spec["head_dim"]
+    t, hd = spec["seq_len"], spec["head_dim"]
     nh, nkv = spec["heads"], spec["kv_heads"]
     w = ops.weight
     emb = w("model.embed_tokens.weight")
@@ -89,6 +90,7 @@ def lut_dense(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 class NumpyOps:
     """float32 numpy backend; ``weights``: name -> array, or (indices, lut) for clustered ones."""
+
     mask_value = -1e9
 
     def __init__(self, weights: dict):

@@ -2,6 +2,7 @@
 
 Each mirrors its C++ kernel's output shapes; opcheck tests that the two agree.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,17 @@ def _dkm_forward_fake(weight, centroids, temperature, max_iter, epsilon, distanc
 
 @torch.library.register_fake("edkm::_dkm_backward")
 def _dkm_backward_fake(
-    grad_clustered, grad_centroids, weight, lookup, values, counts, history, iterations,
-    temperature, distance, centroids_dtype,
+    grad_clustered,
+    grad_centroids,
+    weight,
+    lookup,
+    values,
+    counts,
+    history,
+    iterations,
+    temperature,
+    distance,
+    centroids_dtype,
 ):
     groups, k = history.shape[1], history.shape[2]
     return (
@@ -79,8 +89,17 @@ def _dkm_backward_fake(
 
 @torch.library.register_fake("edkm::_dkm_backward_")
 def _dkm_backward_inplace_fake(
-    grad_clustered, grad_centroids, weight, lookup, values, counts, history, iterations,
-    temperature, distance, centroids_dtype,
+    grad_clustered,
+    grad_centroids,
+    weight,
+    lookup,
+    values,
+    counts,
+    history,
+    iterations,
+    temperature,
+    distance,
+    centroids_dtype,
 ):
     return weight.new_empty((history.shape[1], history.shape[2]), dtype=centroids_dtype)
 
@@ -150,37 +169,44 @@ def _optimal_kmeans_1d_fake(values, counts, k):
 @torch.library.register_fake("edkm::optimal_kmeans_1d_grouped")
 def _optimal_kmeans_1d_grouped_fake(weight, k, importance=None):
     groups = weight.shape[0]
-    return (weight.new_empty((groups, k), dtype=torch.float64),
-            weight.new_empty((groups,), dtype=torch.float64))
+    return (weight.new_empty((groups, k), dtype=torch.float64), weight.new_empty((groups,), dtype=torch.float64))
 
 
 @torch.library.register_fake("edkm::_udomain_forward")
 def _udomain_forward_fake(values, counts, centroids, temperature, max_iter, epsilon, distance):
     groups, k = centroids.shape
-    return (torch.empty_like(centroids), torch.empty_like(values),
-            values.new_empty((max_iter + 1, groups, k)), values.new_empty((), dtype=torch.int64))
+    return (
+        torch.empty_like(centroids),
+        torch.empty_like(values),
+        values.new_empty((max_iter + 1, groups, k)),
+        values.new_empty((), dtype=torch.int64),
+    )
 
 
 @torch.library.register_fake("edkm::_udomain_backward")
-def _udomain_backward_fake(values, counts, history, iterations, temperature, distance, grad_soft,
-                           grad_centroids=None):
+def _udomain_backward_fake(values, counts, history, iterations, temperature, distance, grad_soft, grad_centroids=None):
     return torch.empty_like(values), torch.empty_like(values), values.new_empty(history.shape[1:])
 
 
 @torch.library.register_fake("edkm::_ndomain_forward")
 def _ndomain_forward_fake(weight, centroids, temperature, max_iter, epsilon, distance):
     groups, k = centroids.shape
-    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
-            torch.empty_like(centroids),
-            weight.new_empty((), dtype=torch.int64),
-            weight.new_empty((max_iter + 1, groups, k), dtype=_compute_dtype(weight.dtype)))
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(centroids),
+        weight.new_empty((), dtype=torch.int64),
+        weight.new_empty((max_iter + 1, groups, k), dtype=_compute_dtype(weight.dtype)),
+    )
 
 
 @torch.library.register_fake("edkm::_ndomain_backward")
-def _ndomain_backward_fake(grad_clustered, grad_centroids, weight, history, iterations,
-                           temperature, distance, centroids_dtype):
-    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty((history.shape[1], history.shape[2]), dtype=centroids_dtype))
+def _ndomain_backward_fake(
+    grad_clustered, grad_centroids, weight, history, iterations, temperature, distance, centroids_dtype
+):
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        weight.new_empty((history.shape[1], history.shape[2]), dtype=centroids_dtype),
+    )
 
 
 @torch.library.register_fake("edkm::_ndomain_recompute")
@@ -196,16 +222,16 @@ def _check_same_device(op: str, packed, lut, input=None) -> None:
 
 
 @torch.library.register_fake("edkm::lut_linear")
-def _lut_linear_fake(input, packed, lut, bits, out_features, bias=None, outlier_index=None,
-                     outlier_values=None):
+def _lut_linear_fake(input, packed, lut, bits, out_features, bias=None, outlier_index=None, outlier_values=None):
     _check_bits("lut_linear", bits)
     _check_same_device("lut_linear", packed, lut, input)
     return input.new_empty((*input.shape[:-1], out_features))
 
 
 @torch.library.register_fake("edkm::lut_embedding")
-def _lut_embedding_fake(indices, packed, lut, bits, num_embeddings, embedding_dim,
-                        outlier_index=None, outlier_values=None, dtype=None):
+def _lut_embedding_fake(
+    indices, packed, lut, bits, num_embeddings, embedding_dim, outlier_index=None, outlier_values=None, dtype=None
+):
     _check_bits("lut_embedding", bits)
     _check_same_device("lut_embedding", packed, lut)
     return lut.new_empty((*indices.shape, embedding_dim), dtype=dtype or lut.dtype)

@@ -1,4 +1,5 @@
 """Loads libedkm (the op library shared with C++ users) and the pybind11 module."""
+
 from __future__ import annotations
 
 import glob

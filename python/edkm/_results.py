@@ -1,4 +1,5 @@
 """Writing benchmark results: atomically (temp file + rename), with the command and machine."""
+
 from __future__ import annotations
 
 import datetime

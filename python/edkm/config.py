@@ -1,4 +1,5 @@
 """What to cluster and how: :class:`Config`, with per-module-type and per-module-name overrides."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,7 @@ from torch import nn
 DISTANCES = ("squared", "absolute")
 INITS = ("auto", "optimal", "kmeans++", "sensitivity")
 OUTLIER_CRITERIA = ("magnitude", "sensitivity")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-           "float64": torch.float64}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -74,13 +74,16 @@ class Config:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             bad("bits", "an integer in 1..8", self.bits)
         if self.group_size is not None and (
-                isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-                or self.group_size < 1):
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
             bad("group_size", "None or a positive integer", self.group_size)
         if isinstance(self.cluster_dim, bool) or not isinstance(self.cluster_dim, int) or self.cluster_dim < 1:
             bad("cluster_dim", "a positive integer", self.cluster_dim)
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0 \
-                or self.temperature == float("inf"):
+        if (
+            not isinstance(self.temperature, (int, float))
+            or not self.temperature > 0
+            or self.temperature == float("inf")
+        ):
             bad("temperature", "a finite number > 0", self.temperature)
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
             bad("max_iter", "an integer >= 1", self.max_iter)
@@ -106,8 +109,11 @@ class Config:
             bad("init", "not 'sensitivity' when cluster_dim > 1 (weighted k-means here is 1-D)", self.init)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             bad("seed", "an integer", self.seed)
-        if isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float)) \
-                or not 0.0 <= self.outlier_fraction <= 0.1:
+        if (
+            isinstance(self.outlier_fraction, bool)
+            or not isinstance(self.outlier_fraction, (int, float))
+            or not 0.0 <= self.outlier_fraction <= 0.1
+        ):
             bad("outlier_fraction", "a number in [0, 0.1]", self.outlier_fraction)
         if self.outlier_criterion not in OUTLIER_CRITERIA:
             bad("outlier_criterion", f"one of {OUTLIER_CRITERIA}", self.outlier_criterion)
@@ -123,8 +129,9 @@ class Config:
             try:
                 re.compile(key)
             except re.error as e:
-                raise ValueError(f"edkm.Config: module_names key {key!r} is not a valid regular "
-                                 f"expression: {e}") from None
+                raise ValueError(
+                    f"edkm.Config: module_names key {key!r} is not a valid regular expression: {e}"
+                ) from None
             self._override(value, f"module_names[{key!r}]")
         for key, value in self.module_types.items():
             if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
@@ -142,8 +149,9 @@ class Config:
             return value
         if isinstance(value, Mapping):
             return self.replace(**value, _where=where)
-        raise ValueError(f"edkm.Config: {where} must be a Config, a dict of Config fields or None, "
-                         f"got {type(value).__name__}")
+        raise ValueError(
+            f"edkm.Config: {where} must be a Config, a dict of Config fields or None, got {type(value).__name__}"
+        )
 
     def replace(self, _where: str = "edkm.Config.replace", **changes) -> "Config":
         """A copy with some fields changed (overrides are not inherited)."""

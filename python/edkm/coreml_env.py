@@ -12,6 +12,7 @@ failed install says exactly why.
 
 This module does not import edkm's native library (only the standard library).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,32 +30,49 @@ COREML_TORCH_VERSION = "2.7.0"
 COREML_NUMPY_VERSION = "2.2.6"
 
 
-def requirements(coremltools_version: str = COREMLTOOLS_VERSION,
-                 torch_version: str = COREML_TORCH_VERSION,
-                 numpy_version: str = COREML_NUMPY_VERSION) -> list[str]:
+def requirements(
+    coremltools_version: str = COREMLTOOLS_VERSION,
+    torch_version: str = COREML_TORCH_VERSION,
+    numpy_version: str = COREML_NUMPY_VERSION,
+) -> list[str]:
     """The pip requirement lines of the environment (the environment's key is built from them)."""
-    for name, v in (("coremltools", coremltools_version), ("torch", torch_version),
-                    ("numpy", numpy_version)):
+    for name, v in (("coremltools", coremltools_version), ("torch", torch_version), ("numpy", numpy_version)):
         if not v or any(ch.isspace() for ch in v) or any(ch in v for ch in "<>=!;,"):
             raise ValueError(f"{name} version must be a plain version like 2.7.0, got {v!r}")
-    return [f"coremltools=={coremltools_version}", f"torch=={torch_version}",
-            f"numpy=={numpy_version}"]
+    return [f"coremltools=={coremltools_version}", f"torch=={torch_version}", f"numpy=={numpy_version}"]
 
 
 # `edkm export --coreml`: no torch. Every package is pinned (coremltools 9.0 asks protobuf,
 # sympy, attrs, cattrs, pyaml, tqdm, packaging without upper bounds).
-EXPORT_REQUIREMENTS = ["coremltools==9.0", "numpy==2.2.6", "protobuf==7.36.2", "sympy==1.14.0",
-                       "mpmath==1.3.0", "attrs==26.1.0", "cattrs==26.2.1", "pyaml==26.7.0",
-                       "PyYAML==6.0.4", "tqdm==4.70.1", "packaging==26.4", "typing_extensions==4.16.0"]
-EXPORT_CHECK = ("import json, numpy, coremltools; from coremltools.converters.mil import Builder; "
-                "print(json.dumps({'numpy': numpy.__version__, 'coremltools': coremltools.__version__}))")
+EXPORT_REQUIREMENTS = [
+    "coremltools==9.0",
+    "numpy==2.2.6",
+    "protobuf==7.36.2",
+    "sympy==1.14.0",
+    "mpmath==1.3.0",
+    "attrs==26.1.0",
+    "cattrs==26.2.1",
+    "pyaml==26.7.0",
+    "PyYAML==6.0.4",
+    "tqdm==4.70.1",
+    "packaging==26.4",
+    "typing_extensions==4.16.0",
+]
+EXPORT_CHECK = (
+    "import json, numpy, coremltools; from coremltools.converters.mil import Builder; "
+    "print(json.dumps({'numpy': numpy.__version__, 'coremltools': coremltools.__version__}))"
+)
 
 
 def python_tag(python: str | None = None) -> str:
     if python is None:
         return f"py{sys.version_info[0]}{sys.version_info[1]}"
-    out = subprocess.run([python, "-c", "import sys; print(f'py{sys.version_info[0]}{sys.version_info[1]}')"],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [python, "-c", "import sys; print(f'py{sys.version_info[0]}{sys.version_info[1]}')"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
@@ -92,23 +110,34 @@ def _tail(text: str, n: int = 4000) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
-def ensure(reqs: list[str], base_python: str | None = None, cache: str | None = None,
-           log=None, check: str = _CHECK, who: str = "edkm bench coreml") -> dict:
+def ensure(
+    reqs: list[str],
+    base_python: str | None = None,
+    cache: str | None = None,
+    log=None,
+    check: str = _CHECK,
+    who: str = "edkm bench coreml",
+) -> dict:
     """Create (once) the environment for `reqs`; return {"path", "python", "created", "steps",
     "versions"} or, when a step fails, the same with "error" (the failing step's message).
     ``check``: Python code run in the environment that prints its versions as JSON."""
     base_python = base_python or sys.executable
     tag = python_tag(base_python)
     path = env_path(reqs, tag, cache)
-    info: dict = {"path": path, "python": env_python(path), "requirements": reqs,
-                  "python_tag": tag, "created": False, "steps": []}
+    info: dict = {
+        "path": path,
+        "python": env_python(path),
+        "requirements": reqs,
+        "python_tag": tag,
+        "created": False,
+        "steps": [],
+    }
 
     def step(argv: list[str]) -> subprocess.CompletedProcess:
         if log:
             log(f"{who}: {' '.join(argv)}")
         r = subprocess.run(argv, capture_output=True, text=True)
-        info["steps"].append({"argv": argv, "returncode": r.returncode,
-                              "output_tail": _tail(r.stdout + r.stderr)})
+        info["steps"].append({"argv": argv, "returncode": r.returncode, "output_tail": _tail(r.stdout + r.stderr)})
         return r
 
     if not is_ready(path):
@@ -116,13 +145,16 @@ def ensure(reqs: list[str], base_python: str | None = None, cache: str | None = 
             log(f"{who}: creating the coremltools environment in {path} (once)")
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        for argv in ([base_python, "-m", "venv", path],
-                     [env_python(path), "-m", "pip", "install", "-q", "--upgrade", "pip"],
-                     [env_python(path), "-m", "pip", "install", "-q", *reqs]):
+        for argv in (
+            [base_python, "-m", "venv", path],
+            [env_python(path), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+            [env_python(path), "-m", "pip", "install", "-q", *reqs],
+        ):
             r = step(argv)
             if r.returncode != 0:
-                info["error"] = (f"`{' '.join(argv)}` exited with {r.returncode}: "
-                                 f"{_tail((r.stdout + r.stderr).strip(), 1500)}")
+                info["error"] = (
+                    f"`{' '.join(argv)}` exited with {r.returncode}: {_tail((r.stdout + r.stderr).strip(), 1500)}"
+                )
                 return info
         info["created"] = True
     r = step([env_python(path), "-c", check])

@@ -15,13 +15,13 @@ place at the end. A weight with outliers is ``select(sparse != 0, sparse, lut_de
 ``sparse`` a ``constexpr_sparse_to_dense`` of the outlier values: exact, at the price of Core ML's
 bitmask (one bit per weight of that matrix).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -34,21 +34,39 @@ WHO = "edkm export --coreml"
 
 class ExportError(RuntimeError):
     """A step outside edkm failed: creating the coremltools environment, or coremltools itself."""
+
+
 SIDE = Path(__file__).with_name("_coreml_export_side.py")
 GRAPH = Path(__file__).with_name("_coreml_graph.py")
-LAYER_WEIGHTS = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                 "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-                 "mlp.down_proj")
+LAYER_WEIGHTS = (
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def graph_spec(config, layers: Optional[int], seq_len: int) -> dict:
     """The ``_coreml_graph`` spec of a transformers LLaMA config; refuses what the graph lacks."""
+
     def refuse(what):
-        raise ValueError(f"{WHO}: the program covers LLaMA-family models with default RoPE, no "
-                         f"biases and SiLU; this model has {what}")
-    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2") or \
-            getattr(config, "hidden_act", "silu") != "silu":
-        refuse(f"model_type {getattr(config, 'model_type', None)!r}, hidden_act {getattr(config, 'hidden_act', None)!r}")
+        raise ValueError(
+            f"{WHO}: the program covers LLaMA-family models with default RoPE, no "
+            f"biases and SiLU; this model has {what}"
+        )
+
+    if (
+        getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2")
+        or getattr(config, "hidden_act", "silu") != "silu"
+    ):
+        refuse(
+            f"model_type {getattr(config, 'model_type', None)!r}, hidden_act {getattr(config, 'hidden_act', None)!r}"
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         refuse("biases")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -59,15 +77,20 @@ def graph_spec(config, layers: Optional[int], seq_len: int) -> dict:
     if layers is not None and not (isinstance(layers, int) and 1 <= layers <= n):
         raise ValueError(f"{WHO}: layers must be an integer in 1..{n}, got {layers!r}")
     if not (isinstance(seq_len, int) and 1 <= seq_len <= config.max_position_embeddings):
-        raise ValueError(f"{WHO}: seq_len must be an integer in 1..{config.max_position_embeddings}, "
-                         f"got {seq_len!r}")
+        raise ValueError(f"{WHO}: seq_len must be an integer in 1..{config.max_position_embeddings}, got {seq_len!r}")
     heads = config.num_attention_heads
-    return {"hidden": config.hidden_size, "heads": heads,
-            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-            "intermediate": config.intermediate_size, "eps": float(config.rms_norm_eps),
-            "rope_theta": float(theta), "vocab": config.vocab_size,
-            "layers": n if layers is None else layers, "seq_len": seq_len}
+    return {
+        "hidden": config.hidden_size,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "intermediate": config.intermediate_size,
+        "eps": float(config.rms_norm_eps),
+        "rope_theta": float(theta),
+        "vocab": config.vocab_size,
+        "layers": n if layers is None else layers,
+        "seq_len": seq_len,
+    }
 
 
 def prepare(path: str, layers: Optional[int] = None, seq_len: int = 64) -> Tuple[dict, Dict[str, np.ndarray]]:
@@ -80,8 +103,9 @@ def prepare(path: str, layers: Optional[int] = None, seq_len: int = 64) -> Tuple
     config, _ = base_config(path)
     spec = graph_spec(config, layers, seq_len)
     cf = fmt.read_header(path)
-    tie = cf.aliases.get("lm_head.weight") == "model.embed_tokens.weight" or \
-        ("lm_head.weight" not in cf.entries and "lm_head.weight" not in cf.layouts)
+    tie = cf.aliases.get("lm_head.weight") == "model.embed_tokens.weight" or (
+        "lm_head.weight" not in cf.entries and "lm_head.weight" not in cf.layouts
+    )
     spec["tie"] = tie
     names = ["model.embed_tokens.weight"]
     names += [f"model.layers.{i}.{w}.weight" for i in range(spec["layers"]) for w in LAYER_WEIGHTS]
@@ -89,6 +113,7 @@ def prepare(path: str, layers: Optional[int] = None, seq_len: int = 64) -> Tuple
     arrays: Dict[str, np.ndarray] = {}
     spec["weights"] = {}
     with open(cf.path, "rb") as f:
+
         def read(n):
             return fmt._read_tensor(f, cf.header_bytes, cf.entries[n])
 
@@ -99,22 +124,32 @@ def prepare(path: str, layers: Optional[int] = None, seq_len: int = 64) -> Tuple
                 rows, cols = (lay.shape + (1,))[:2] if len(lay.shape) == 2 else (None, None)
                 d = lay.cluster_dim
                 if len(lay.shape) != 2 or cols % d or rows % lay.groups:
-                    raise ValueError(f"{WHO}: {name}: a {list(lay.shape)} weight with {lay.groups} LUTs and "
-                                     f"vectors of {d} does not map onto constexpr_lut_to_dense")
+                    raise ValueError(
+                        f"{WHO}: {name}: a {list(lay.shape)} weight with {lay.groups} LUTs and "
+                        f"vectors of {d} does not map onto constexpr_lut_to_dense"
+                    )
                 if lay.outliers:
                     pos = read(src + ".outlier_index").long()
                     vals = read(src + ".outlier_values").to(torch.float16)
                     if (vals == 0).any():
-                        raise ValueError(f"{WHO}: {name} has an outlier equal to 0, which the program's "
-                                         f"sparse mask cannot tell from an empty position")
+                        raise ValueError(
+                            f"{WHO}: {name} has an outlier equal to 0, which the program's "
+                            f"sparse mask cannot tell from an empty position"
+                        )
                     order = torch.argsort(pos)
                     arrays[name + ".outlier_index"] = pos[order].numpy()
                     arrays[name + ".outlier_values"] = vals[order].numpy()
                 idx = unpack_indices(read(src + ".indices"), lay.bits, lay.n_indices)
                 arrays[name + ".indices"] = idx.reshape(rows, cols // d).numpy()
                 arrays[name + ".lut"] = read(src + ".lut").reshape(lay.groups, 1, 1 << lay.bits, d).numpy()
-                spec["weights"][name] = {"kind": "lut", "bits": lay.bits, "shape": list(lay.shape),
-                                         "groups": lay.groups, "cluster_dim": d, "outliers": lay.outliers}
+                spec["weights"][name] = {
+                    "kind": "lut",
+                    "bits": lay.bits,
+                    "shape": list(lay.shape),
+                    "groups": lay.groups,
+                    "cluster_dim": d,
+                    "outliers": lay.outliers,
+                }
             elif src in cf.entries:
                 t = read(src)
                 if t.is_floating_point() and t.abs().max() > 65504:
@@ -129,13 +164,18 @@ def prepare(path: str, layers: Optional[int] = None, seq_len: int = 64) -> Tuple
 def numpy_forward(spec: dict, arrays: Dict[str, np.ndarray], input_ids: np.ndarray) -> np.ndarray:
     """The exported program's computation in float32 numpy (the graph the tests check)."""
     from edkm import _coreml_graph
+
     weights = {}
     for n, w in spec["weights"].items():
         if w["kind"] != "lut":
             weights[n] = arrays[n]
         elif w.get("outliers"):
-            weights[n] = (arrays[n + ".indices"], arrays[n + ".lut"], arrays[n + ".outlier_index"],
-                          arrays[n + ".outlier_values"])
+            weights[n] = (
+                arrays[n + ".indices"],
+                arrays[n + ".lut"],
+                arrays[n + ".outlier_index"],
+                arrays[n + ".outlier_values"],
+            )
         else:
             weights[n] = (arrays[n + ".indices"], arrays[n + ".lut"])
     return _coreml_graph.forward(_coreml_graph.NumpyOps(weights), spec, np.asarray(input_ids))
@@ -157,18 +197,21 @@ def _side(env_python: str, *args: str) -> dict:
 def coreml_python(log=None) -> str:
     """The coremltools environment's python (created once); a failure names the step."""
     from edkm import coreml_env
+
     info = coreml_env.ensure(coreml_env.EXPORT_REQUIREMENTS, check=coreml_env.EXPORT_CHECK, who=WHO, log=log)
     if "error" in info:
         raise ExportError(f"{WHO}: creating the coremltools environment in {info['path']} failed: {info['error']}")
     return info["python"]
 
 
-def export_coreml(path: str, out: str, *, layers: Optional[int] = None, seq_len: int = 64,
-                  force: bool = False, log=None) -> dict:
+def export_coreml(
+    path: str, out: str, *, layers: Optional[int] = None, seq_len: int = 64, force: bool = False, log=None
+) -> dict:
     """Write ``path`` as the Core ML package ``out`` (``.mlpackage``); returns {"path",
     "weight_bytes", "source_bytes", "clustered", "layers", "seq_len"}. ``layers``: only the first
     N decoder layers (default all); ``force``: replace an existing ``out``."""
     from edkm.hf_export import check_output_dir, replace_dir
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{WHO}: no such file: {path!r}")
     dest = Path(out).absolute()
@@ -187,8 +230,14 @@ def export_coreml(path: str, out: str, *, layers: Optional[int] = None, seq_len:
         built = os.path.join(tmp, dest.name)
         r = _side(python, "build", os.path.join(tmp, "spec.json"), os.path.join(tmp, "weights.npz"), built)
         replace_dir(Path(built), dest)
-    return {"path": str(dest), "weight_bytes": r["weight_bytes"], "source_bytes": os.path.getsize(path),
-            "clustered": r["clustered"], "layers": spec["layers"], "seq_len": seq_len}
+    return {
+        "path": str(dest),
+        "weight_bytes": r["weight_bytes"],
+        "source_bytes": os.path.getsize(path),
+        "clustered": r["clustered"],
+        "layers": spec["layers"],
+        "seq_len": seq_len,
+    }
 
 
 def read_back(package: str, log=None) -> Tuple[dict, Dict[str, np.ndarray]]:

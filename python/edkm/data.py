@@ -8,6 +8,7 @@ The corpora are plain-text files laid out as in ``shared/data`` (see its README)
 Nothing in the library needs that folder: the functions take paths, and ``default_data_dir()``
 finds it for benchmarks and the command line ($EDKM_DATA_DIR, else ``<checkout>/../shared/data``).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,8 @@ def _corpus_root(data_dir) -> Path:
     if data_dir is None:
         raise FileNotFoundError(
             "no data directory: pass one (--data-dir) or set EDKM_DATA_DIR "
-            "(expected DATA/corpus/sotu/*.txt and DATA/corpus/austen/*.txt)")
+            "(expected DATA/corpus/sotu/*.txt and DATA/corpus/austen/*.txt)"
+        )
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
@@ -73,8 +75,7 @@ def corpus_split(data_dir) -> tuple[list[Path], list[Path]]:
     for f in austen:
         (test if f.name in TEST_AUSTEN else train).append(f)
     if not train and not test:
-        raise FileNotFoundError(
-            f"no corpus text under {root}: expected sotu/YYYY_*.txt and austen/*.txt")
+        raise FileNotFoundError(f"no corpus text under {root}: expected sotu/YYYY_*.txt and austen/*.txt")
     return train, test
 
 
@@ -93,7 +94,7 @@ def special_prefix(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts before a text by default (a BOS for LLaMA, often none)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    if len(full) > len(plain) and full[len(full) - len(plain):] == plain:
+    if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
         return list(full[: len(full) - len(plain)])
     return []  # nothing added, or only appended (an EOS): nothing goes before the text
 
@@ -111,8 +112,9 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int | None = None,
-                     desc: str = "tokenizing") -> tuple[list[int], list[bool]]:
+def encode_documents(
+    tokenizer, texts: Sequence[str], max_tokens: int | None = None, desc: str = "tokenizing"
+) -> tuple[list[int], list[bool]]:
     """Concatenate documents into one token stream: ``[SEP] prefix doc1 [SEP] prefix doc2 ...``.
 
     SEP is EOS (else BOS), prefix the special tokens the tokenizer puts before a text (a BOS for
@@ -129,8 +131,9 @@ def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int | None = N
     total = sum(len(t) for t in texts)
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="char", unit_scale=True,
-              disable=total < _PROGRESS_CHARS, leave=False) as bar:
+    with tqdm(
+        total=total, desc=desc, unit="char", unit_scale=True, disable=total < _PROGRESS_CHARS, leave=False
+    ) as bar:
         for text in texts:
             if max_tokens is not None and n_text >= max_tokens:
                 break
@@ -143,8 +146,9 @@ def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int | None = N
     return ids, is_text
 
 
-def token_blocks(tokenizer, texts: Sequence[str], block_len: int, max_blocks: int | None = None,
-                 seed: int = 0) -> torch.LongTensor:
+def token_blocks(
+    tokenizer, texts: Sequence[str], block_len: int, max_blocks: int | None = None, seed: int = 0
+) -> torch.LongTensor:
     """Training blocks: a LongTensor [n, block_len] cut from the concatenated texts.
 
     The texts are tokenized and concatenated as ``[SEP] prefix text1 [SEP] prefix text2 ...``
@@ -161,8 +165,7 @@ def token_blocks(tokenizer, texts: Sequence[str], block_len: int, max_blocks: in
     ids, _ = encode_documents(tokenizer, texts)
     n = len(ids) // block_len
     if n == 0:
-        raise ValueError(
-            f"the texts hold {len(ids)} tokens, fewer than one block of {block_len}")
+        raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one block of {block_len}")
     blocks = torch.tensor(ids[: n * block_len], dtype=torch.long).view(n, block_len)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if max_blocks is not None:
@@ -196,14 +199,18 @@ def train_validation_split(train_files: Sequence, fraction: float, seed: int = 0
     files = sorted(Path(f) for f in train_files)
     test = [f for f in files if is_test_file(f)]
     if test:
-        raise ValueError(f"train_validation_split: train_files holds {len(test)} file(s) of the test split "
-                         f"(e.g. {test[0]}); validation must be cut from the train split only")
+        raise ValueError(
+            f"train_validation_split: train_files holds {len(test)} file(s) of the test split "
+            f"(e.g. {test[0]}); validation must be cut from the train split only"
+        )
     if fraction == 0:
         return files, []
     n_val = max(1, int(round(fraction * len(files))))
     if n_val >= len(files):
-        raise ValueError(f"train_validation_split: a fraction of {fraction:g} of {len(files)} train file(s) "
-                         f"leaves none to train on; pass more files or a smaller fraction")
+        raise ValueError(
+            f"train_validation_split: a fraction of {fraction:g} of {len(files)} train file(s) "
+            f"leaves none to train on; pass more files or a smaller fraction"
+        )
     order = list(files)
     random.Random(seed).shuffle(order)
     validation = set(order[:n_val])

@@ -11,6 +11,7 @@ atomically), a run killed mid-way resumes from the batches already there, and th
 an uninterrupted run's token for token. Blocks are always made in whole batches and the first
 ``n_blocks`` returned, so asking for more blocks later reuses the cached ones.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,9 +39,18 @@ def _check_int(name: str, value, low: int) -> int:
 
 
 @torch.no_grad()
-def sample_batch(teacher, batch_size: int, block_len: int, generator: torch.Generator, *,
-                 first_token: str = "bos", bos_token_id: Optional[int] = None, vocab_size: Optional[int] = None,
-                 temperature: float = 1.0, on_tokens: Optional[Callable[[int], None]] = None) -> torch.LongTensor:
+def sample_batch(
+    teacher,
+    batch_size: int,
+    block_len: int,
+    generator: torch.Generator,
+    *,
+    first_token: str = "bos",
+    bos_token_id: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    temperature: float = 1.0,
+    on_tokens: Optional[Callable[[int], None]] = None,
+) -> torch.LongTensor:
     """One batch [batch_size, block_len] of blocks sampled from ``teacher`` with its KV cache.
 
     The first token is ``bos_token_id`` (first_token="bos") or uniform over ``vocab_size``
@@ -63,7 +73,7 @@ def sample_batch(teacher, batch_size: int, block_len: int, generator: torch.Gene
         past = res.cache if cache_arg == "cache" else res.past_key_values
         probs = torch.softmax(res.logits[:, -1].float().cpu() / temperature, dim=-1)
         nxt = torch.multinomial(probs, 1, generator=generator)
-        out[:, pos:pos + 1] = nxt
+        out[:, pos : pos + 1] = nxt
         step_ids = nxt.to(device)
         if on_tokens is not None:
             on_tokens(batch_size)
@@ -81,11 +91,22 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def generate_blocks(teacher, n_blocks: int, block_len: int, *, batch_size: int = 8, seed: int = 0,
-                    first_token: str = "bos", bos_token_id: Optional[int] = None, temperature: float = 1.0,
-                    cache_dir: Optional[Union[str, os.PathLike]] = None, teacher_id: Optional[str] = None,
-                    progress: bool = True, desc: str = "edkm: data-free sampling",
-                    on_batch: Optional[Callable[[int], None]] = None) -> torch.LongTensor:
+def generate_blocks(
+    teacher,
+    n_blocks: int,
+    block_len: int,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    first_token: str = "bos",
+    bos_token_id: Optional[int] = None,
+    temperature: float = 1.0,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    teacher_id: Optional[str] = None,
+    progress: bool = True,
+    desc: str = "edkm: data-free sampling",
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> torch.LongTensor:
     """``n_blocks`` token blocks [n_blocks, block_len] sampled from ``teacher`` (see the module docstring).
 
     ``first_token``: "bos" (needs ``bos_token_id``, else the model config's) or "random"
@@ -112,17 +133,26 @@ def generate_blocks(teacher, n_blocks: int, block_len: int, *, batch_size: int =
         if bos_token_id is None:
             bos_token_id = getattr(getattr(teacher, "config", None), "bos_token_id", None)
         if bos_token_id is None:
-            raise ValueError("edkm.datafree: first_token='bos' needs bos_token_id (the tokenizer's BOS); "
-                             "the model config has none either: pass it, or use first_token='random'")
+            raise ValueError(
+                "edkm.datafree: first_token='bos' needs bos_token_id (the tokenizer's BOS); "
+                "the model config has none either: pass it, or use first_token='random'"
+            )
         if isinstance(bos_token_id, bool) or not isinstance(bos_token_id, int) or not 0 <= bos_token_id < vocab:
             raise ValueError(f"edkm.datafree: bos_token_id must be a token id in [0, {vocab}), got {bos_token_id!r}")
 
     folder = None
     if cache_dir is not None:
-        settings = {"format": _FORMAT, "block_len": block_len, "batch_size": batch_size, "seed": seed,
-                    "first_token": first_token, "bos_token_id": bos_token_id if first_token == "bos" else None,
-                    "temperature": float(temperature), "vocab_size": vocab,
-                    "teacher": teacher_id or fingerprint_model(teacher)}
+        settings = {
+            "format": _FORMAT,
+            "block_len": block_len,
+            "batch_size": batch_size,
+            "seed": seed,
+            "first_token": first_token,
+            "bos_token_id": bos_token_id if first_token == "bos" else None,
+            "temperature": float(temperature),
+            "vocab_size": vocab,
+            "teacher": teacher_id or fingerprint_model(teacher),
+        }
         key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
         folder = Path(cache_dir) / f"datafree-{key}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -136,22 +166,35 @@ def generate_blocks(teacher, n_blocks: int, block_len: int, *, batch_size: int =
     missing = [b for b in range(n_batches) if batches[b] is None]
     if missing:
         from tqdm import tqdm
+
         was_training = teacher.training
         teacher.eval()
         try:
-            with tqdm(total=len(missing) * batch_size * (block_len - 1), desc=desc, unit="tok",
-                      unit_scale=True, disable=not progress) as bar:
+            with tqdm(
+                total=len(missing) * batch_size * (block_len - 1),
+                desc=desc,
+                unit="tok",
+                unit_scale=True,
+                disable=not progress,
+            ) as bar:
                 for b in missing:
                     g = torch.Generator().manual_seed(batch_seed(seed, b))
-                    batches[b] = sample_batch(teacher, batch_size, block_len, g, first_token=first_token,
-                                              bos_token_id=bos_token_id, vocab_size=vocab,
-                                              temperature=temperature, on_tokens=bar.update)
+                    batches[b] = sample_batch(
+                        teacher,
+                        batch_size,
+                        block_len,
+                        g,
+                        first_token=first_token,
+                        bos_token_id=bos_token_id,
+                        vocab_size=vocab,
+                        temperature=temperature,
+                        on_tokens=bar.update,
+                    )
                     if folder is not None:
                         _save_batch(batches[b], folder / f"batch_{b:06d}.pt")
                     if on_batch is not None:
                         on_batch(b)
-                    bar.set_postfix(batches=f"{b + 1}/{n_batches}",
-                                    cached=n_batches - len(missing))
+                    bar.set_postfix(batches=f"{b + 1}/{n_batches}", cached=n_batches - len(missing))
         finally:
             teacher.train(was_training)
     return torch.cat(batches)[:n_blocks].contiguous()
@@ -164,8 +207,7 @@ def mix_blocks(corpus: Optional[torch.Tensor], generated: Optional[torch.Tensor]
     if not parts:
         raise ValueError("edkm.datafree: no blocks to mix (neither corpus nor generated)")
     if len({t.shape[1] for t in parts}) != 1:
-        raise ValueError(f"edkm.datafree: corpus and generated blocks differ in length: "
-                         f"{[t.shape[1] for t in parts]}")
+        raise ValueError(f"edkm.datafree: corpus and generated blocks differ in length: {[t.shape[1] for t in parts]}")
     blocks = torch.cat(parts)
     order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
     return blocks[order].contiguous()

@@ -24,6 +24,7 @@ log-sum-exp over R). It is at most the full KL (coarsening never increases a KL 
 equals it when k = V or when, within R, the student's distribution is proportional to the
 teacher's. The cache holds k values, k indices and one rest value per position, instead of V.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,6 +47,7 @@ class TeacherTopK:
     ``indices`` [..., k] int64: those tokens, ``rest`` [...] float32: log p_R of all other tokens,
     ``temperature``: the T of p = softmax(logits / T), ``vocab_size``: V.
     """
+
     logprobs: torch.Tensor
     indices: torch.Tensor
     rest: torch.Tensor
@@ -58,17 +60,21 @@ class TeacherTopK:
 
     def __getitem__(self, item) -> "TeacherTopK":
         """The positions of some blocks (indexing the leading dimensions)."""
-        return TeacherTopK(self.logprobs[item], self.indices[item], self.rest[item],
-                           self.temperature, self.vocab_size)
+        return TeacherTopK(self.logprobs[item], self.indices[item], self.rest[item], self.temperature, self.vocab_size)
 
     def to(self, device) -> "TeacherTopK":
-        return TeacherTopK(self.logprobs.to(device), self.indices.to(device), self.rest.to(device),
-                           self.temperature, self.vocab_size)
+        return TeacherTopK(
+            self.logprobs.to(device), self.indices.to(device), self.rest.to(device), self.temperature, self.vocab_size
+        )
 
 
 def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or temperature == float("inf"):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+        or temperature == float("inf")
+    ):
         raise ValueError(f"distillation temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
@@ -76,9 +82,11 @@ def _check_temperature(temperature) -> float:
 def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
     """One clear error when the teacher predicts over a different vocabulary than the student."""
     if int(student_vocab) != int(teacher_vocab):
-        raise ValueError(f"distillation: the teacher's vocabulary has {int(teacher_vocab)} tokens, the "
-                         f"student's {int(student_vocab)}; teacher and student must share one tokenizer "
-                         f"and vocabulary")
+        raise ValueError(
+            f"distillation: the teacher's vocabulary has {int(teacher_vocab)} tokens, the "
+            f"student's {int(student_vocab)}; teacher and student must share one tokenizer "
+            f"and vocabulary"
+        )
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> TeacherTopK:
@@ -98,8 +106,9 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> Te
     return TeacherTopK(values, indices, rest, temperature, V)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK],
-                      temperature: float = 1.0) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK], temperature: float = 1.0
+) -> torch.Tensor:
     """T^2 * KL(teacher || student) at temperature T, averaged over positions (a scalar).
 
     ``student_logits`` [..., V]; ``teacher`` is either full logits of the same shape (the exact
@@ -114,11 +123,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher: Union[torch.Tensor,
     if isinstance(teacher, TeacherTopK):
         check_vocab(V, teacher.vocab_size)
         if abs(teacher.temperature - temperature) > 1e-12 * temperature:
-            raise ValueError(f"distillation: the teacher's top-k was computed at temperature "
-                             f"{teacher.temperature:g}, the loss asks for {temperature:g}")
+            raise ValueError(
+                f"distillation: the teacher's top-k was computed at temperature "
+                f"{teacher.temperature:g}, the loss asks for {temperature:g}"
+            )
         if tuple(teacher.indices.shape[:-1]) != tuple(student_logits.shape[:-1]):
-            raise ValueError(f"distillation: teacher top-k positions {tuple(teacher.indices.shape[:-1])} "
-                             f"do not match the student's {tuple(student_logits.shape[:-1])}")
+            raise ValueError(
+                f"distillation: teacher top-k positions {tuple(teacher.indices.shape[:-1])} "
+                f"do not match the student's {tuple(student_logits.shape[:-1])}"
+            )
         idx = teacher.indices.to(device=log_q.device, dtype=torch.long)
         log_p = teacher.logprobs.to(device=log_q.device, dtype=dt)
         kl = (log_p.exp() * (log_p - log_q.gather(-1, idx))).sum(-1)
@@ -129,11 +142,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher: Union[torch.Tensor,
     else:
         check_vocab(V, teacher.shape[-1])
         if teacher.shape != student_logits.shape:
-            raise ValueError(f"distillation: teacher logits {tuple(teacher.shape)} do not match the "
-                             f"student's {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"distillation: teacher logits {tuple(teacher.shape)} do not match the "
+                f"student's {tuple(student_logits.shape)}"
+            )
         log_p = F.log_softmax(teacher.to(device=log_q.device, dtype=dt) / temperature, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl.mean() * temperature ** 2
+    return kl.mean() * temperature**2
 
 
 def model_vocab_size(model) -> int:
@@ -144,8 +159,9 @@ def model_vocab_size(model) -> int:
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "vocab_size", None):
         return int(cfg.vocab_size)
-    raise ValueError("distillation: cannot tell the model's vocabulary size (no output embeddings, "
-                     "no config.vocab_size)")
+    raise ValueError(
+        "distillation: cannot tell the model's vocabulary size (no output embeddings, no config.vocab_size)"
+    )
 
 
 def fingerprint_tensor(t: torch.Tensor, h=None):
@@ -173,9 +189,17 @@ def teacher_logits(teacher, blocks: torch.Tensor) -> torch.Tensor:
     return teacher(input_ids=blocks.to(device)).logits.to(blocks.device)
 
 
-def compute_teacher_topk(teacher, blocks: torch.Tensor, k: int, temperature: float, *, batch_size: int = 4,
-                         cache_path: Optional[Union[str, os.PathLike]] = None, teacher_id: Optional[str] = None,
-                         progress: bool = True) -> TeacherTopK:
+def compute_teacher_topk(
+    teacher,
+    blocks: torch.Tensor,
+    k: int,
+    temperature: float,
+    *,
+    batch_size: int = 4,
+    cache_path: Optional[Union[str, os.PathLike]] = None,
+    teacher_id: Optional[str] = None,
+    progress: bool = True,
+) -> TeacherTopK:
     """The teacher's top-k (see :class:`TeacherTopK`) for every block of ``blocks`` [N, L].
 
     Runs the teacher once over all blocks, ``batch_size`` at a time, in eval mode under no_grad.
@@ -205,17 +229,29 @@ def compute_teacher_topk(teacher, blocks: torch.Tensor, k: int, temperature: flo
     teacher.eval()
     parts = []
     from tqdm import tqdm
+
     try:
-        with tqdm(total=blocks.numel(), desc="edkm: teacher top-k", unit="tok", unit_scale=True,
-                  disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=blocks.numel(),
+            desc="edkm: teacher top-k",
+            unit="tok",
+            unit_scale=True,
+            disable=not progress,
+            leave=False,
+        ) as bar:
             for i in range(0, blocks.shape[0], batch_size):
-                chunk = blocks[i:i + batch_size]
+                chunk = blocks[i : i + batch_size]
                 parts.append(teacher_topk(teacher_logits(teacher, chunk), k, temperature))
                 bar.update(chunk.numel())
     finally:
         teacher.train(was_training)
-    out = TeacherTopK(torch.cat([p.logprobs for p in parts]), torch.cat([p.indices for p in parts]),
-                      torch.cat([p.rest for p in parts]), temperature, V)
+    out = TeacherTopK(
+        torch.cat([p.logprobs for p in parts]),
+        torch.cat([p.indices for p in parts]),
+        torch.cat([p.rest for p in parts]),
+        temperature,
+        V,
+    )
     if cache_path is not None:
         save_teacher_topk(out, cache_path, key)
     return out
@@ -226,9 +262,18 @@ def save_teacher_topk(topk: TeacherTopK, path, key: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"format": _CACHE_FORMAT, "key": key, "logprobs": topk.logprobs.cpu(),
-                "indices": topk.indices.to(torch.int32).cpu(), "rest": topk.rest.cpu(),
-                "temperature": topk.temperature, "vocab_size": topk.vocab_size}, tmp)
+    torch.save(
+        {
+            "format": _CACHE_FORMAT,
+            "key": key,
+            "logprobs": topk.logprobs.cpu(),
+            "indices": topk.indices.to(torch.int32).cpu(),
+            "rest": topk.rest.cpu(),
+            "temperature": topk.temperature,
+            "vocab_size": topk.vocab_size,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
@@ -243,5 +288,4 @@ def load_teacher_topk(path, key: Optional[str] = None) -> Optional[TeacherTopK]:
         return None
     if not isinstance(d, dict) or d.get("format") != _CACHE_FORMAT or (key is not None and d.get("key") != key):
         return None
-    return TeacherTopK(d["logprobs"], d["indices"].long(), d["rest"], float(d["temperature"]),
-                       int(d["vocab_size"]))
+    return TeacherTopK(d["logprobs"], d["indices"].long(), d["rest"], float(d["temperature"]), int(d["vocab_size"]))

@@ -10,9 +10,10 @@ counts, float32 gradients), whatever the weight's size; nothing N-sized is saved
 
 The result equals :func:`edkm.dkm` on the gathered weight (up to float32 summation order).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,8 @@ class _ShardedDkm(torch.autograd.Function):
         values = all_values[present].expand(groups, -1).contiguous()
         cnt = counts[:, present].to(torch.float32).contiguous()
         c_out, soft, history, iterations = torch.ops.edkm._udomain_forward(
-            values, cnt, centroids.to(torch.float32), temperature, max_iter, epsilon, distance)
+            values, cnt, centroids.to(torch.float32), temperature, max_iter, epsilon, distance
+        )
         table = torch.zeros(groups, _PATTERNS, dtype=torch.float32, device=shard.device)
         table[:, present] = soft
         out = table.view(-1)[keys].to(shard.dtype).view(shard.shape)
@@ -75,8 +77,8 @@ class _ShardedDkm(torch.autograd.Function):
         if grad_c is not None:
             grad_c = _all_reduce(grad_c.to(torch.float32).contiguous(), pg)
         direct, indirect, grad_c0 = torch.ops.edkm._udomain_backward(
-            values, cnt, history, iterations, temperature, distance,
-            dense[:, present].contiguous(), grad_c)
+            values, cnt, history, iterations, temperature, distance, dense[:, present].contiguous(), grad_c
+        )
         # Each weight of value v_u owns 1/n_u of what reaches v_u through the centroids.
         shift = torch.where(cnt > 0, indirect / cnt.clamp_min(1), torch.zeros_like(cnt))
         direct_t = torch.zeros(groups, _PATTERNS, dtype=torch.float32, device=shard.device)
@@ -84,13 +86,31 @@ class _ShardedDkm(torch.autograd.Function):
         direct_t[:, present] = direct
         shift_t[:, present] = shift
         grad_shard = g * direct_t.view(-1)[keys] + shift_t.view(-1)[keys]
-        return (grad_shard.to(shard.dtype).view(shard.shape), grad_c0.to(c_dtype),
-                None, None, None, None, None, None, None)
+        return (
+            grad_shard.to(shard.dtype).view(shard.shape),
+            grad_c0.to(c_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def sharded_dkm(shard: torch.Tensor, centroids: torch.Tensor, temperature: float, max_iter: int = 3,
-                epsilon: float = 0.0, distance: str = "squared", *, offset: int, group_numel: int,
-                group=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sharded_dkm(
+    shard: torch.Tensor,
+    centroids: torch.Tensor,
+    temperature: float,
+    max_iter: int = 3,
+    epsilon: float = 0.0,
+    distance: str = "squared",
+    *,
+    offset: int,
+    group_numel: int,
+    group=None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`edkm.dkm` of a weight of which this rank holds ``shard``.
 
     shard: this rank's contiguous slice of the flattened weight (bf16 or fp16); ``offset`` its
@@ -102,17 +122,30 @@ def sharded_dkm(shard: torch.Tensor, centroids: torch.Tensor, temperature: float
     centroids, iterations), as edkm.dkm does; gradients reach the shard and the centroids.
     """
     if shard.dtype not in _16BIT:
-        raise TypeError(f"sharded_dkm: shard must be bfloat16 or float16 (cluster the 16-bit rounding "
-                        f"of wider weights), got {shard.dtype}")
+        raise TypeError(
+            f"sharded_dkm: shard must be bfloat16 or float16 (cluster the 16-bit rounding "
+            f"of wider weights), got {shard.dtype}"
+        )
     if centroids.dim() != 2 or centroids.shape[1] < 2:
         raise ValueError(f"sharded_dkm: centroids must be [G, K] with K >= 2, got {tuple(centroids.shape)}")
     if group_numel < 1 or offset < 0:
         raise ValueError(f"sharded_dkm: offset must be >= 0 and group_numel >= 1, got {offset}, {group_numel}")
     last_group = (offset + shard.numel() - 1) // group_numel if shard.numel() else 0
     if last_group >= centroids.shape[0]:
-        raise ValueError(f"sharded_dkm: the shard reaches group {last_group} but centroids has "
-                         f"{centroids.shape[0]} groups (offset {offset}, group_numel {group_numel})")
+        raise ValueError(
+            f"sharded_dkm: the shard reaches group {last_group} but centroids has "
+            f"{centroids.shape[0]} groups (offset {offset}, group_numel {group_numel})"
+        )
     if centroids.dtype not in (torch.float32, shard.dtype):
         raise TypeError(f"sharded_dkm: centroids must be float32 or the shard's dtype, got {centroids.dtype}")
-    return _ShardedDkm.apply(shard, centroids, float(temperature), int(max_iter), float(epsilon),
-                             distance, int(offset), int(group_numel), group)
+    return _ShardedDkm.apply(
+        shard,
+        centroids,
+        float(temperature),
+        int(max_iter),
+        float(epsilon),
+        distance,
+        int(offset),
+        int(group_numel),
+        group,
+    )

@@ -28,6 +28,7 @@ Tokenization conventions (the same for every task):
 * Inputs longer than the model's window (``max_length``; default the model's
   ``max_position_embeddings``, else 2048) lose tokens on the left.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,22 @@ from typing import Iterable, Sequence
 
 import torch
 
-from edkm.data import (corpus_split, default_data_dir, document_separator, encode, encode_documents,
-                       read_texts, special_prefix)
+from edkm.data import (
+    corpus_split,
+    default_data_dir,
+    document_separator,
+    encode,
+    encode_documents,
+    read_texts,
+    special_prefix,
+)
 
 DEFAULT_TASKS = ("piqa", "arc_easy", "lambada_openai", "ppl")
 FORMATS = ("multiple_choice", "schema", "lambada")
 
 
 # ----------------------------------------------------------------------------- model plumbing
+
 
 def _model_device(model) -> torch.device:
     try:
@@ -82,7 +91,7 @@ def _logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: 
     if logits is None:
         logits = out[0] if isinstance(out, (tuple, list)) else out
     if logits.shape[1] != keep:
-        logits = logits[:, logits.shape[1] - keep:]
+        logits = logits[:, logits.shape[1] - keep :]
     return logits
 
 
@@ -121,6 +130,7 @@ def _progress(iterable, total, desc, enabled):
 
 
 # ----------------------------------------------------------------------------- perplexity
+
 
 def sliding_windows(n_tokens: int, context_len: int, stride: int) -> list[tuple[int, int, int]]:
     """The windows of the sliding-window perplexity over a stream of ``n_tokens`` tokens.
@@ -162,8 +172,16 @@ def scored_stream(tokenizer, texts: Sequence[str], max_tokens: int | None = None
     return ids, is_text
 
 
-def perplexity(model, tokenizer, texts: Sequence[str] | str, context_len: int = 512, stride: int = 256,
-               max_tokens: int | None = None, batch_size: int = 4, progress: bool = True) -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    texts: Sequence[str] | str,
+    context_len: int = 512,
+    stride: int = 256,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict:
     """Sliding-window perplexity of ``texts``: {"ppl", "nll", "tokens", ...}.
 
     The documents are concatenated into one stream ``[EOS] prefix doc1 [EOS] prefix doc2 ...``
@@ -197,7 +215,7 @@ def perplexity(model, tokenizer, texts: Sequence[str] | str, context_len: int = 
     pad = document_separator(tokenizer)
     device = _model_device(model)
     nll_sum, count = 0.0, 0
-    batches = [windows[i: i + batch_size] for i in range(0, len(windows), batch_size)]
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     with _inference(model):
         for batch in _progress(batches, len(batches), "perplexity", progress):
             width = max(e - b for b, e, _ in batch)
@@ -210,41 +228,53 @@ def perplexity(model, tokenizer, texts: Sequence[str] | str, context_len: int = 
             skip = min(first - 1 - b for b, _, first in batch)
             logits = _logits(model, inp.to(device), mask.to(device), width - skip)
             for row, (b, e, first) in enumerate(batch):
-                lp = _log_softmax(logits[row, first - 1 - b - skip: e - 1 - b - skip])
+                lp = _log_softmax(logits[row, first - 1 - b - skip : e - 1 - b - skip])
                 lp = lp.gather(-1, ids_t[first:e].to(lp.device)[:, None])[:, 0]
                 keep = score_t[first:e].to(lp.device)
                 nll_sum -= float(lp[keep].double().sum())
                 count += int(keep.sum())
     nll = nll_sum / count
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": len(windows),
-            "context_len": context_len, "stride": stride, "seconds": time.perf_counter() - start}
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "tokens": count,
+        "windows": len(windows),
+        "context_len": context_len,
+        "stride": stride,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 # ----------------------------------------------------------------------------- zero-shot
 
-def teacher_agreement(model, teacher, blocks: torch.Tensor, batch_size: int = 4, *,
-                      progress: bool = False) -> dict:
+
+def teacher_agreement(model, teacher, blocks: torch.Tensor, batch_size: int = 4, *, progress: bool = False) -> dict:
     """How close ``model`` stays to ``teacher`` on token blocks [N, L] (e.g. held-out text, or
     text the teacher wrote): ``kl`` = mean over positions of KL(teacher || model) in nats
     (float32 log-softmax over the full vocabulary), ``top1`` = fraction of positions where both
     predict the same next token (argmax; ties to the lower id), ``positions`` = how many. The
     two models must share a vocabulary."""
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
-        raise ValueError(f"teacher_agreement: blocks must be a non-empty [N, L] tensor of token ids, "
-                         f"got {getattr(blocks, 'shape', type(blocks).__name__)}")
+        raise ValueError(
+            f"teacher_agreement: blocks must be a non-empty [N, L] tensor of token ids, "
+            f"got {getattr(blocks, 'shape', type(blocks).__name__)}"
+        )
     kl_sum, agree, n = 0.0, 0, 0
     t0 = time.perf_counter()
     starts = range(0, blocks.shape[0], batch_size)
     with _inference(model), _inference(teacher):
         for i in _progress(starts, len(starts), "edkm: agreement with the teacher", progress):
-            b = blocks[i:i + batch_size]
+            b = blocks[i : i + batch_size]
             mask = torch.ones_like(b)
             lp = _log_softmax(_logits(model, b.to(_model_device(model)), mask.to(_model_device(model)), b.shape[1]))
-            lt = _log_softmax(_logits(teacher, b.to(_model_device(teacher)), mask.to(_model_device(teacher)),
-                                      b.shape[1])).to(lp.device)
+            lt = _log_softmax(
+                _logits(teacher, b.to(_model_device(teacher)), mask.to(_model_device(teacher)), b.shape[1])
+            ).to(lp.device)
             if lp.shape[-1] != lt.shape[-1]:
-                raise ValueError(f"teacher_agreement: the model has a vocabulary of {lp.shape[-1]} tokens, "
-                                 f"the teacher {lt.shape[-1]}")
+                raise ValueError(
+                    f"teacher_agreement: the model has a vocabulary of {lp.shape[-1]} tokens, "
+                    f"the teacher {lt.shape[-1]}"
+                )
             kl_sum += float((lt.exp() * (lt - lp)).sum(-1).sum())
             agree += int((lp.argmax(-1) == lt.argmax(-1)).sum())
             n += b.numel()
@@ -257,7 +287,7 @@ def split_continuation(context: str, continuation: str, delimiter: str = " ") ->
         context, delimiter = context.rstrip() + delimiter, ""
     stripped = context.rstrip(" \t")
     if stripped != context:
-        return stripped, context[len(stripped):] + continuation
+        return stripped, context[len(stripped) :] + continuation
     if not context or context.endswith("\n") or continuation[:1].isspace():
         return context, continuation
     return context, delimiter + continuation
@@ -298,10 +328,13 @@ def _parse_item(path, lineno, item) -> tuple[str, dict]:
         if not item["continuation"]:
             raise _bad(path, lineno, "empty 'continuation'")
         return "lambada", item
-    raise _bad(path, lineno,
-               f"unrecognized item with keys {sorted(item)}; expected {{query, choices, gold}} "
-               "(multiple choice), {context_options, continuation, gold} (schema) or "
-               "{context, continuation} (LAMBADA)")
+    raise _bad(
+        path,
+        lineno,
+        f"unrecognized item with keys {sorted(item)}; expected {{query, choices, gold}} "
+        "(multiple choice), {context_options, continuation, gold} (schema) or "
+        "{context, continuation} (LAMBADA)",
+    )
 
 
 def load_task(task_file, limit: int | None = None) -> tuple[str, list[dict]]:
@@ -337,9 +370,15 @@ def load_task(task_file, limit: int | None = None) -> tuple[str, list[dict]]:
     return fmt, items
 
 
-def score_continuations(model, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 8,
-                        max_length: int | None = None, pad_id: int = 0, progress: bool = True,
-                        desc: str = "scoring") -> list[tuple[float, bool, int]]:
+def score_continuations(
+    model,
+    requests: Sequence[tuple[list[int], list[int]]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    pad_id: int = 0,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> list[tuple[float, bool, int]]:
     """For each (context_ids, continuation_ids): (sum of the continuation's log-probs, whether
     greedy decoding gives exactly the continuation, its number of tokens).
 
@@ -360,7 +399,7 @@ def score_continuations(model, requests: Sequence[tuple[list[int], list[int]]], 
             raise ValueError(f"a continuation of {len(cont)} tokens exceeds max_length {max_length}")
         prepared.append(((list(ctx) + list(cont))[:-1][-max_length:], list(cont)))
     order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), i))
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     device = _model_device(model)
     results: list = [None] * len(prepared)
     with _inference(model):
@@ -376,7 +415,7 @@ def score_continuations(model, requests: Sequence[tuple[list[int], list[int]]], 
             logits = _logits(model, inp.to(device), mask.to(device), width - skip)
             for row, i in enumerate(batch):
                 ids, cont = prepared[i]
-                lp = _log_softmax(logits[row, len(ids) - len(cont) - skip: len(ids) - skip])
+                lp = _log_softmax(logits[row, len(ids) - len(cont) - skip : len(ids) - skip])
                 target = torch.tensor(cont, dtype=torch.long, device=lp.device)
                 total = float(lp.gather(-1, target[:, None]).double().sum())
                 greedy = bool((lp.argmax(dim=-1) == target).all())
@@ -396,9 +435,17 @@ def _argmax(values) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first of ties
 
 
-def zero_shot(model, tokenizer, task_file, limit: int | None = None, batch_size: int = 8,
-              delimiter: str = " ", max_length: int | None = None, progress: bool = True,
-              per_item: bool = False) -> dict:
+def zero_shot(
+    model,
+    tokenizer,
+    task_file,
+    limit: int | None = None,
+    batch_size: int = 8,
+    delimiter: str = " ",
+    max_length: int | None = None,
+    progress: bool = True,
+    per_item: bool = False,
+) -> dict:
     """Zero-shot evaluation on a jsonl task file; the format is detected (``load_task``).
 
     * multiple choice ``{"query", "choices", "gold"}``: each choice scored by the sum of the
@@ -442,8 +489,7 @@ def zero_shot(model, tokenizer, task_file, limit: int | None = None, batch_size:
             requests.append(request(item["context"], item["continuation"]))
             owner.append((k, 0))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback[0]
-    scores = score_continuations(model, requests, batch_size, max_length, pad, progress,
-                                 desc=path.stem)
+    scores = score_continuations(model, requests, batch_size, max_length, pad, progress, desc=path.stem)
     by_item: list[list] = [[] for _ in items]
     for (k, _), s in zip(owner, scores):
         by_item[k].append(s)
@@ -452,17 +498,19 @@ def zero_shot(model, tokenizer, task_file, limit: int | None = None, batch_size:
         hits = [s[0][1] for s in by_item]
         logps = [s[0][0] for s in by_item]
         n_tokens = sum(s[0][2] for s in by_item)
-        result.update(acc=sum(hits) / len(hits), acc_stderr=_stderr(hits),
-                      ppl=math.exp(-sum(logps) / len(logps)),
-                      token_ppl=math.exp(-sum(logps) / n_tokens),
-                      mean_logprob=sum(logps) / len(logps))
+        result.update(
+            acc=sum(hits) / len(hits),
+            acc_stderr=_stderr(hits),
+            ppl=math.exp(-sum(logps) / len(logps)),
+            token_ppl=math.exp(-sum(logps) / n_tokens),
+            mean_logprob=sum(logps) / len(logps),
+        )
     else:
         hits = [_argmax([s[0] for s in ss]) == item["gold"] for ss, item in zip(by_item, items)]
         result.update(acc=sum(hits) / len(hits), acc_stderr=_stderr(hits))
         if fmt == "multiple_choice":
             norm = [
-                _argmax([s[0] / max(1, len(c.encode("utf-8"))) for s, c in zip(ss, item["choices"])])
-                == item["gold"]
+                _argmax([s[0] / max(1, len(c.encode("utf-8"))) for s, c in zip(ss, item["choices"])]) == item["gold"]
                 for ss, item in zip(by_item, items)
             ]
             result.update(acc_norm=sum(norm) / len(norm), acc_norm_stderr=_stderr(norm))
@@ -477,6 +525,7 @@ def zero_shot(model, tokenizer, task_file, limit: int | None = None, batch_size:
 
 # ----------------------------------------------------------------------------- several tasks
 
+
 def resolve_task(task, data_dir) -> tuple[str, Path | None]:
     """(name, path): "ppl" -> ("ppl", None); a path to a file -> (its stem, it); a name ->
     (name, DATA/eval/NAME.jsonl)."""
@@ -487,7 +536,8 @@ def resolve_task(task, data_dir) -> tuple[str, Path | None]:
         return path.stem, path
     if data_dir is None:
         raise FileNotFoundError(
-            f"task {task!r} needs a data directory (--data-dir or EDKM_DATA_DIR) holding eval/{task}.jsonl")
+            f"task {task!r} needs a data directory (--data-dir or EDKM_DATA_DIR) holding eval/{task}.jsonl"
+        )
     root = Path(data_dir)
     for candidate in (root / "eval" / f"{task}.jsonl", root / f"{task}.jsonl"):
         if candidate.is_file():
@@ -495,9 +545,21 @@ def resolve_task(task, data_dir) -> tuple[str, Path | None]:
     raise FileNotFoundError(f"task {task!r}: no {root / 'eval' / (str(task) + '.jsonl')}")
 
 
-def evaluate(model, tokenizer, tasks: Iterable, data_dir=None, *, limit: int | None = None,
-             batch_size: int = 8, ppl_batch_size: int = 4, context_len: int = 512, stride: int = 256,
-             max_tokens: int | None = None, delimiter: str = " ", progress: bool = True) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Iterable,
+    data_dir=None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    ppl_batch_size: int = 4,
+    context_len: int = 512,
+    stride: int = 256,
+    max_tokens: int | None = None,
+    delimiter: str = " ",
+    progress: bool = True,
+) -> dict:
     """Run several tasks; a JSON-serializable {"tasks": {name: result}, "settings", "seconds"}.
 
     Each task is "ppl" (``perplexity`` on the test split of ``corpus_split(data_dir)`` with
@@ -510,46 +572,76 @@ def evaluate(model, tokenizer, tasks: Iterable, data_dir=None, *, limit: int | N
     for name, path in resolved:
         if path is None:
             _, test_files = corpus_split(data_dir)
-            r = perplexity(model, tokenizer, read_texts(test_files), context_len=context_len,
-                           stride=stride, max_tokens=max_tokens, batch_size=ppl_batch_size,
-                           progress=progress)
+            r = perplexity(
+                model,
+                tokenizer,
+                read_texts(test_files),
+                context_len=context_len,
+                stride=stride,
+                max_tokens=max_tokens,
+                batch_size=ppl_batch_size,
+                progress=progress,
+            )
             r = {"task": "ppl", "split": "test", "files": len(test_files), **r}
         else:
-            r = zero_shot(model, tokenizer, path, limit=limit, batch_size=batch_size,
-                          delimiter=delimiter, progress=progress)
+            r = zero_shot(
+                model, tokenizer, path, limit=limit, batch_size=batch_size, delimiter=delimiter, progress=progress
+            )
             r["task"] = name
         out[name] = r
-    settings = {"limit": limit, "batch_size": batch_size, "ppl_batch_size": ppl_batch_size,
-                "context_len": context_len, "stride": stride, "max_tokens": max_tokens,
-                "delimiter": delimiter, "data_dir": None if data_dir is None else str(data_dir)}
+    settings = {
+        "limit": limit,
+        "batch_size": batch_size,
+        "ppl_batch_size": ppl_batch_size,
+        "context_len": context_len,
+        "stride": stride,
+        "max_tokens": max_tokens,
+        "delimiter": delimiter,
+        "data_dir": None if data_dir is None else str(data_dir),
+    }
     return {"tasks": out, "settings": settings, "seconds": time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------- command line
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the model to evaluate (as understood by edkm.models.load_model)")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help="comma-separated: ppl (test-split perplexity), names of DATA/eval/*.jsonl, "
-                        "or paths of jsonl files (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="data folder (corpus/, eval/); default $EDKM_DATA_DIR, else ../shared/data "
-                        "next to the checkout")
+    p.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help="comma-separated: ppl (test-split perplexity), names of DATA/eval/*.jsonl, "
+        "or paths of jsonl files (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data folder (corpus/, eval/); default $EDKM_DATA_DIR, else ../shared/data next to the checkout",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N items of each zero-shot task")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="perplexity on the first N tokens of the test split only")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="perplexity on the first N tokens of the test split only"
+    )
     p.add_argument("--context-len", type=int, default=512, help="perplexity window (default 512)")
     p.add_argument("--stride", type=int, default=256, help="perplexity stride (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
     p.add_argument("--ppl-batch-size", type=int, default=4, help="perplexity windows per batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--delimiter", default=" ",
-                   help="between context and continuation (default ' '; backslash escapes such as "
-                        "\\n are decoded, e.g. '\\nAnswer: ')")
-    p.add_argument("--harness", default="edkm", choices=("edkm", "lm-eval"),
-                   help="'lm-eval': run lm-evaluation-harness (its hf model) on the same local task "
-                        "files instead; MODEL is then a Hugging Face directory, a hub name, or an "
-                        "edkm file (exported to a temporary directory first); zero-shot tasks only")
+    p.add_argument(
+        "--delimiter",
+        default=" ",
+        help="between context and continuation (default ' '; backslash escapes such as "
+        "\\n are decoded, e.g. '\\nAnswer: ')",
+    )
+    p.add_argument(
+        "--harness",
+        default="edkm",
+        choices=("edkm", "lm-eval"),
+        help="'lm-eval': run lm-evaluation-harness (its hf model) on the same local task "
+        "files instead; MODEL is then a Hugging Face directory, a hub name, or an "
+        "edkm file (exported to a temporary directory first); zero-shot tasks only",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON, no progress bars")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON results to this file")
 
@@ -593,10 +685,20 @@ def main(args) -> int:
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
     if tokenizer is None:
         raise SystemExit(f"edkm eval: model {args.model!r} comes without a tokenizer; cannot evaluate text")
-    results = evaluate(model, tokenizer, tasks, data_dir, limit=args.limit, batch_size=args.batch_size,
-                       ppl_batch_size=args.ppl_batch_size, context_len=args.context_len,
-                       stride=args.stride, max_tokens=args.max_tokens, delimiter=delimiter,
-                       progress=not args.json)
+    results = evaluate(
+        model,
+        tokenizer,
+        tasks,
+        data_dir,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        ppl_batch_size=args.ppl_batch_size,
+        context_len=args.context_len,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+        delimiter=delimiter,
+        progress=not args.json,
+    )
     results["model"] = args.model
     results["dtype"] = args.dtype
     text = json.dumps(results, indent=2)
@@ -609,9 +711,9 @@ def main(args) -> int:
 
 def _main_lm_eval(args, tasks, data_dir) -> int:
     from edkm import lm_eval_harness
+
     if "ppl" in tasks:
-        raise SystemExit("edkm eval: --harness lm-eval: 'ppl' is edkm's own perplexity task; run it "
-                         "without --harness")
+        raise SystemExit("edkm eval: --harness lm-eval: 'ppl' is edkm's own perplexity task; run it without --harness")
     if args.delimiter != " ":
         raise SystemExit("edkm eval: --harness lm-eval uses the delimiters of its task configs; drop --delimiter")
     try:
@@ -621,8 +723,9 @@ def _main_lm_eval(args, tasks, data_dir) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"edkm eval: {e}") from None
     start = time.perf_counter()
-    results = lm_eval_harness.run(args.model, tasks, data_dir, limit=args.limit, batch_size=args.batch_size,
-                                  dtype=args.dtype)
+    results = lm_eval_harness.run(
+        args.model, tasks, data_dir, limit=args.limit, batch_size=args.batch_size, dtype=args.dtype
+    )
     results.update(model=args.model, dtype=args.dtype, seconds=time.perf_counter() - start)
     text = json.dumps(results, indent=2)
     if args.output is not None:

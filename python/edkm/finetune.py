@@ -6,6 +6,7 @@ The hyperparameters are one :class:`TrainConfig`; :func:`finetune` runs the loop
 model (clustered or not), so the gain from fine-tuning alone can be measured with the same loop.
 Deterministic for a given seed on a given machine, across a kill and resume too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +55,7 @@ class TrainConfig:
     validation_interval: validate every this many steps (0: only at the end).
     checkpoint_interval: with a checkpoint path, write it every this many steps (and at the end).
     """
+
     lr: float = 5e-5
     schedule: str = "constant"
     warmup: float = 0.1
@@ -160,6 +162,7 @@ def pick_texts(files: Sequence, tokens_needed: int, seed: int = 0, chars_per_tok
     """Read just enough of ``files`` (shuffled with ``seed``) for ``tokens_needed`` tokens, with
     a 2x margin, so a short run does not tokenize a whole corpus."""
     from edkm.data import read_texts
+
     order = list(files)
     random.Random(seed).shuffle(order)
     want = 2 * tokens_needed * chars_per_token
@@ -173,8 +176,9 @@ def pick_texts(files: Sequence, tokens_needed: int, seed: int = 0, chars_per_tok
     return texts
 
 
-def pick_train_and_validation_texts(train_files: Sequence, steps: int, config: TrainConfig
-                                    ) -> Tuple[List[str], List[str]]:
+def pick_train_and_validation_texts(
+    train_files: Sequence, steps: int, config: TrainConfig
+) -> Tuple[List[str], List[str]]:
     """(texts, validation_texts) for ``finetune``: ``config.validation_fraction`` of the *train*
     files (whole documents, ``edkm.data.train_validation_split``) held out for validation, and
     just enough of each read for the steps and ``config.validation_tokens``."""
@@ -207,15 +211,20 @@ def _check_teacher(model, tokenizer, teacher, teacher_tokenizer) -> None:
     from edkm.distill import check_vocab, model_vocab_size
 
     if teacher is model:
-        raise ValueError("edkm.finetune: teacher is the model being trained; pass a frozen copy made "
-                         "before palettize_ (e.g. copy.deepcopy(model))")
+        raise ValueError(
+            "edkm.finetune: teacher is the model being trained; pass a frozen copy made "
+            "before palettize_ (e.g. copy.deepcopy(model))"
+        )
     check_vocab(model_vocab_size(model), model_vocab_size(teacher))
     if teacher_tokenizer is not None and tokenizer is not None and teacher_tokenizer is not tokenizer:
         a, b = teacher_tokenizer.get_vocab(), tokenizer.get_vocab()
         if a != b:
-            raise ValueError(f"distillation: the teacher's tokenizer has {len(a)} tokens, the student's "
-                             f"{len(b)}" + (" (same size, different tokens)" if len(a) == len(b) else "")
-                             + "; teacher and student must share one tokenizer")
+            raise ValueError(
+                f"distillation: the teacher's tokenizer has {len(a)} tokens, the student's "
+                f"{len(b)}"
+                + (" (same size, different tokens)" if len(a) == len(b) else "")
+                + "; teacher and student must share one tokenizer"
+            )
 
 
 def _bos_token_id(tokenizer, teacher) -> Optional[int]:
@@ -233,19 +242,32 @@ def _training_blocks(tokenizer, texts, steps, cfg, teacher, teacher_id, data_fre
     corpus = generated = None
     if n_corpus:
         if tokenizer is None or not texts:
-            raise ValueError(f"edkm.finetune: {n_corpus} of the training blocks come from texts "
-                             f"(data_free_fraction={cfg.data_free_fraction:g}) but no texts/tokenizer were given")
+            raise ValueError(
+                f"edkm.finetune: {n_corpus} of the training blocks come from texts "
+                f"(data_free_fraction={cfg.data_free_fraction:g}) but no texts/tokenizer were given"
+            )
         corpus = token_blocks(tokenizer, texts, cfg.block_len, max_blocks=n_corpus, seed=cfg.seed)
         if corpus.shape[0] < n_corpus:
             raise ValueError(
                 f"edkm.finetune: the texts give {corpus.shape[0]} blocks of {cfg.block_len} tokens; "
-                f"{steps} steps of {cfg.batch_size}" + (f" x {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
-                + (f" with data_free_fraction={cfg.data_free_fraction:g}" if n_gen else "") + f" need {n_corpus}")
+                f"{steps} steps of {cfg.batch_size}"
+                + (f" x {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
+                + (f" with data_free_fraction={cfg.data_free_fraction:g}" if n_gen else "")
+                + f" need {n_corpus}"
+            )
     if n_gen:
-        generated = generate_blocks(teacher, n_gen, cfg.block_len, batch_size=DATA_FREE_BATCH, seed=cfg.seed,
-                                    first_token=cfg.data_free_first_token,
-                                    bos_token_id=_bos_token_id(tokenizer, teacher) if cfg.data_free_first_token == "bos" else None,
-                                    cache_dir=data_free_cache, teacher_id=teacher_id, progress=progress)
+        generated = generate_blocks(
+            teacher,
+            n_gen,
+            cfg.block_len,
+            batch_size=DATA_FREE_BATCH,
+            seed=cfg.seed,
+            first_token=cfg.data_free_first_token,
+            bos_token_id=_bos_token_id(tokenizer, teacher) if cfg.data_free_first_token == "bos" else None,
+            cache_dir=data_free_cache,
+            teacher_id=teacher_id,
+            progress=progress,
+        )
     if generated is None:
         return corpus  # as the plain loop always cut them (no reshuffle)
     return mix_blocks(corpus, generated, seed=cfg.seed)
@@ -256,8 +278,11 @@ def _centroid_snapshot(model) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     mode moves them, and the micro-batches of one step must all start from the same ones."""
     from edkm.palettize import clustered_modules
 
-    return [(m.edkm_centroids, m.edkm_centroids.detach().clone()) for _, m in clustered_modules(model)
-            if m.edkm_leader is None and m.edkm_initialized and not m.edkm_finalized]
+    return [
+        (m.edkm_centroids, m.edkm_centroids.detach().clone())
+        for _, m in clustered_modules(model)
+        if m.edkm_leader is None and m.edkm_initialized and not m.edkm_finalized
+    ]
 
 
 def _objective(model, batch, cfg: TrainConfig, teacher, teacher_topk):
@@ -289,7 +314,7 @@ def validate(model, blocks: torch.Tensor, batch_size: int = 4, teacher=None) -> 
     n_pred = n_pos = 0
     try:
         for i in range(0, blocks.shape[0], batch_size):
-            b = blocks[i:i + batch_size].to(device)
+            b = blocks[i : i + batch_size].to(device)
             out = model(input_ids=b, labels=b)
             k = b.shape[0] * (b.shape[1] - 1)
             ce_sum += float(out.loss) * k
@@ -339,20 +364,40 @@ def _check_same_run(ckpt: Dict, path, **now) -> None:
         if ckpt.get(key) != value:
             if key == "config":
                 diff = sorted(k for k in value if ckpt["config"].get(k) != value[k])
-                what = "config fields " + ", ".join(f"{k} ({ckpt['config'].get(k)!r} there, {value[k]!r} now)" for k in diff)
+                what = "config fields " + ", ".join(
+                    f"{k} ({ckpt['config'].get(k)!r} there, {value[k]!r} now)" for k in diff
+                )
             else:
                 what = f"{key} ({ckpt.get(key)!r} there, {value!r} now)"
-            raise ValueError(f"edkm.finetune: the checkpoint {path} is of another run: {what}; "
-                             f"delete it or pass another checkpoint path")
+            raise ValueError(
+                f"edkm.finetune: the checkpoint {path} is of another run: {what}; "
+                f"delete it or pass another checkpoint path"
+            )
 
 
-def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, config: Optional[TrainConfig] = None,
-             teacher=None, teacher_tokenizer=None, validation_texts: Optional[Sequence[str]] = None,
-             checkpoint=None, teacher_cache=None, data_free_cache=None,
-             on_step: Optional[Callable[[int, "FinetuneResult"], None]] = None,
-             lr: Optional[float] = None, block_len: Optional[int] = None, batch_size: Optional[int] = None,
-             seed: Optional[int] = None, max_grad_norm: Optional[float] = None, warmup: Optional[float] = None,
-             progress: bool = True, desc: str = "edkm: fine-tuning") -> FinetuneResult:
+def finetune(
+    model,
+    tokenizer,
+    texts: Optional[Sequence[str]],
+    steps: int,
+    *,
+    config: Optional[TrainConfig] = None,
+    teacher=None,
+    teacher_tokenizer=None,
+    validation_texts: Optional[Sequence[str]] = None,
+    checkpoint=None,
+    teacher_cache=None,
+    data_free_cache=None,
+    on_step: Optional[Callable[[int, "FinetuneResult"], None]] = None,
+    lr: Optional[float] = None,
+    block_len: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
+    warmup: Optional[float] = None,
+    progress: bool = True,
+    desc: str = "edkm: fine-tuning",
+) -> FinetuneResult:
     """``steps`` AdamW steps on blocks cut from ``texts``; returns the per-step losses (a
     :class:`FinetuneResult`, a list with more attributes).
 
@@ -379,14 +424,17 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
     """
     from edkm.distill import compute_teacher_topk, fingerprint_model, fingerprint_tensor
 
-    cfg = _resolve_config(config, dict(lr=lr, block_len=block_len, batch_size=batch_size, seed=seed,
-                                       max_grad_norm=max_grad_norm, warmup=warmup))
+    cfg = _resolve_config(
+        config,
+        dict(lr=lr, block_len=block_len, batch_size=batch_size, seed=seed, max_grad_norm=max_grad_norm, warmup=warmup),
+    )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"edkm.finetune: steps must be an integer >= 1, got {steps!r}")
     needs_teacher = [f"{n}={getattr(cfg, n):g}" for n in ("alpha", "data_free_fraction") if getattr(cfg, n) > 0]
     if needs_teacher and teacher is None:
-        raise ValueError(f"edkm.finetune: {' and '.join(needs_teacher)} needs a teacher (the model before "
-                         f"palettize_): pass teacher=")
+        raise ValueError(
+            f"edkm.finetune: {' and '.join(needs_teacher)} needs a teacher (the model before palettize_): pass teacher="
+        )
     if teacher is not None:
         _check_teacher(model, tokenizer, teacher, teacher_tokenizer)
         teacher.eval()
@@ -396,8 +444,10 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
     if ckpt is not None:
         teacher_cache = teacher_cache if teacher_cache is not None else ckpt.get("teacher_cache")
         data_free_cache = data_free_cache if data_free_cache is not None else ckpt.get("data_free_cache")
-    cache_paths = (teacher_cache if cfg.alpha > 0 and cfg.top_k else None,
-                   data_free_cache if cfg.data_free_fraction > 0 else None)
+    cache_paths = (
+        teacher_cache if cfg.alpha > 0 and cfg.top_k else None,
+        data_free_cache if cfg.data_free_fraction > 0 else None,
+    )
     teacher_id = None
     if teacher is not None and (ckpt_path is not None or any(p is not None for p in cache_paths)):
         teacher_id = fingerprint_model(teacher)
@@ -406,14 +456,24 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
     val_blocks = None
     if validation_texts:
         from edkm.data import token_blocks
+
         if not cfg.validation_tokens:
             raise ValueError("edkm.finetune: validation_texts given but config.validation_tokens is 0")
-        val_blocks = token_blocks(tokenizer, validation_texts, cfg.block_len,
-                                  max_blocks=cfg.validation_tokens // cfg.block_len, seed=cfg.seed)
+        val_blocks = token_blocks(
+            tokenizer, validation_texts, cfg.block_len, max_blocks=cfg.validation_tokens // cfg.block_len, seed=cfg.seed
+        )
     topk = None
     if cfg.alpha > 0 and cfg.top_k:
-        topk = compute_teacher_topk(teacher, blocks, cfg.top_k, cfg.temperature, batch_size=cfg.batch_size,
-                                    cache_path=cache_paths[0], teacher_id=teacher_id, progress=progress)
+        topk = compute_teacher_topk(
+            teacher,
+            blocks,
+            cfg.top_k,
+            cfg.temperature,
+            batch_size=cfg.batch_size,
+            cache_path=cache_paths[0],
+            teacher_id=teacher_id,
+            progress=progress,
+        )
 
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
@@ -422,9 +482,13 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_factor(s, steps))
     result = FinetuneResult()
     result.config = cfg
-    identity = dict(config=cfg.to_dict(), steps=steps, data=fingerprint_tensor(blocks).hexdigest(),
-                    validation_data=fingerprint_tensor(val_blocks).hexdigest() if val_blocks is not None else None,
-                    teacher=teacher_id)
+    identity = dict(
+        config=cfg.to_dict(),
+        steps=steps,
+        data=fingerprint_tensor(blocks).hexdigest(),
+        validation_data=fingerprint_tensor(val_blocks).hexdigest() if val_blocks is not None else None,
+        teacher=teacher_id,
+    )
     start = 0
     if ckpt is not None:
         _check_same_run(ckpt, ckpt_path, **identity)
@@ -439,12 +503,25 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
         result.resumed_from = start
 
     def write_checkpoint(step_done: int) -> None:
-        _save_checkpoint(ckpt_path, dict(
-            format=_CHECKPOINT_FORMAT, step=step_done, model=model.state_dict(), optimizer=opt.state_dict(),
-            scheduler=sched.state_dict(), rng=_rng_state(), losses=list(result), ce=result.ce, kd=result.kd,
-            lr=result.lr, validation=result.validation,
-            teacher_cache=str(cache_paths[0]) if cache_paths[0] is not None else None,
-            data_free_cache=str(cache_paths[1]) if cache_paths[1] is not None else None, **identity))
+        _save_checkpoint(
+            ckpt_path,
+            dict(
+                format=_CHECKPOINT_FORMAT,
+                step=step_done,
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                rng=_rng_state(),
+                losses=list(result),
+                ce=result.ce,
+                kd=result.kd,
+                lr=result.lr,
+                validation=result.validation,
+                teacher_cache=str(cache_paths[0]) if cache_paths[0] is not None else None,
+                data_free_cache=str(cache_paths[1]) if cache_paths[1] is not None else None,
+                **identity,
+            ),
+        )
 
     def run_validation(step_done: int) -> None:
         if val_blocks is not None and not (result.validation and result.validation[-1]["step"] == step_done):
@@ -457,6 +534,7 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
     bar = None
     if progress and start < steps:
         from tqdm import tqdm
+
         bar = tqdm(total=steps, initial=start, desc=desc, unit="step")
     try:
         for step in range(start, steps):
@@ -469,9 +547,10 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
                         for live, saved in snapshot:
                             live.copy_(saved)
                 lo = step * per_step + m * cfg.batch_size
-                batch = blocks[lo:lo + cfg.batch_size].to(device)
-                loss, ce, kd = _objective(model, batch, cfg, teacher,
-                                          topk[lo:lo + cfg.batch_size] if topk is not None else None)
+                batch = blocks[lo : lo + cfg.batch_size].to(device)
+                loss, ce, kd = _objective(
+                    model, batch, cfg, teacher, topk[lo : lo + cfg.batch_size] if topk is not None else None
+                )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"edkm.finetune: loss became {loss.item()} at step {step}")
                 (loss / cfg.accumulate if cfg.accumulate > 1 else loss).backward()
@@ -493,8 +572,11 @@ def finetune(model, tokenizer, texts: Optional[Sequence[str]], steps: int, *, co
                 write_checkpoint(done)
             elapsed = time.perf_counter() - t0
             if bar is not None:
-                post = dict(loss=f"{result[-1]:.3f}", lr=f"{result.lr[-1]:.2e}",
-                            tok_s=f"{(done - start) * tokens_per_step / max(elapsed, 1e-9):,.0f}")
+                post = dict(
+                    loss=f"{result[-1]:.3f}",
+                    lr=f"{result.lr[-1]:.2e}",
+                    tok_s=f"{(done - start) * tokens_per_step / max(elapsed, 1e-9):,.0f}",
+                )
                 if result.validation:
                     post["val"] = f"{result.validation[-1]['loss']:.3f}"
                 bar.set_postfix(post)

@@ -5,6 +5,7 @@ format version 2, its outliers: positions and 16-bit values), every other tensor
 rename), so an interrupted save never leaves a half-written file under the real name; the
 writer also streams, which is how a 7B model is compressed layer by layer.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,12 +23,20 @@ FORMAT_VERSION = "2"  # the newest version written; a file without outliers is w
 READ_VERSIONS = ("1", "2")
 OUTLIER_SUFFIXES = (".outlier_index", ".outlier_values")
 
-DTYPE_CODES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
-               torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
-               torch.float64: "F64", torch.bool: "BOOL"}
+DTYPE_CODES = {
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.bool: "BOOL",
+}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
-               torch.float64: "float64"}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
@@ -38,6 +47,7 @@ class FormatError(ValueError):
 @dataclass(frozen=True)
 class Layout:
     """How one clustered tensor is stored (FORMAT.md)."""
+
     bits: int
     shape: Tuple[int, ...]
     dtype: torch.dtype
@@ -73,8 +83,13 @@ class Layout:
         return (self.groups, 1 << self.bits, self.cluster_dim)
 
     def to_json(self) -> Dict[str, Any]:
-        d = {"bits": self.bits, "shape": list(self.shape), "dtype": DTYPE_NAMES[self.dtype],
-             "groups": self.groups, "cluster_dim": self.cluster_dim}
+        d = {
+            "bits": self.bits,
+            "shape": list(self.shape),
+            "dtype": DTYPE_NAMES[self.dtype],
+            "groups": self.groups,
+            "cluster_dim": self.cluster_dim,
+        }
         if self.outliers:
             d["outliers"] = self.outliers
         return d
@@ -83,6 +98,7 @@ class Layout:
     def from_json(cls, name: str, d: Any, path: str, version: str = FORMAT_VERSION) -> "Layout":
         def bad(what):
             raise FormatError(f"{path}: edkm.layout entry for {name!r}: {what}")
+
         if not isinstance(d, dict):
             bad("expected an object")
         for key in ("bits", "shape", "dtype", "groups", "cluster_dim"):
@@ -91,8 +107,11 @@ class Layout:
         bits, shape, groups, cdim = d["bits"], d["shape"], d["groups"], d["cluster_dim"]
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
             bad(f"bits must be an integer in 1..8, got {bits!r}")
-        if (not isinstance(shape, list) or not shape
-                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 2**40 for s in shape)):
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 2**40 for s in shape)
+        ):
             bad(f"shape must be a non-empty list of positive integers, got {shape!r}")
         if math.prod(shape) >= 2**48:
             bad(f"shape {shape} is absurdly large")
@@ -126,8 +145,12 @@ class FileWriter:
     ``path``; :meth:`abort` (or an exception inside ``with``) removes it.
     """
 
-    def __init__(self, path: str, entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
-                 metadata: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self,
+        path: str,
+        entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
+        metadata: Optional[Mapping[str, str]] = None,
+    ):
         self.path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(self.path))
         if os.path.isdir(self.path):
@@ -143,8 +166,11 @@ class FileWriter:
             if dtype not in DTYPE_CODES:
                 raise ValueError(f"edkm.save: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
             nbytes = _tensor_bytes(dtype, shape)
-            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._order.append((name, dtype, tuple(shape), nbytes))
             offset += nbytes
         if metadata:
@@ -154,8 +180,7 @@ class FileWriter:
         self.header_bytes = 8 + len(text)
         self.data_bytes = offset
         try:
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
-                                             dir=directory)
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory)
         except OSError as e:
             raise PermissionError(f"edkm.save: cannot write to directory {directory!r} ({e.strerror})") from None
         umask = os.umask(0)
@@ -179,8 +204,10 @@ class FileWriter:
         if name != want:
             raise ValueError(f"edkm.save: expected tensor {want!r} next, got {name!r}")
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"edkm.save: tensor {name!r} was declared {dtype} {list(shape)}, got "
-                             f"{tensor.dtype} {list(tensor.shape)}")
+            raise ValueError(
+                f"edkm.save: tensor {name!r} was declared {dtype} {list(shape)}, got "
+                f"{tensor.dtype} {list(tensor.shape)}"
+            )
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         if t.numel():
             self._file.write(memoryview(t.view(torch.uint8).numpy()))
@@ -189,7 +216,7 @@ class FileWriter:
     def commit(self) -> int:
         """Make the file visible under its real name; returns its size in bytes."""
         if self._next != len(self._order):
-            missing = [n for n, *_ in self._order[self._next:]]
+            missing = [n for n, *_ in self._order[self._next :]]
             self.abort()
             raise ValueError(f"edkm.save: {len(missing)} declared tensor(s) not written, e.g. {missing[:3]}")
         f, self._file = self._file, None
@@ -232,16 +259,23 @@ class FileWriter:
 
 # ---- save ------------------------------------------------------------------------------------
 
+
 def clustered_entries(name: str, layout: Layout, outlier_dtype: torch.dtype = torch.float16):
     """The file entries of a clustered tensor, in file order (outliers only when it has any)."""
-    entries = [(f"{name}.indices", torch.uint8, (layout.packed_bytes,)),
-               (f"{name}.lut", torch.float16, layout.lut_shape)]
+    entries = [
+        (f"{name}.indices", torch.uint8, (layout.packed_bytes,)),
+        (f"{name}.lut", torch.float16, layout.lut_shape),
+    ]
     if layout.outliers:
         if outlier_dtype not in layout.outlier_value_dtypes():
-            raise ValueError(f"edkm.save: {name}: outlier values of a {DTYPE_NAMES[layout.dtype]} weight "
-                             f"must be stored as {layout.outlier_value_dtypes()}, got {outlier_dtype}")
-        entries += [(f"{name}.outlier_index", layout.outlier_index_dtype, (layout.outliers,)),
-                    (f"{name}.outlier_values", outlier_dtype, (layout.outliers,))]
+            raise ValueError(
+                f"edkm.save: {name}: outlier values of a {DTYPE_NAMES[layout.dtype]} weight "
+                f"must be stored as {layout.outlier_value_dtypes()}, got {outlier_dtype}"
+            )
+        entries += [
+            (f"{name}.outlier_index", layout.outlier_index_dtype, (layout.outliers,)),
+            (f"{name}.outlier_values", outlier_dtype, (layout.outliers,)),
+        ]
     return entries
 
 
@@ -252,8 +286,11 @@ def format_version(layouts: Mapping[str, Layout]) -> str:
 
 
 def metadata_for(layouts: Mapping[str, Layout], aliases: Mapping[str, str]) -> Dict[str, str]:
-    meta = {"format": "edkm", "edkm.version": format_version(layouts),
-            "edkm.layout": json.dumps({n: l.to_json() for n, l in layouts.items()}, separators=(",", ":"))}
+    meta = {
+        "format": "edkm",
+        "edkm.version": format_version(layouts),
+        "edkm.layout": json.dumps({n: l.to_json() for n, l in layouts.items()}, separators=(",", ":")),
+    }
     if aliases:
         meta["edkm.aliases"] = json.dumps(dict(aliases), separators=(",", ":"))
     return meta
@@ -262,6 +299,7 @@ def metadata_for(layouts: Mapping[str, Layout], aliases: Mapping[str, str]) -> D
 def pack_clustered(indices: torch.Tensor, lut: torch.Tensor, layout: Layout):
     """(packed indices, fp16 LUT [G, K, d]) for a clustered tensor."""
     from edkm import ops
+
     packed = ops.pack_indices(indices.reshape(-1).cpu(), layout.bits)
     return packed, lut.detach().cpu().to(torch.float16).reshape(layout.lut_shape)
 
@@ -294,8 +332,10 @@ def plain_store_dtype(model: nn.Module, plain_dtype) -> Optional[torch.dtype]:
     if isinstance(plain_dtype, torch.dtype):
         plain_dtype = DTYPE_NAMES.get(plain_dtype, str(plain_dtype))
     if plain_dtype not in PLAIN_DTYPES:
-        raise ValueError(f"edkm.save: plain_dtype must be one of {PLAIN_DTYPES} or a float16/bfloat16/"
-                         f"float32 torch.dtype, got {plain_dtype!r}")
+        raise ValueError(
+            f"edkm.save: plain_dtype must be one of {PLAIN_DTYPES} or a float16/bfloat16/"
+            f"float32 torch.dtype, got {plain_dtype!r}"
+        )
     if plain_dtype == "keep":
         return None
     if plain_dtype == "auto":
@@ -313,8 +353,7 @@ def stored_plain_dtype(t: torch.Tensor, store: Optional[torch.dtype], auto: bool
     return store
 
 
-def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = None,
-         plain_dtype="auto") -> int:
+def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = None, plain_dtype="auto") -> int:
     """Write a finalized model to ``path`` (FORMAT.md). Returns the file size in bytes.
     ``metadata``: extra string pairs for the header (e.g. ``edkm.base_model``, which lets
     ``edkm eval FILE`` rebuild the architecture and tokenizer).
@@ -344,8 +383,11 @@ def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = No
             continue
         if not isinstance(t, torch.Tensor):
             continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
-            if t.numel() else None
+        ident = (
+            (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if t.numel()
+            else None
+        )
         if ident is not None and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -355,15 +397,17 @@ def save(model: nn.Module, path: str, metadata: Optional[Mapping[str, str]] = No
             m = clustered[key]
             cfg = m.edkm_config
             pos = m.edkm_outlier_positions
-            layouts[key] = Layout(cfg.bits, tuple(t.shape), t.dtype, m.edkm_groups, cfg.cluster_dim,
-                                  0 if pos is None else pos.numel())
+            layouts[key] = Layout(
+                cfg.bits, tuple(t.shape), t.dtype, m.edkm_groups, cfg.cluster_dim, 0 if pos is None else pos.numel()
+            )
         else:
             plain[key] = t.detach().to(stored_plain_dtype(t, store, auto))
     for key in list(layouts) + list(plain):
         for suffix in (".indices", ".lut") + OUTLIER_SUFFIXES:
             if key.endswith(suffix) and key[: -len(suffix)] in layouts:
-                raise ValueError(f"edkm.save: tensor {key!r} collides with the stored form of clustered "
-                                 f"{key[: -len(suffix)]!r}")
+                raise ValueError(
+                    f"edkm.save: tensor {key!r} collides with the stored form of clustered {key[: -len(suffix)]!r}"
+                )
     entries = []
     for key in state:
         if key in layouts:
@@ -404,6 +448,7 @@ def _is_edkm_buffer(key: str) -> bool:
 
 
 # ---- load ------------------------------------------------------------------------------------
+
 
 @dataclass
 class CompressedFile:
@@ -449,35 +494,43 @@ def read_header(path: str) -> CompressedFile:
         if e["dtype"] not in CODE_DTYPES:
             raise FormatError(f"{path}: tensor {name!r}: unsupported dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**48
-                                                  for s in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**48 for s in shape
+        ):
             raise FormatError(f"{path}: tensor {name!r}: bad shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-                or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise FormatError(f"{path}: tensor {name!r}: data_offsets {offs!r} outside the data section "
-                              f"({data_len} bytes)")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+            or not 0 <= offs[0] <= offs[1] <= data_len
+        ):
+            raise FormatError(
+                f"{path}: tensor {name!r}: data_offsets {offs!r} outside the data section ({data_len} bytes)"
+            )
         if math.prod(shape) > 2**48 or offs[1] - offs[0] != _tensor_bytes(CODE_DTYPES[e["dtype"]], shape):
-            raise FormatError(f"{path}: tensor {name!r}: {offs[1] - offs[0]} bytes do not hold "
-                              f"{e['dtype']} {shape}")
+            raise FormatError(f"{path}: tensor {name!r}: {offs[1] - offs[0]} bytes do not hold {e['dtype']} {shape}")
         spans.append((offs[0], offs[1], name))
     spans.sort()
     pos = 0
     for begin, end, name in spans:
         if begin != pos:
-            raise FormatError(f"{path}: tensor {name!r} starts at {begin}, expected {pos} "
-                              f"(tensors must tile the data section without gaps or overlaps)")
+            raise FormatError(
+                f"{path}: tensor {name!r} starts at {begin}, expected {pos} "
+                f"(tensors must tile the data section without gaps or overlaps)"
+            )
         pos = end
     if pos != data_len:
-        raise FormatError(f"{path}: the data section has {data_len} bytes but tensors cover {pos} "
-                          f"(truncated or trailing data)")
+        raise FormatError(
+            f"{path}: the data section has {data_len} bytes but tensors cover {pos} (truncated or trailing data)"
+        )
     layouts: Dict[str, Layout] = {}
     aliases: Dict[str, str] = {}
     if meta.get("format") == "edkm":
         version = meta.get("edkm.version")
         if version not in READ_VERSIONS:
-            raise FormatError(f"{path}: edkm format version {version!r}; this edkm reads versions "
-                              f"{', '.join(READ_VERSIONS)}")
+            raise FormatError(
+                f"{path}: edkm format version {version!r}; this edkm reads versions {', '.join(READ_VERSIONS)}"
+            )
         try:
             raw_layout = json.loads(meta.get("edkm.layout", "{}"))
             raw_alias = json.loads(meta.get("edkm.aliases", "{}"))
@@ -491,9 +544,10 @@ def read_header(path: str) -> CompressedFile:
                 raise FormatError(f"{path}: {name!r} is both a clustered and a plain tensor")
             expected = [(".indices", ("U8",), [lay.packed_bytes]), (".lut", ("F16",), list(lay.lut_shape))]
             if lay.outliers:
-                expected += [(".outlier_index", (DTYPE_CODES[lay.outlier_index_dtype],), [lay.outliers]),
-                             (".outlier_values", tuple(DTYPE_CODES[t] for t in lay.outlier_value_dtypes()),
-                              [lay.outliers])]
+                expected += [
+                    (".outlier_index", (DTYPE_CODES[lay.outlier_index_dtype],), [lay.outliers]),
+                    (".outlier_values", tuple(DTYPE_CODES[t] for t in lay.outlier_value_dtypes()), [lay.outliers]),
+                ]
             elif version != "1":
                 stray = [name + s for s in OUTLIER_SUFFIXES if name + s in header]
                 if stray:
@@ -503,8 +557,10 @@ def read_header(path: str) -> CompressedFile:
                 if e is None:
                     raise FormatError(f"{path}: clustered tensor {name!r} has no {name + suffix!r}")
                 if e["dtype"] not in dtypes or e["shape"] != shape:
-                    raise FormatError(f"{path}: {name + suffix!r} must be {' or '.join(dtypes)} {shape}, got "
-                                      f"{e['dtype']} {e['shape']}")
+                    raise FormatError(
+                        f"{path}: {name + suffix!r} must be {' or '.join(dtypes)} {shape}, got "
+                        f"{e['dtype']} {e['shape']}"
+                    )
             layouts[name] = lay
         for alias, target in raw_alias.items():
             if not isinstance(target, str) or (target not in layouts and target not in header):
@@ -520,17 +576,21 @@ def _read_tensor(f, data_start: int, e: Dict[str, Any]) -> torch.Tensor:
     if f.readinto(buf) != len(buf):
         raise FormatError(f"{f.name}: file ended inside a tensor")
     dtype = CODE_DTYPES[e["dtype"]]
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e["shape"]) if buf else \
-        torch.empty(e["shape"], dtype=dtype)
+    return (
+        torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e["shape"])
+        if buf
+        else torch.empty(e["shape"], dtype=dtype)
+    )
 
 
 def check_outliers(index: torch.Tensor, values: torch.Tensor, layout: Layout, who: str) -> None:
     """FORMAT.md's rules for a clustered tensor's outliers: ``layout.outliers`` positions,
     strictly increasing, in [0, numel); as many finite 16-bit values. Raises FormatError."""
-    if index.dim() != 1 or values.dim() != 1 or index.numel() != layout.outliers \
-            or values.numel() != layout.outliers:
-        raise FormatError(f"{who}: expected {layout.outliers} outlier positions and values, got "
-                          f"{list(index.shape)} and {list(values.shape)}")
+    if index.dim() != 1 or values.dim() != 1 or index.numel() != layout.outliers or values.numel() != layout.outliers:
+        raise FormatError(
+            f"{who}: expected {layout.outliers} outlier positions and values, got "
+            f"{list(index.shape)} and {list(values.shape)}"
+        )
     if values.dtype not in layout.outlier_value_dtypes():
         raise FormatError(f"{who}: outlier values must be {layout.outlier_value_dtypes()}, got {values.dtype}")
     if index.is_floating_point() or index.dtype == torch.bool:
@@ -538,21 +598,27 @@ def check_outliers(index: torch.Tensor, values: torch.Tensor, layout: Layout, wh
     if index.numel():
         i = index.long()
         if int(i[0]) < 0 or int(i[-1]) >= layout.numel:
-            raise FormatError(f"{who}: outlier positions must be in [0, {layout.numel}), got "
-                              f"{int(i.min())}..{int(i.max())}")
+            raise FormatError(
+                f"{who}: outlier positions must be in [0, {layout.numel}), got {int(i.min())}..{int(i.max())}"
+            )
         if not bool((i[1:] > i[:-1]).all()):
             raise FormatError(f"{who}: outlier positions must be strictly increasing (sorted, no repeats)")
         if not bool(torch.isfinite(values).all()):
             raise FormatError(f"{who}: outlier values must be finite")
 
 
-def dequantize_clustered(packed: torch.Tensor, lut: torch.Tensor, layout: Layout,
-                         outlier_index: Optional[torch.Tensor] = None,
-                         outlier_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dequantize_clustered(
+    packed: torch.Tensor,
+    lut: torch.Tensor,
+    layout: Layout,
+    outlier_index: Optional[torch.Tensor] = None,
+    outlier_values: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Rebuild a clustered weight (FORMAT.md) from its packed indices and fp16 LUT, then its
     outliers (checked first) at their positions."""
     from edkm import ops
     from edkm.vector_dkm import vector_dequantize
+
     if layout.outliers:
         if outlier_index is None or outlier_values is None:
             raise FormatError(f"{layout.outliers} outliers declared but no positions or values given")
@@ -615,22 +681,23 @@ def load(path: str, model: Optional[nn.Module] = None, packed: bool = False):
         if model is None:
             raise ValueError("edkm.load: packed=True needs the model to load into")
         from edkm.packed import load_packed
+
         return load_packed(path, model)
     sd = load_state_dict(path)
     if model is None:
         return sd
     target = model.state_dict()
-    missing = [k for k in target if k not in sd and not k.endswith("_extra_state")
-               and not _is_edkm_buffer(k)]
+    missing = [k for k in target if k not in sd and not k.endswith("_extra_state") and not _is_edkm_buffer(k)]
     unexpected = [k for k in sd if k not in target]
     if missing or unexpected:
-        raise FormatError(f"{path}: does not match the model: missing {missing[:5]}"
-                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                          f"{'...' if len(unexpected) > 5 else ''}")
+        raise FormatError(
+            f"{path}: does not match the model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
     for k, t in sd.items():
         if tuple(target[k].shape) != tuple(t.shape):
-            raise FormatError(f"{path}: {k!r} has shape {list(t.shape)}, the model expects "
-                              f"{list(target[k].shape)}")
+            raise FormatError(f"{path}: {k!r} has shape {list(t.shape)}, the model expects {list(target[k].shape)}")
     with torch.no_grad():
         for k, t in sd.items():
             target[k].copy_(t.to(target[k].dtype))
@@ -638,6 +705,7 @@ def load(path: str, model: Optional[nn.Module] = None, packed: bool = False):
 
 
 # ---- info ------------------------------------------------------------------------------------
+
 
 def info(path: str, *, file=None, verbose: bool = True) -> Dict[str, Any]:
     """Sizes per tensor and in total; the same model in 16 bits. Prints a table unless
@@ -647,36 +715,68 @@ def info(path: str, *, file=None, verbose: bool = True) -> Dict[str, Any]:
     rows = []
     for name, lay in cf.layouts.items():
         parts = (".indices", ".lut") + (OUTLIER_SUFFIXES if lay.outliers else ())
-        nbytes = sum(cf.entries[name + s]["data_offsets"][1] - cf.entries[name + s]["data_offsets"][0]
-                     for s in parts)
-        outlier_bytes = sum(cf.entries[name + s]["data_offsets"][1] - cf.entries[name + s]["data_offsets"][0]
-                            for s in OUTLIER_SUFFIXES) if lay.outliers else 0
-        rows.append({"name": name, "kind": "clustered", "shape": list(lay.shape), "bits": lay.bits,
-                     "weights": lay.numel,
-                     "groups": lay.groups, "cluster_dim": lay.cluster_dim, "outliers": lay.outliers,
-                     "outlier_bytes": outlier_bytes, "bytes": nbytes,
-                     "bytes_16bit": lay.numel * 2, "bits_per_weight": 8 * nbytes / lay.numel})
+        nbytes = sum(cf.entries[name + s]["data_offsets"][1] - cf.entries[name + s]["data_offsets"][0] for s in parts)
+        outlier_bytes = (
+            sum(
+                cf.entries[name + s]["data_offsets"][1] - cf.entries[name + s]["data_offsets"][0]
+                for s in OUTLIER_SUFFIXES
+            )
+            if lay.outliers
+            else 0
+        )
+        rows.append(
+            {
+                "name": name,
+                "kind": "clustered",
+                "shape": list(lay.shape),
+                "bits": lay.bits,
+                "weights": lay.numel,
+                "groups": lay.groups,
+                "cluster_dim": lay.cluster_dim,
+                "outliers": lay.outliers,
+                "outlier_bytes": outlier_bytes,
+                "bytes": nbytes,
+                "bytes_16bit": lay.numel * 2,
+                "bits_per_weight": 8 * nbytes / lay.numel,
+            }
+        )
     for name, e in cf.entries.items():
         if name in internal:
             continue
         nbytes = e["data_offsets"][1] - e["data_offsets"][0]
         numel = math.prod(e["shape"])
         is_float = CODE_DTYPES[e["dtype"]].is_floating_point
-        rows.append({"name": name, "kind": "plain", "shape": e["shape"], "dtype": e["dtype"],
-                     "bytes": nbytes, "bytes_16bit": numel * 2 if is_float else nbytes,
-                     "weights": numel if is_float else 0,
-                     "bits_per_weight": 8 * nbytes / numel if is_float and numel else None})
+        rows.append(
+            {
+                "name": name,
+                "kind": "plain",
+                "shape": e["shape"],
+                "dtype": e["dtype"],
+                "bytes": nbytes,
+                "bytes_16bit": numel * 2 if is_float else nbytes,
+                "weights": numel if is_float else 0,
+                "bits_per_weight": 8 * nbytes / numel if is_float and numel else None,
+            }
+        )
     total_parts = cf.header_bytes + sum(r["bytes"] for r in rows)
-    result = {"path": cf.path, "file_bytes": cf.file_bytes, "header_bytes": cf.header_bytes,
-              "tensors": rows, "aliases": cf.aliases,
-              "clustered_bytes": sum(r["bytes"] for r in rows if r["kind"] == "clustered"),
-              "plain_bytes": sum(r["bytes"] for r in rows if r["kind"] == "plain"),
-              "bytes_16bit": sum(r["bytes_16bit"] for r in rows),
-              "parts_sum_to_file_size": total_parts == cf.file_bytes}
+    result = {
+        "path": cf.path,
+        "file_bytes": cf.file_bytes,
+        "header_bytes": cf.header_bytes,
+        "tensors": rows,
+        "aliases": cf.aliases,
+        "clustered_bytes": sum(r["bytes"] for r in rows if r["kind"] == "clustered"),
+        "plain_bytes": sum(r["bytes"] for r in rows if r["kind"] == "plain"),
+        "bytes_16bit": sum(r["bytes_16bit"] for r in rows),
+        "parts_sum_to_file_size": total_parts == cf.file_bytes,
+    }
     # Every floating tensor of the file is a weight; a tied tensor is stored (and counted) once.
     weights = sum(r["weights"] for r in rows)
-    result.update(weights=weights, bits_per_weight=8 * cf.file_bytes / weights if weights else None,
-                  clustered_weights=sum(r["weights"] for r in rows if r["kind"] == "clustered"))
+    result.update(
+        weights=weights,
+        bits_per_weight=8 * cf.file_bytes / weights if weights else None,
+        clustered_weights=sum(r["weights"] for r in rows if r["kind"] == "clustered"),
+    )
     if total_parts != cf.file_bytes:
         raise FormatError(f"{cf.path}: parts add up to {total_parts} bytes but the file has {cf.file_bytes}")
     if verbose:
@@ -695,8 +795,7 @@ def _fmt(n: int) -> str:
 def _print_info(r: Dict[str, Any], file=None) -> None:
     p = lambda *a: print(*a, file=file)  # noqa: E731
     p(f"{r['path']}")
-    p(f"{'tensor':<48} {'shape':>16} {'bits':>5} {'LUTs':>5} {'outliers':>9} {'bits/w':>7} {'size':>12} "
-      f"{'16-bit':>12}")
+    p(f"{'tensor':<48} {'shape':>16} {'bits':>5} {'LUTs':>5} {'outliers':>9} {'bits/w':>7} {'size':>12} {'16-bit':>12}")
     for t in r["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
         clustered = t["kind"] == "clustered"
@@ -704,16 +803,24 @@ def _print_info(r: Dict[str, Any], file=None) -> None:
         luts = str(t["groups"]) if clustered else "-"
         outliers = f"{t['outliers']:,}" if clustered and t["outliers"] else "-"
         bpw = f"{t['bits_per_weight']:.2f}" if t.get("bits_per_weight") is not None else "-"
-        p(f"{t['name']:<48} {shape:>16} {bits:>5} {luts:>5} {outliers:>9} {bpw:>7} {_fmt(t['bytes']):>12} "
-          f"{_fmt(t['bytes_16bit']):>12}")
+        p(
+            f"{t['name']:<48} {shape:>16} {bits:>5} {luts:>5} {outliers:>9} {bpw:>7} {_fmt(t['bytes']):>12} "
+            f"{_fmt(t['bytes_16bit']):>12}"
+        )
     for alias, target in r["aliases"].items():
         p(f"{alias:<48} (same tensor as {target})")
-    p(f"header: {_fmt(r['header_bytes'])}; clustered tensors: {_fmt(r['clustered_bytes'])}; "
-      f"other tensors: {_fmt(r['plain_bytes'])}")
+    p(
+        f"header: {_fmt(r['header_bytes'])}; clustered tensors: {_fmt(r['clustered_bytes'])}; "
+        f"other tensors: {_fmt(r['plain_bytes'])}"
+    )
     if r["weights"]:
-        p(f"bits/weight over all {r['weights']:,} weights (tied tensors counted once; header, LUTs, "
-          f"outliers and unclustered tensors included): {r['bits_per_weight']:.2f}; "
-          f"{r['clustered_weights'] / r['weights']:.1%} of the weights are clustered")
-    p(f"file: {r['file_bytes']:,} bytes ({_fmt(r['file_bytes'])}) = header + tensors (checked); "
-      f"the same model in 16 bits: {_fmt(r['bytes_16bit'])} "
-      f"({r['bytes_16bit'] / max(r['file_bytes'], 1):.2f}x larger)")
+        p(
+            f"bits/weight over all {r['weights']:,} weights (tied tensors counted once; header, LUTs, "
+            f"outliers and unclustered tensors included): {r['bits_per_weight']:.2f}; "
+            f"{r['clustered_weights'] / r['weights']:.1%} of the weights are clustered"
+        )
+    p(
+        f"file: {r['file_bytes']:,} bytes ({_fmt(r['file_bytes'])}) = header + tensors (checked); "
+        f"the same model in 16 bits: {_fmt(r['bytes_16bit'])} "
+        f"({r['bytes_16bit'] / max(r['file_bytes'], 1):.2f}x larger)"
+    )

@@ -4,6 +4,7 @@ A compressed edkm file runs packed (:mod:`edkm.packed`: the clustered weights st
 multiplied by ``edkm.lut_linear``) unless ``--dense`` rebuilds it. Greedy by default; ``--sample``
 draws with a seeded generator. The KV cache is transformers' own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,10 @@ import torch
 
 @dataclass
 class Generation:
-    tokens: List[int]                 # the new tokens
+    tokens: List[int]  # the new tokens
     prompt_tokens: int
     prefill_seconds: float
-    decode_seconds: float             # all decode steps (the first new token comes from prefill)
+    decode_seconds: float  # all decode steps (the first new token comes from prefill)
     decode_steps: int
     step_seconds: List[float] = field(default_factory=list)
 
@@ -35,8 +36,7 @@ class Generation:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-def _pick(logits: torch.Tensor, gen: Optional[torch.Generator], temperature: float, top_k: int,
-          top_p: float) -> int:
+def _pick(logits: torch.Tensor, gen: Optional[torch.Generator], temperature: float, top_k: int, top_p: float) -> int:
     if gen is None:
         return int(logits.argmax())
     logits = logits.cpu()
@@ -53,9 +53,18 @@ def _pick(logits: torch.Tensor, gen: Optional[torch.Generator], temperature: flo
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_token_id: Optional[int] = None) -> Generation:
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: Optional[int] = None,
+) -> Generation:
     """Prefill ``prompt_ids`` [1, T], then ``max_new_tokens - 1`` single-token decode steps with
     the KV cache (stops early at ``eos_token_id``). Times prefill and decode separately."""
     if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
@@ -64,6 +73,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, sample: bo
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     import inspect
     from transformers import DynamicCache
+
     gen = torch.Generator().manual_seed(seed) if sample else None
     device = prompt_ids.device
     cache = DynamicCache()
@@ -77,8 +87,12 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, sample: bo
     pos = prompt_ids.shape[1]
     while len(tokens) < max_new_tokens and not (eos_token_id is not None and tok == eos_token_id):
         t = time.perf_counter()
-        out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True,
-                    position_ids=torch.tensor([[pos]], device=device), **{key: cache})
+        out = model(
+            input_ids=torch.tensor([[tok]], device=device),
+            use_cache=True,
+            position_ids=torch.tensor([[pos]], device=device),
+            **{key: cache},
+        )
         tok = _pick(out.logits[0, -1], gen, temperature, top_k, top_p)
         steps.append(time.perf_counter() - t)
         tokens.append(tok)
@@ -114,6 +128,7 @@ def load_for_generation(spec: str, dense: bool = False, dtype: torch.dtype = tor
     ``dense``)."""
     from pathlib import Path
     from edkm import models
+
     p = Path(spec)
     if p.is_file() and p.suffix == ".safetensors" and not dense:
         try:
@@ -142,8 +157,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--dense", action="store_true", help="rebuild an edkm file's weights instead of running it packed")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="activations and unclustered weights (default float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="activations and unclustered weights (default float32)",
+    )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
@@ -165,22 +184,41 @@ def main(args) -> int:
     load_s = time.perf_counter() - t0
     ids = prompt_ids(tok, args.prompt, model.config.vocab_size)
     eos = getattr(tok, "eos_token_id", None) if tok is not None else None
-    g = generate(model, ids, args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=eos)
+    g = generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=eos,
+    )
     text = tok.decode(g.tokens, skip_special_tokens=True) if tok is not None else " ".join(map(str, g.tokens))
-    r = {"model": args.model, "packed": packed, "threads": torch.get_num_threads(),
-         "prompt_tokens": g.prompt_tokens, "new_tokens": len(g.tokens),
-         "prefill_tokens_per_second": g.prefill_tokens_per_second,
-         "decode_tokens_per_second": g.decode_tokens_per_second, "load_seconds": load_s,
-         "model_bytes": model_bytes(model),
-         "peak_rss_bytes": _peak_rss(), "text": text}
+    r = {
+        "model": args.model,
+        "packed": packed,
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": g.prompt_tokens,
+        "new_tokens": len(g.tokens),
+        "prefill_tokens_per_second": g.prefill_tokens_per_second,
+        "decode_tokens_per_second": g.decode_tokens_per_second,
+        "load_seconds": load_s,
+        "model_bytes": model_bytes(model),
+        "peak_rss_bytes": _peak_rss(),
+        "text": text,
+    }
     if args.json:
         print(json.dumps(r))
         return 0
     print(args.prompt + text)
-    print(f"--\n{'packed' if packed else 'dense'} {args.dtype}, {r['threads']} threads: "
-          f"prefill {g.prompt_tokens} tokens at {g.prefill_tokens_per_second:.1f} tokens/s, "
-          f"decode {g.decode_steps} steps at {g.decode_tokens_per_second:.1f} tokens/s; "
-          f"weights in memory {r['model_bytes'] / 2**20:.1f} MiB, peak RSS "
-          f"{r['peak_rss_bytes'] / 2**20:.0f} MiB (load {load_s:.1f} s)", file=sys.stderr)
+    print(
+        f"--\n{'packed' if packed else 'dense'} {args.dtype}, {r['threads']} threads: "
+        f"prefill {g.prompt_tokens} tokens at {g.prefill_tokens_per_second:.1f} tokens/s, "
+        f"decode {g.decode_steps} steps at {g.decode_tokens_per_second:.1f} tokens/s; "
+        f"weights in memory {r['model_bytes'] / 2**20:.1f} MiB, peak RSS "
+        f"{r['peak_rss_bytes'] / 2**20:.0f} MiB (load {load_s:.1f} s)",
+        file=sys.stderr,
+    )
     return 0

@@ -11,6 +11,7 @@ Nothing half-written is ever left under the real name: the directory is built be
 a hidden temporary name and renamed into place at the end; a killed export leaves only that
 hidden directory, which holds no ``config.json`` until its last step.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,9 @@ def check_output_dir(out: Path, force: bool, who: str) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{who}: output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{who}: output directory {str(out)!r} is not empty; pass --force "
-                              f"(force=True) to replace it")
+        raise FileExistsError(
+            f"{who}: output directory {str(out)!r} is not empty; pass --force (force=True) to replace it"
+        )
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{who}: the parent of the output, {str(out.parent)!r}, does not exist")
 
@@ -63,8 +65,7 @@ def _fsync_dir(d: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def export_hf(path: str, out_dir: str, *, dtype="bfloat16", force: bool = False,
-              model=None, tokenizer=None) -> str:
+def export_hf(path: str, out_dir: str, *, dtype="bfloat16", force: bool = False, model=None, tokenizer=None) -> str:
     """Write the compressed file ``path`` as a Hugging Face directory ``out_dir``; returns it.
 
     ``dtype``: of the weights in the directory, ``"bfloat16"`` (default), ``"float16"`` or
@@ -90,8 +91,10 @@ def export_hf(path: str, out_dir: str, *, dtype="bfloat16", force: bool = False,
     if model is None:
         base = cf.metadata.get("edkm.base_model")
         if base is None:
-            raise ValueError(f"{who}: {path} does not record its base model (edkm.base_model); "
-                             f"pass model= (and tokenizer=) to edkm.export_hf")
+            raise ValueError(
+                f"{who}: {path} does not record its base model (edkm.base_model); "
+                f"pass model= (and tokenizer=) to edkm.export_hf"
+            )
         model, tok = load_model(path, torch.float32)
         tokenizer = tokenizer if tokenizer is not None else tok
     else:
@@ -113,27 +116,38 @@ def export_hf(path: str, out_dir: str, *, dtype="bfloat16", force: bool = False,
         seen.add(ident)
         tensors[key] = t.detach().contiguous()
     tied = sorted(set(model.state_dict()) - set(tensors))
-    source = {"edkm.source": os.path.basename(path), "edkm.source_bytes": str(os.path.getsize(path)),
-              "edkm.source_sha256": _sha256(path), "edkm.dtype": dtype}
+    source = {
+        "edkm.source": os.path.basename(path),
+        "edkm.source_bytes": str(os.path.getsize(path)),
+        "edkm.source_sha256": _sha256(path),
+        "edkm.dtype": dtype,
+    }
     layouts = {name: lay.to_json() for name, lay in cf.layouts.items()}
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.edkm-partial-", dir=out.parent))
     try:
         from safetensors.torch import save_file
+
         model.config.dtype = torch_dtype
         if hasattr(model.config, "quantization_config"):
             # The weights written are dense: a GGUF (or other) quantization record of the base
             # model would make transformers look for the quantized checkpoint instead.
             del model.config.quantization_config
-        save_file(tensors, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt", **source, "edkm.layouts": json.dumps(layouts)})
+        save_file(
+            tensors,
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt", **source, "edkm.layouts": json.dumps(layouts)},
+        )
         tokenizer.save_pretrained(str(tmp))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(str(tmp))
         with open(tmp / "edkm.json", "w") as f:
-            json.dump({**source, "base_model": cf.metadata.get("edkm.base_model"), "tied": tied,
-                       "layouts": layouts}, f, indent=1)
+            json.dump(
+                {**source, "base_model": cf.metadata.get("edkm.base_model"), "tied": tied, "layouts": layouts},
+                f,
+                indent=1,
+            )
         # config.json last: a directory without it is not a model transformers would load.
         model.config.save_pretrained(str(tmp))
         _fsync_dir(tmp)

@@ -5,6 +5,7 @@ summed sensitivities). Exact 1-D k-means runs for all groups in one C++ call, th
 groups (ops.optimal_kmeans_1d_grouped), so one LUT per row costs about as much as one per
 matrix; k-means++ works per group in Python on the distinct values.
 """
+
 from __future__ import annotations
 
 from typing import List, NamedTuple, Tuple
@@ -80,8 +81,9 @@ def _weighted_cost(values: torch.Tensor, counts: torch.Tensor, centroids: torch.
     return (counts * d2).sum()
 
 
-def kmeans_plus_plus(values: torch.Tensor, counts: torch.Tensor, k: int, seed: int = 0,
-                     max_lloyd: int = 100) -> Tuple[torch.Tensor, torch.Tensor]:
+def kmeans_plus_plus(
+    values: torch.Tensor, counts: torch.Tensor, k: int, seed: int = 0, max_lloyd: int = 100
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Weighted k-means++ seeding (fixed seed) then Lloyd iterations, over distinct values
     [U] or vectors [U, d] with counts. Returns (centroids [k] or [k, d], cost)."""
     gen = torch.Generator().manual_seed(seed)
@@ -140,8 +142,9 @@ def optimal_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> Tuple[torc
     return c, cost
 
 
-def weighted_distinct_values(weight: torch.Tensor, weights: torch.Tensor, groups: int,
-                             name: str = "weight") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def weighted_distinct_values(
+    weight: torch.Tensor, weights: torch.Tensor, groups: int, name: str = "weight"
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Per group: sorted distinct values (float64) and the sum of ``weights`` (same shape as
     ``weight``, >= 0) over the elements holding each value (+0 and -0 as one). Values whose
     weights sum to 0 are kept with a tiny mass (1e-12 of the group's largest, 1 if all are 0)
@@ -176,25 +179,40 @@ def weighted_distinct_values(weight: torch.Tensor, weights: torch.Tensor, groups
     return out
 
 
-def init_centroids(weight: torch.Tensor, groups: int, k: int, cluster_dim: int = 1,
-                   method: str = "auto", seed: int = 0, name: str = "weight",
-                   weights: "torch.Tensor | None" = None) -> Init:
+def init_centroids(
+    weight: torch.Tensor,
+    groups: int,
+    k: int,
+    cluster_dim: int = 1,
+    method: str = "auto",
+    seed: int = 0,
+    name: str = "weight",
+    weights: "torch.Tensor | None" = None,
+) -> Init:
     """Centroids for ``weight`` cut into ``groups`` LUT groups, by ``method``
     ("optimal", "kmeans++", "auto" = the lower total within-cluster error: the exact optimum in
     1-D, k-means++ for vectors; or "sensitivity": exact 1-D k-means where each element counts
     by ``weights``, its sensitivity)."""
     if method == "sensitivity":
         if weights is None or tuple(weights.shape) != tuple(weight.shape):
-            raise ValueError(f"edkm: {name}: init='sensitivity' needs a sensitivity tensor of the "
-                             f"weight's shape {tuple(weight.shape)}")
+            raise ValueError(
+                f"edkm: {name}: init='sensitivity' needs a sensitivity tensor of the "
+                f"weight's shape {tuple(weight.shape)}"
+            )
         if cluster_dim != 1:
             raise ValueError(f"edkm: {name}: init='sensitivity' is 1-D (cluster_dim 1)")
     if cluster_dim == 1 and method in ("optimal", "auto", "sensitivity"):
         # Exact 1-D k-means is optimal, so k-means++ + Lloyd can at best tie it (up to the
         # rounding of two different cost sums): "auto" is the exact optimum, without running
         # k-means++ only to discard it.
-        return _init_exact_1d(weight, groups, k, name, weights if method == "sensitivity" else None,
-                              "sensitivity" if method == "sensitivity" else "optimal")
+        return _init_exact_1d(
+            weight,
+            groups,
+            k,
+            name,
+            weights if method == "sensitivity" else None,
+            "sensitivity" if method == "sensitivity" else "optimal",
+        )
     if cluster_dim == 1:
         per_group = distinct_values(weight, groups, name)
     else:
@@ -214,8 +232,9 @@ def init_centroids(weight: torch.Tensor, groups: int, k: int, cluster_dim: int =
     return Init(best[1], best[2], best[3], variance)
 
 
-def _init_exact_1d(weight: torch.Tensor, groups: int, k: int, name: str,
-                   importance: "torch.Tensor | None", method: str) -> Init:
+def _init_exact_1d(
+    weight: torch.Tensor, groups: int, k: int, name: str, importance: "torch.Tensor | None", method: str
+) -> Init:
     """All groups at once in the C++ library (threads over groups): each group's distinct
     values with count (or summed ``importance``) as mass, exact weighted 1-D k-means."""
     w = weight.detach()
@@ -241,7 +260,7 @@ def _init_exact_1d(weight: torch.Tensor, groups: int, k: int, name: str,
     # in float64 a few million elements at a time (no float64 copy of a large weight).
     flat, s1, s2 = w.reshape(-1), 0.0, 0.0
     for start in range(0, flat.numel(), 1 << 22):
-        x = flat[start:start + (1 << 22)].double()
+        x = flat[start : start + (1 << 22)].double()
         s1 += float(x.sum())
         s2 += float(x.square().sum())
     var = s2 / flat.numel() - (s1 / flat.numel()) ** 2
@@ -255,8 +274,9 @@ def _grouped(w2d: torch.Tensor, k: int, imp: "torch.Tensor | None", name: str):
         if "NaN or Inf" in str(e):
             raise ValueError(f"edkm: {name} has NaN or Inf values; cannot cluster it") from None
         if "importance" in str(e):
-            raise ValueError(f"edkm: {name}: the sensitivity (importance) of every weight must "
-                             f"be finite and >= 0") from None
+            raise ValueError(
+                f"edkm: {name}: the sensitivity (importance) of every weight must be finite and >= 0"
+            ) from None
         raise
 
 

@@ -11,6 +11,7 @@ zero-shot, the continuation after the query with a space (PIQA's queries end wit
 so no space there), ``acc`` / ``acc_norm`` (lm-eval normalizes by characters, ours by UTF-8
 bytes: the same on ASCII text).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,19 +24,21 @@ TASK_PREFIX = "edkm_"
 
 
 def available_tasks() -> list:
-    return sorted(p.stem[len(TASK_PREFIX):] for p in TASKS_DIR.glob(f"{TASK_PREFIX}*.yaml"))
+    return sorted(p.stem[len(TASK_PREFIX) :] for p in TASKS_DIR.glob(f"{TASK_PREFIX}*.yaml"))
 
 
 def write_task_configs(tasks: Iterable[str], data_dir, out_dir: str) -> list:
     """Copy the task configs for ``tasks`` into ``out_dir`` with their data file set to
     DATA/eval/NAME.jsonl; returns lm-eval's task names."""
     from edkm.evaluate import resolve_task
+
     names = []
     for task in tasks:
         src = TASKS_DIR / f"{TASK_PREFIX}{task}.yaml"
         if not src.is_file():
-            raise ValueError(f"edkm eval --harness lm-eval: no local task config for {task!r}; "
-                             f"available: {available_tasks()}")
+            raise ValueError(
+                f"edkm eval --harness lm-eval: no local task config for {task!r}; available: {available_tasks()}"
+            )
         _, path = resolve_task(task, data_dir)
         text = src.read_text().replace("DATA_FILE", str(Path(path).resolve()))
         (Path(out_dir) / src.name).write_text(text)
@@ -43,9 +46,17 @@ def write_task_configs(tasks: Iterable[str], data_dir, out_dir: str) -> list:
     return names
 
 
-def run(model: str, tasks: Iterable[str], data_dir=None, *, limit: Optional[int] = None,
-        batch_size: int = 8, dtype: str = "float32", device: str = "cpu",
-        log_samples: bool = False) -> Dict:
+def run(
+    model: str,
+    tasks: Iterable[str],
+    data_dir=None,
+    *,
+    limit: Optional[int] = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str = "cpu",
+    log_samples: bool = False,
+) -> Dict:
     """lm-eval's ``simple_evaluate`` with the ``hf`` model on ``model`` (a Hugging Face
     directory, a hub name, or an edkm file, exported first). Tasks with a config here
     (:func:`available_tasks`) read DATA/eval/NAME.jsonl; any other name goes to lm-eval's own
@@ -56,8 +67,7 @@ def run(model: str, tasks: Iterable[str], data_dir=None, *, limit: Optional[int]
 
     tasks = list(tasks)
     if "ppl" in tasks:
-        raise ValueError("edkm eval --harness lm-eval: 'ppl' is edkm's own perplexity task; run it "
-                         "without --harness")
+        raise ValueError("edkm eval --harness lm-eval: 'ppl' is edkm's own perplexity task; run it without --harness")
     local = [t for t in tasks if t in available_tasks()]
     hub = [t for t in tasks if t not in local]  # lm-eval's own registry (needs its datasets' hub)
     if not hub:
@@ -67,23 +77,39 @@ def run(model: str, tasks: Iterable[str], data_dir=None, *, limit: Optional[int]
         pretrained = model
         if os.path.isfile(model) and model.endswith(".safetensors"):
             from edkm.hf_export import export_hf
+
             pretrained = export_hf(model, os.path.join(tmp, "model"), dtype="float32")
         cfg_dir = os.path.join(tmp, "tasks")
         os.makedirs(cfg_dir)
         local_names = dict(zip(local, write_task_configs(local, data_dir, cfg_dir)))
         names = [local_names.get(t, t) for t in tasks]
         out = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": pretrained, "dtype": dtype, "device": device},
-            tasks=names, task_manager=TaskManager(include_path=cfg_dir, include_defaults=bool(hub)),
-            limit=limit, batch_size=batch_size, log_samples=log_samples, bootstrap_iters=100)  # acc: closed form
-    result: Dict = {"tasks": {}, "settings": {"harness": f"lm-eval {lm_eval.__version__}" if hasattr(
-        lm_eval, "__version__") else "lm-eval", "limit": limit, "batch_size": batch_size, "dtype": dtype}}
+            model="hf",
+            model_args={"pretrained": pretrained, "dtype": dtype, "device": device},
+            tasks=names,
+            task_manager=TaskManager(include_path=cfg_dir, include_defaults=bool(hub)),
+            limit=limit,
+            batch_size=batch_size,
+            log_samples=log_samples,
+            bootstrap_iters=100,
+        )  # acc: closed form
+    result: Dict = {
+        "tasks": {},
+        "settings": {
+            "harness": f"lm-eval {lm_eval.__version__}" if hasattr(lm_eval, "__version__") else "lm-eval",
+            "limit": limit,
+            "batch_size": batch_size,
+            "dtype": dtype,
+        },
+    }
     for task, name in zip(tasks, names):
         r = out["results"][name]
-        result["tasks"][task] = {k.replace(",none", ""): v for k, v in r.items()
-                                 if k != "alias" and isinstance(v, (int, float))}
+        result["tasks"][task] = {
+            k.replace(",none", ""): v for k, v in r.items() if k != "alias" and isinstance(v, (int, float))
+        }
         result["tasks"][task]["n"] = out["n-samples"][name]["effective"]
     if log_samples:
-        result["samples"] = {task: sorted(out["samples"][name], key=lambda s: s["doc_id"])
-                             for task, name in zip(tasks, names)}
+        result["samples"] = {
+            task: sorted(out["samples"][name], key=lambda s: s["doc_id"]) for task, name in zip(tasks, names)
+        }
     return result

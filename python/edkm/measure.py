@@ -1,4 +1,5 @@
 """Counting what autograd saves for backward, for benchmarks and the demo."""
+
 from __future__ import annotations
 
 import torch

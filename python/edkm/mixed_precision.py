@@ -16,6 +16,7 @@ of (bytes, cost) by cost saved per byte, and a dynamic program over bytes (exact
 fits in ``max_buckets`` one-byte buckets, otherwise over buckets of sizes rounded up, so its
 answer always fits); the cheaper of the two is kept.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ class Unit:
     """One weight that gets a bit width: the module names holding it (tied: several, the
     first is the one ``palettize_`` clusters) and its base config (None: the base config leaves
     it unclustered, so it is not a choice)."""
+
     names: Tuple[str, ...]
     shape: Tuple[int, ...]
     dtype: torch.dtype
@@ -67,6 +69,7 @@ class MixedPrecision:
     cost: the summed Fisher-weighted error of the choice; method: "greedy" or "dp", the solver
         whose answer was kept; min_bits_per_weight: the smallest achievable with these choices.
     """
+
     config: Config
     bits: Dict[str, int]
     data_bytes: int
@@ -79,6 +82,7 @@ class MixedPrecision:
 
 def _check_model(model, who: str) -> None:
     from edkm.modules import ClusteredMixin
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
     if any(isinstance(m, ClusteredMixin) for m in model.modules()):
@@ -90,10 +94,13 @@ def _check_bits_choices(bits_choices, who: str) -> Tuple[int, ...]:
         choices = tuple(bits_choices)
     except TypeError:
         choices = None
-    if not choices or not all(isinstance(b, int) and not isinstance(b, bool)
-                              and (1 <= b <= 8 or b == UNCLUSTERED) for b in choices):
-        raise ValueError(f"{who}: bits_choices must be a non-empty sequence of integers in 1..8 or "
-                         f"{UNCLUSTERED} (unclustered), got {bits_choices!r}")
+    if not choices or not all(
+        isinstance(b, int) and not isinstance(b, bool) and (1 <= b <= 8 or b == UNCLUSTERED) for b in choices
+    ):
+        raise ValueError(
+            f"{who}: bits_choices must be a non-empty sequence of integers in 1..8 or "
+            f"{UNCLUSTERED} (unclustered), got {bits_choices!r}"
+        )
     return tuple(sorted(set(choices)))
 
 
@@ -101,6 +108,7 @@ def clusterable_units(model: nn.Module, config: Optional[Config] = None) -> List
     """Every nn.Linear / nn.Embedding weight of ``model`` (as ``palettize_`` finds them), a tied
     weight once, with the config ``config`` gives its first module."""
     from edkm.modules import clustered_class
+
     config = Config() if config is None else config
     by_weight: Dict[int, Tuple[List[str], nn.Module, torch.Tensor]] = {}
     seen_modules = set()
@@ -115,15 +123,16 @@ def clusterable_units(model: nn.Module, config: Optional[Config] = None) -> List
             by_weight[id(w)][0].append(name)
         else:
             by_weight[id(w)] = ([name], m, w)
-    return [Unit(tuple(names), tuple(w.shape), w.dtype, config.for_module(names[0], m))
-            for names, m, w in by_weight.values()]
+    return [
+        Unit(tuple(names), tuple(w.shape), w.dtype, config.for_module(names[0], m))
+        for names, m, w in by_weight.values()
+    ]
 
 
 def _groups(unit: Unit, cfg: Config) -> int:
     rows = unit.shape[0]
     if cfg.group_size is not None and rows % cfg.group_size:
-        raise ValueError(f"edkm.mixed_precision: group_size {cfg.group_size} must divide {unit.name}'s "
-                         f"{rows} rows")
+        raise ValueError(f"edkm.mixed_precision: group_size {cfg.group_size} must divide {unit.name}'s {rows} rows")
     return rows // cfg.group_size if cfg.group_size else 1
 
 
@@ -132,6 +141,7 @@ def clustered_bytes(unit: Unit, cfg: Config) -> int:
     the format's own entries (:func:`edkm.format.clustered_entries`)."""
     from edkm import format as fmt
     from edkm.outliers import outlier_count, outlier_dtype
+
     groups = _groups(unit, cfg)
     outliers = outlier_count(cfg.outlier_fraction, unit.numel) if cfg.outlier_fraction > 0 else 0
     if outliers:
@@ -139,18 +149,21 @@ def clustered_bytes(unit: Unit, cfg: Config) -> int:
         src = unit.dtype if cfg.cluster_dtype is None or unit.dtype in _16BIT else cfg.cluster_dtype
         entries = fmt.clustered_entries(unit.name, layout, outlier_dtype(src))
     else:
-        entries = fmt.clustered_entries(unit.name, fmt.Layout(cfg.bits, unit.shape, unit.dtype, groups,
-                                                              cfg.cluster_dim))
+        entries = fmt.clustered_entries(
+            unit.name, fmt.Layout(cfg.bits, unit.shape, unit.dtype, groups, cfg.cluster_dim)
+        )
     return sum(fmt._tensor_bytes(dtype, shape) for _, dtype, shape in entries)
 
 
-def unit_sizes(model: nn.Module, config: Optional[Config] = None,
-               bits_choices: Sequence[int] = DEFAULT_BITS) -> Tuple[List[Unit], List[Dict[int, int]], int, int]:
+def unit_sizes(
+    model: nn.Module, config: Optional[Config] = None, bits_choices: Sequence[int] = DEFAULT_BITS
+) -> Tuple[List[Unit], List[Dict[int, int]], int, int]:
     """(units, per unit {bits: bytes}, fixed bytes, weights). A unit the base config skips has
     only {16: bytes}; the fixed bytes are every other tensor of the file (norms, biases, ...)."""
     _check_model(model, "edkm.mixed_precision")
     choices = _check_bits_choices(bits_choices, "edkm.mixed_precision")
     from edkm import format as fmt
+
     store = fmt.plain_store_dtype(model, "auto")  # what edkm.save does by default
     units = clusterable_units(model, config)
     weight_keys = {}
@@ -159,13 +172,14 @@ def unit_sizes(model: nn.Module, config: Optional[Config] = None,
             weight_keys[f"{n}.weight" if n else "weight"] = u
     sizes: List[Dict[int, int]] = []
     for u in units:
-        plain = u.numel * torch.empty((), dtype=fmt.stored_plain_dtype(
-            torch.empty((), dtype=u.dtype), store, True)).element_size()
+        plain = (
+            u.numel
+            * torch.empty((), dtype=fmt.stored_plain_dtype(torch.empty((), dtype=u.dtype), store, True)).element_size()
+        )
         if u.config is None:
             sizes.append({UNCLUSTERED: plain})
             continue
-        sizes.append({b: plain if b == UNCLUSTERED else clustered_bytes(u, u.config.replace(bits=b))
-                      for b in choices})
+        sizes.append({b: plain if b == UNCLUSTERED else clustered_bytes(u, u.config.replace(bits=b)) for b in choices})
     fixed = 0
     seen = set()
     for key, t in _file_tensors(model):
@@ -207,12 +221,15 @@ def predicted_file_bytes(model: nn.Module, config: Optional[Config] = None) -> i
 
 # ---- per-matrix costs ---------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def post_training_weight(weight: torch.Tensor, config: Config, sensitivity: Optional[torch.Tensor] = None,
-                         name: str = "weight") -> torch.Tensor:
+def post_training_weight(
+    weight: torch.Tensor, config: Config, sensitivity: Optional[torch.Tensor] = None, name: str = "weight"
+) -> torch.Tensor:
     """``weight`` after post-training clustering with ``config`` (its overrides ignored), exactly
     as ``palettize_`` + ``finalize`` leave it: through the clustered module itself, on a copy."""
     from edkm.palettize import finalize, palettize_
+
     if weight.dim() != 2:
         raise ValueError(f"edkm.mixed_precision: {name} must be 2-D, got shape {tuple(weight.shape)}")
     shell = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -231,9 +248,14 @@ def _sensitivity_of(unit: Unit, sensitivity: Mapping[str, torch.Tensor]) -> Opti
     return None
 
 
-def matrix_costs(model: nn.Module, sensitivity: Mapping[str, torch.Tensor],
-                 bits_choices: Sequence[int] = DEFAULT_BITS, config: Optional[Config] = None, *,
-                 progress: bool = True) -> Dict[str, Dict[int, float]]:
+def matrix_costs(
+    model: nn.Module,
+    sensitivity: Mapping[str, torch.Tensor],
+    bits_choices: Sequence[int] = DEFAULT_BITS,
+    config: Optional[Config] = None,
+    *,
+    progress: bool = True,
+) -> Dict[str, Dict[int, float]]:
     """Per unit name, per bit width: ``sum_i F_i (w_i - q_b(w_i))**2`` in float64, with F the
     unit's ``sensitivity`` (e.g. :func:`edkm.fisher`) and q_b the post-training clustering at b
     bits with the unit's config (:func:`post_training_weight`: its init, LUT groups, outliers,
@@ -241,8 +263,10 @@ def matrix_costs(model: nn.Module, sensitivity: Mapping[str, torch.Tensor],
     _check_model(model, "edkm.matrix_costs")
     choices = _check_bits_choices(bits_choices, "edkm.matrix_costs")
     if not isinstance(sensitivity, Mapping):
-        raise TypeError(f"edkm.matrix_costs: sensitivity must be a mapping {{module name: tensor}}, got "
-                        f"{type(sensitivity).__name__}")
+        raise TypeError(
+            f"edkm.matrix_costs: sensitivity must be a mapping {{module name: tensor}}, got "
+            f"{type(sensitivity).__name__}"
+        )
     units = clusterable_units(model, config)
     params = {}
     for name, m in model.named_modules(remove_duplicate=False):
@@ -254,16 +278,21 @@ def matrix_costs(model: nn.Module, sensitivity: Mapping[str, torch.Tensor],
             continue
         f = _sensitivity_of(u, sensitivity)
         if f is None:
-            raise ValueError(f"edkm.matrix_costs: no sensitivity for {u.name} (keys are module names, e.g. "
-                             f"from edkm.fisher); got keys like {list(sensitivity)[:3]}")
+            raise ValueError(
+                f"edkm.matrix_costs: no sensitivity for {u.name} (keys are module names, e.g. "
+                f"from edkm.fisher); got keys like {list(sensitivity)[:3]}"
+            )
         if not isinstance(f, torch.Tensor) or tuple(f.shape) != u.shape:
-            raise ValueError(f"edkm.matrix_costs: sensitivity[{u.name!r}] must be a tensor of the weight's "
-                             f"shape {u.shape}, got {tuple(f.shape) if isinstance(f, torch.Tensor) else f!r}")
+            raise ValueError(
+                f"edkm.matrix_costs: sensitivity[{u.name!r}] must be a tensor of the weight's "
+                f"shape {u.shape}, got {tuple(f.shape) if isinstance(f, torch.Tensor) else f!r}"
+            )
         todo.append((u, f))
     out: Dict[str, Dict[int, float]] = {u.name: {UNCLUSTERED: 0.0} for u in units if u.config is None}
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(todo) * len(choices), desc="edkm: per-matrix costs", unit="clustering")
     try:
         for u, f in todo:
@@ -286,6 +315,7 @@ def matrix_costs(model: nn.Module, sensitivity: Mapping[str, torch.Tensor],
 
 
 # ---- the knapsack ---------------------------------------------------------------------------
+
 
 def _hull(options: List[Tuple[int, float, int]]) -> List[Tuple[int, float, int]]:
     """The lower convex hull of (bytes, cost, choice) options, from the smallest, keeping only
@@ -356,6 +386,7 @@ def _dp(options: List[List[Tuple[int, float, int]]], budget: int, max_buckets: i
     ``r`` bytes (1 when the slack fits in ``max_buckets``: exact); sizes round up, so the answer
     always fits the budget."""
     import numpy as np
+
     base = [min(s for s, _, _ in o) for o in options]
     slack = budget - sum(base)
     if slack < 0:
@@ -389,8 +420,9 @@ def _dp(options: List[List[Tuple[int, float, int]]], budget: int, max_buckets: i
     return out
 
 
-def solve(costs: Sequence[Mapping[int, float]], sizes: Sequence[Mapping[int, int]], budget: int,
-          max_buckets: int = 20000) -> Tuple[List[int], str]:
+def solve(
+    costs: Sequence[Mapping[int, float]], sizes: Sequence[Mapping[int, int]], budget: int, max_buckets: int = 20000
+) -> Tuple[List[int], str]:
     """The choice per unit (a key of its ``sizes``) that minimizes the summed cost with the summed
     size <= ``budget``: the better of the greedy and the DP ("greedy" or "dp"). Infeasible:
     ValueError."""
@@ -415,21 +447,33 @@ def solve(costs: Sequence[Mapping[int, float]], sizes: Sequence[Mapping[int, int
     return found[0][2], found[0][1]
 
 
-def choose_bits(model: nn.Module, target_bits: float, costs: Mapping[str, Mapping[int, float]],
-                config: Optional[Config] = None, *, max_buckets: int = 20000) -> MixedPrecision:
+def choose_bits(
+    model: nn.Module,
+    target_bits: float,
+    costs: Mapping[str, Mapping[int, float]],
+    config: Optional[Config] = None,
+    *,
+    max_buckets: int = 20000,
+) -> MixedPrecision:
     """Bits per matrix for a file of at most ``target_bits`` bits per weight (the file's tensor
     bytes * 8 / the model's parameters, tied ones once), minimizing the summed ``costs``
     (from :func:`matrix_costs`; the bit widths offered are its keys). ``config`` supplies
     everything but the bits (LUT groups, init, outliers, ...; units it skips stay unclustered).
     A target below the smallest achievable: ValueError stating it."""
     _check_model(model, "edkm.choose_bits")
-    if isinstance(target_bits, bool) or not isinstance(target_bits, (int, float)) \
-            or not math.isfinite(target_bits) or target_bits <= 0:
+    if (
+        isinstance(target_bits, bool)
+        or not isinstance(target_bits, (int, float))
+        or not math.isfinite(target_bits)
+        or target_bits <= 0
+    ):
         raise ValueError(f"edkm.choose_bits: target_bits must be a finite number > 0, got {target_bits!r}")
     config = Config() if config is None else config
     if not isinstance(costs, Mapping):
-        raise TypeError(f"edkm.choose_bits: costs must be a mapping {{unit name: {{bits: cost}}}} "
-                        f"(edkm.matrix_costs), got {type(costs).__name__}")
+        raise TypeError(
+            f"edkm.choose_bits: costs must be a mapping {{unit name: {{bits: cost}}}} "
+            f"(edkm.matrix_costs), got {type(costs).__name__}"
+        )
     choices = set()
     for v in costs.values():
         choices |= set(v)
@@ -446,23 +490,30 @@ def choose_bits(model: nn.Module, target_bits: float, costs: Mapping[str, Mappin
             if k not in c:
                 del s[k]  # a width not priced for this unit is not offered for it
         if not s:
-            raise ValueError(f"edkm.choose_bits: costs[{u.name!r}] prices none of the bit widths "
-                             f"{sorted(choices)}")
+            raise ValueError(f"edkm.choose_bits: costs[{u.name!r}] prices none of the bit widths {sorted(choices)}")
         unit_costs.append({k: float(c[k]) for k in s})
     budget = int(math.floor(target_bits * weights / 8 + 1e-9)) - fixed
     min_bytes = fixed + sum(min(s.values()) for s in sizes)
     min_bpw = 8 * min_bytes / weights
     if min_bytes > budget + fixed:
-        raise ValueError(f"edkm.choose_bits: target_bits {target_bits:g} cannot be met: the smallest "
-                         f"achievable file is {min_bpw:.4f} bits/weight (every matrix at "
-                         f"{min(choices)} bits, the rest as stored)")
+        raise ValueError(
+            f"edkm.choose_bits: target_bits {target_bits:g} cannot be met: the smallest "
+            f"achievable file is {min_bpw:.4f} bits/weight (every matrix at "
+            f"{min(choices)} bits, the rest as stored)"
+        )
     pick, method = solve(unit_costs, sizes, budget, max_buckets)
     bits = {u.name: k for u, k in zip(units, pick)}
     data_bytes = fixed + sum(s[k] for s, k in zip(sizes, pick))
-    return MixedPrecision(config=_config_for(config, units, pick), bits=bits, data_bytes=data_bytes,
-                          weights=weights, bits_per_weight=8 * data_bytes / weights,
-                          cost=sum(c[k] for c, k in zip(unit_costs, pick)), method=method,
-                          min_bits_per_weight=min_bpw)
+    return MixedPrecision(
+        config=_config_for(config, units, pick),
+        bits=bits,
+        data_bytes=data_bytes,
+        weights=weights,
+        bits_per_weight=8 * data_bytes / weights,
+        cost=sum(c[k] for c, k in zip(unit_costs, pick)),
+        method=method,
+        min_bits_per_weight=min_bpw,
+    )
 
 
 def _config_for(config: Config, units: Sequence[Unit], pick: Sequence[int]) -> Config:
@@ -475,18 +526,27 @@ def _config_for(config: Config, units: Sequence[Unit], pick: Sequence[int]) -> C
         if u.config is None or b == UNCLUSTERED:
             value = None
         else:
-            value = {f.name: getattr(u.config, f.name) for f in dataclasses.fields(Config)
-                     if f.name not in ("module_types", "module_names")
-                     and getattr(u.config, f.name) != getattr(plain, f.name)}
+            value = {
+                f.name: getattr(u.config, f.name)
+                for f in dataclasses.fields(Config)
+                if f.name not in ("module_types", "module_names")
+                and getattr(u.config, f.name) != getattr(plain, f.name)
+            }
             value["bits"] = b
         for n in u.names:
             names[re.escape(n)] = value
     return dataclasses.replace(config, module_names=names)
 
 
-def mixed_precision_config(model: nn.Module, target_bits: float, sensitivity: Mapping[str, torch.Tensor],
-                           config: Optional[Config] = None, bits_choices: Sequence[int] = DEFAULT_BITS, *,
-                           progress: bool = True) -> MixedPrecision:
+def mixed_precision_config(
+    model: nn.Module,
+    target_bits: float,
+    sensitivity: Mapping[str, torch.Tensor],
+    config: Optional[Config] = None,
+    bits_choices: Sequence[int] = DEFAULT_BITS,
+    *,
+    progress: bool = True,
+) -> MixedPrecision:
     """:func:`matrix_costs` then :func:`choose_bits`: the whole recipe in one call."""
     costs = matrix_costs(model, sensitivity, bits_choices, config, progress=progress)
     return choose_bits(model, target_bits, costs, config)

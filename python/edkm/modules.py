@@ -26,6 +26,7 @@ still trainable, values (16-bit: rounded to the stored dtype in eval and at fina
 layers with outliers take the unfused path (``dkm`` then ``F.linear``), which keeps one
 weight-sized tensor for backward.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -37,8 +38,7 @@ from torch import nn
 from edkm import ops
 from edkm.config import Config
 from edkm.init import init_centroids
-from edkm.outliers import (choose_outliers, dense_part, gather_outliers, merge_outliers, outlier_count,
-                           outlier_dtype)
+from edkm.outliers import choose_outliers, dense_part, gather_outliers, merge_outliers, outlier_count, outlier_dtype
 from edkm.vector_dkm import vector_assign, vector_dequantize, vector_dkm
 
 _16BIT = (torch.bfloat16, torch.float16)
@@ -51,8 +51,13 @@ class ClusteredMixin:
     edkm_name: str
 
     # ---- set-up (called by palettize_) ------------------------------------------------------
-    def _edkm_setup(self, name: str, config: Config, leader: Optional["ClusteredMixin"] = None,
-                    sensitivity: Optional[torch.Tensor] = None):
+    def _edkm_setup(
+        self,
+        name: str,
+        config: Config,
+        leader: Optional["ClusteredMixin"] = None,
+        sensitivity: Optional[torch.Tensor] = None,
+    ):
         self.edkm_config = config
         self.edkm_name = name
         # Per-weight sensitivity (e.g. Fisher information), same shape as the weight, for
@@ -61,8 +66,7 @@ class ClusteredMixin:
         # A tied follower shares its leader's weight Parameter and centroids (e.g. lm_head tied
         # to the input embedding); it is kept out of the module tree to avoid a cycle.
         object.__setattr__(self, "_edkm_leader", leader)
-        self._edkm_state: Dict[str, Any] = {"step": 0, "tau": 0.0, "initialized": False,
-                                            "finalized": False}
+        self._edkm_state: Dict[str, Any] = {"step": 0, "tau": 0.0, "initialized": False, "finalized": False}
         self._edkm_cache = None
         self._edkm_replay = None  # the centroids this step started from (activation checkpointing)
         self._edkm_indices = None
@@ -76,8 +80,9 @@ class ClusteredMixin:
         if gs is not None and rows % gs:
             raise ValueError(f"edkm: group_size {gs} must divide {name}'s {rows} output channels (rows)")
         if cols % config.cluster_dim:
-            raise ValueError(f"edkm: cluster_dim {config.cluster_dim} must divide {name}'s "
-                             f"{cols} input channels (columns)")
+            raise ValueError(
+                f"edkm: cluster_dim {config.cluster_dim} must divide {name}'s {cols} input channels (columns)"
+            )
         groups = rows // gs if gs else 1
         shape = (groups, config.k) if config.cluster_dim == 1 else (groups, config.k, config.cluster_dim)
         # The compute dtype of what gets clustered: float64 only for float64 weights clustered
@@ -163,10 +168,13 @@ class ClusteredMixin:
             raise ValueError(f"edkm: {self.edkm_name}: the state_dict's edkm state is not one edkm wrote")
         saved = state.get("config")
         if saved is not None and saved != self.edkm_config.to_dict():
-            raise ValueError(f"edkm: {self.edkm_name}: the state_dict was saved with config {saved}, "
-                             f"this module has {self.edkm_config.to_dict()}")
-        self._edkm_state = {k: state[k] for k in ("step", "tau", "initialized", "finalized", "init_method")
-                            if k in state}
+            raise ValueError(
+                f"edkm: {self.edkm_name}: the state_dict was saved with config {saved}, "
+                f"this module has {self.edkm_config.to_dict()}"
+            )
+        self._edkm_state = {
+            k: state[k] for k in ("step", "tau", "initialized", "finalized", "init_method") if k in state
+        }
         self._edkm_cache = None
         self._edkm_indices = None
 
@@ -203,8 +211,10 @@ class ClusteredMixin:
         if cfg.init == "sensitivity":
             weights = sens
             if weights is None:
-                raise ValueError(f"edkm: {owner.edkm_name}: init='sensitivity' needs per-weight "
-                                 f"sensitivities: pass palettize_(model, config, sensitivity=edkm.fisher(...))")
+                raise ValueError(
+                    f"edkm: {owner.edkm_name}: init='sensitivity' needs per-weight "
+                    f"sensitivities: pass palettize_(model, config, sensitivity=edkm.fisher(...))"
+                )
         src = owner.edkm_source().detach()
         method = cfg.init
         buf = owner._buffers.get("edkm_outlier_index")
@@ -218,13 +228,15 @@ class ClusteredMixin:
                 mass = torch.ones_like(src, dtype=torch.float64) if weights is None else weights.double().clone()
                 weights = mass.reshape(-1).index_fill_(0, idx.to(mass.device), 0.0).view(src.shape)
                 method = "sensitivity"
-        init = init_centroids(src, owner.edkm_groups, cfg.k, cfg.cluster_dim,
-                              method, cfg.seed, name=name, weights=weights)
+        init = init_centroids(
+            src, owner.edkm_groups, cfg.k, cfg.cluster_dim, method, cfg.seed, name=name, weights=weights
+        )
         owner.edkm_centroids.copy_(init.centroids.to(owner.edkm_centroids))
         owner._edkm_state["tau"] = cfg.temperature * (init.variance if init.variance > 0 else 1.0)
         owner._edkm_state["initialized"] = True
-        owner._edkm_state["init_method"] = (init.method if method == cfg.init
-                                            else "optimal" if cfg.init in ("auto", "optimal") else cfg.init)
+        owner._edkm_state["init_method"] = (
+            init.method if method == cfg.init else "optimal" if cfg.init in ("auto", "optimal") else cfg.init
+        )
         owner._edkm_cache = None
 
     def _edkm_step_centroids(self) -> torch.Tensor:
@@ -274,8 +286,12 @@ class ClusteredMixin:
     def _hard_weight(self) -> torch.Tensor:
         owner = self._owner
         out_idx = owner.edkm_outlier_positions
-        key = (owner.weight._version, owner.weight.data_ptr(), owner.edkm_centroids._version,
-               None if out_idx is None else out_idx._version)
+        key = (
+            owner.weight._version,
+            owner.weight.data_ptr(),
+            owner.edkm_centroids._version,
+            None if out_idx is None else out_idx._version,
+        )
         if owner._edkm_cache is not None and owner._edkm_cache[0] == key:
             return owner._edkm_cache[1]
         idx = owner.edkm_indices()
@@ -297,8 +313,10 @@ class ClusteredMixin:
         vals = gather_outliers(owner.weight.detach(), owner.edkm_outlier_positions).to(owner._edkm_source_dtype())
         stored = vals.to(outlier_dtype(vals.dtype))
         if not torch.isfinite(stored).all():
-            raise ValueError(f"edkm: {owner.edkm_name}: an outlier exceeds {stored.dtype}'s range; "
-                             f"the file format stores outliers in 16 bits (set cluster_dtype=torch.bfloat16)")
+            raise ValueError(
+                f"edkm: {owner.edkm_name}: an outlier exceeds {stored.dtype}'s range; "
+                f"the file format stores outliers in 16 bits (set cluster_dtype=torch.bfloat16)"
+            )
         return stored
 
     def clustered_weight(self) -> torch.Tensor:
@@ -349,8 +367,10 @@ class ClusteredMixin:
             raise ValueError(f"edkm: {self.edkm_name} has non-finite centroids; cannot finalize")
         lut = c.to(torch.float16)
         if not torch.isfinite(lut).all():
-            raise ValueError(f"edkm: {self.edkm_name}: a centroid exceeds float16's range (65504); "
-                             f"the file format stores LUTs in float16")
+            raise ValueError(
+                f"edkm: {self.edkm_name}: a centroid exceeds float16's range (65504); "
+                f"the file format stores LUTs in float16"
+            )
         c.copy_(lut.to(c.dtype))
         idx = self.edkm_indices()
         w = self.weight
@@ -370,8 +390,10 @@ class ClusteredMixin:
         cfg = self.edkm_config
         tied = f", tied to {self.edkm_leader.edkm_name}" if self.edkm_leader is not None else ""
         outliers = f", outliers={cfg.outlier_fraction:g}" if cfg.outlier_fraction else ""
-        return (f"{super().extra_repr()}, bits={cfg.bits}, groups={self.edkm_groups}, "
-                f"cluster_dim={cfg.cluster_dim}{outliers}{tied}")
+        return (
+            f"{super().extra_repr()}, bits={cfg.bits}, groups={self.edkm_groups}, "
+            f"cluster_dim={cfg.cluster_dim}{outliers}{tied}"
+        )
 
 
 def _recomputing() -> bool:
@@ -387,11 +409,24 @@ class ClusteredLinear(ClusteredMixin, nn.Linear):
         if not self.training:
             return F.linear(x, self._hard_weight(), self.bias)
         cfg = self.edkm_config
-        fused = (self.edkm_leader is None and cfg.cluster_dim == 1 and x.dtype == self.weight.dtype
-                 and self.edkm_source() is self.weight and self.edkm_outlier_positions is None)
+        fused = (
+            self.edkm_leader is None
+            and cfg.cluster_dim == 1
+            and x.dtype == self.weight.dtype
+            and self.edkm_source() is self.weight
+            and self.edkm_outlier_positions is None
+        )
         if fused:
-            out, new_c, _ = ops.dkm_linear(x, self.weight, self._edkm_step_centroids(), self.bias,
-                                           self._edkm_state["tau"], cfg.max_iter, cfg.epsilon, cfg.distance)
+            out, new_c, _ = ops.dkm_linear(
+                x,
+                self.weight,
+                self._edkm_step_centroids(),
+                self.bias,
+                self._edkm_state["tau"],
+                cfg.max_iter,
+                cfg.epsilon,
+                cfg.distance,
+            )
             self._edkm_move_centroids(new_c)
             return out
         w = self.clustered_weight()
@@ -408,8 +443,7 @@ class ClusteredEmbedding(ClusteredMixin, nn.Embedding):
                 self._edkm_remember(w)
         else:
             w = self.weight
-        return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+        return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
 
 
 _CLASSES: Dict[type, type] = {nn.Linear: ClusteredLinear, nn.Embedding: ClusteredEmbedding}

@@ -1,4 +1,5 @@
 """Python front of the edkm ops (torch.ops.edkm.*), with the same defaults as the C++ API."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -59,9 +60,7 @@ def dkm_reference(
     distance: str = "squared",
 ) -> DkmResult:
     """Naive N x K DKM with plain autograd (the oracle and baseline); same contract as :func:`dkm`."""
-    return DkmResult(
-        *torch.ops.edkm.dkm_reference(weight, centroids, temperature, max_iter, epsilon, distance)
-    )
+    return DkmResult(*torch.ops.edkm.dkm_reference(weight, centroids, temperature, max_iter, epsilon, distance))
 
 
 def assign(weight: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -69,9 +68,7 @@ def assign(weight: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.ops.edkm.assign(weight, centroids)
 
 
-def dequantize(
-    indices: torch.Tensor, centroids: torch.Tensor, dtype: Optional[torch.dtype] = None
-) -> torch.Tensor:
+def dequantize(indices: torch.Tensor, centroids: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``centroids[g, indices]`` for every index, in ``dtype`` (default: the centroids' dtype)."""
     return torch.ops.edkm.dequantize(indices, centroids, dtype)
 
@@ -94,30 +91,42 @@ def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.ops.edkm.unpack_indices(packed, bits, count)
 
 
-def lut_linear(input: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, bits: int,
-               out_features: int, bias: Optional[torch.Tensor] = None,
-               outlier_index: Optional[torch.Tensor] = None,
-               outlier_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lut_linear(
+    input: torch.Tensor,
+    packed: torch.Tensor,
+    lut: torch.Tensor,
+    bits: int,
+    out_features: int,
+    bias: Optional[torch.Tensor] = None,
+    outlier_index: Optional[torch.Tensor] = None,
+    outlier_values: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``F.linear(input, W, bias)`` for the clustered weight W [out_features, input.shape[-1]]
     stored as in docs/FORMAT.md (``packed`` uint8 bit-packed indices, ``lut`` [G, 2**bits, d],
     optional exact outliers: sorted flat positions and their values), without rebuilding W.
     W's values are the LUT's (converted to float32), so pass the LUT in the weight's own dtype
     to get the weight the file rebuilds. Computed in float32 (float64 for float64 input),
     returned in ``input``'s dtype. Inference only: no gradients."""
-    return torch.ops.edkm.lut_linear(input, packed, lut, bits, out_features, bias,
-                                     outlier_index, outlier_values)
+    return torch.ops.edkm.lut_linear(input, packed, lut, bits, out_features, bias, outlier_index, outlier_values)
 
 
-def lut_embedding(indices: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, bits: int,
-                  num_embeddings: int, embedding_dim: int,
-                  outlier_index: Optional[torch.Tensor] = None,
-                  outlier_values: Optional[torch.Tensor] = None,
-                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def lut_embedding(
+    indices: torch.Tensor,
+    packed: torch.Tensor,
+    lut: torch.Tensor,
+    bits: int,
+    num_embeddings: int,
+    embedding_dim: int,
+    outlier_index: Optional[torch.Tensor] = None,
+    outlier_values: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """Rows ``indices`` (int32/int64, any shape) of the clustered weight W [num_embeddings,
     embedding_dim] stored as :func:`lut_linear` takes it, in ``dtype`` (default: ``lut``'s).
     Unpacks only the rows asked for. Inference only."""
-    return torch.ops.edkm.lut_embedding(indices, packed, lut, bits, num_embeddings, embedding_dim,
-                                        outlier_index, outlier_values, dtype)
+    return torch.ops.edkm.lut_embedding(
+        indices, packed, lut, bits, num_embeddings, embedding_dim, outlier_index, outlier_values, dtype
+    )
 
 
 def optimal_kmeans_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> KMeans1dResult:
@@ -128,8 +137,9 @@ def optimal_kmeans_1d(values: torch.Tensor, counts: torch.Tensor, k: int) -> KMe
     return KMeans1dResult(*torch.ops.edkm.optimal_kmeans_1d(values, counts, k))
 
 
-def optimal_kmeans_1d_grouped(weight: torch.Tensor, k: int,
-                              importance: Optional[torch.Tensor] = None) -> KMeans1dResult:
+def optimal_kmeans_1d_grouped(
+    weight: torch.Tensor, k: int, importance: Optional[torch.Tensor] = None
+) -> KMeans1dResult:
     """:func:`optimal_kmeans_1d` for every row of ``weight`` [G, M] (bf16, fp16, fp32, fp64) at
     once, each over its own distinct values (+0 and -0 as one), on CPU threads across groups.
     A value's mass is its count, or with ``importance`` (>= 0, weight's shape) the sum of its

@@ -6,6 +6,7 @@ clustered, and a sparse part S (W at the outlier positions), kept in 16 bits. Th
 model computes with is the clustered D with the outlier positions replaced by S. Positions are
 flat row-major indices into the weight, sorted ascending.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,8 +29,9 @@ def outlier_dtype(source_dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def choose_outliers(weight: torch.Tensor, count: int, criterion: str,
-                    sensitivity: Optional[torch.Tensor] = None, name: str = "weight") -> torch.Tensor:
+def choose_outliers(
+    weight: torch.Tensor, count: int, criterion: str, sensitivity: Optional[torch.Tensor] = None, name: str = "weight"
+) -> torch.Tensor:
     """Flat positions (int64, ascending) of the ``count`` highest-scoring weights: score |w| for
     criterion "magnitude", sensitivity * w**2 for "sensitivity" (SqueezeLLM). Ties at the
     threshold go to the lower positions, so the choice is deterministic."""
@@ -40,9 +42,11 @@ def choose_outliers(weight: torch.Tensor, count: int, criterion: str,
         score = w.float().abs()
     elif criterion == "sensitivity":
         if sensitivity is None or sensitivity.numel() != w.numel():
-            raise ValueError(f"edkm: {name}: outlier_criterion='sensitivity' needs a sensitivity tensor "
-                             f"of the weight's shape {tuple(weight.shape)}: pass palettize_(model, "
-                             f"config, sensitivity={{name: tensor}}) (e.g. from edkm.fisher)")
+            raise ValueError(
+                f"edkm: {name}: outlier_criterion='sensitivity' needs a sensitivity tensor "
+                f"of the weight's shape {tuple(weight.shape)}: pass palettize_(model, "
+                f"config, sensitivity={{name: tensor}}) (e.g. from edkm.fisher)"
+            )
         score = sensitivity.detach().reshape(-1).to(w.device, torch.float32) * w.float().square()
     else:
         raise ValueError(f"edkm: outlier_criterion must be 'magnitude' or 'sensitivity', got {criterion!r}")

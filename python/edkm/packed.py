@@ -12,6 +12,7 @@ Build the model without allocating its weights (``accelerate.init_empty_weights(
 ``meta`` device) to keep the memory at the file's size; :func:`packed_model` does that for files
 whose base model edkm knows.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,16 +22,21 @@ import torch
 from torch import nn
 
 from edkm import ops
-from edkm.format import (FormatError, Layout, _internal_names, _is_edkm_buffer, _read_tensor,
-                         check_outliers, read_header)
+from edkm.format import FormatError, Layout, _internal_names, _is_edkm_buffer, _read_tensor, check_outliers, read_header
 
 
 class _PackedWeight(nn.Module):
     """The file form of one clustered weight [rows, cols], as buffers (shared between modules
     that tie the same weight)."""
 
-    def __init__(self, layout: Layout, packed: torch.Tensor, lut: torch.Tensor,
-                 outlier_index: Optional[torch.Tensor], outlier_values: Optional[torch.Tensor]):
+    def __init__(
+        self,
+        layout: Layout,
+        packed: torch.Tensor,
+        lut: torch.Tensor,
+        outlier_index: Optional[torch.Tensor],
+        outlier_values: Optional[torch.Tensor],
+    ):
         super().__init__()
         if len(layout.shape) != 2:
             raise FormatError(f"packed modules need a 2-D weight, got shape {list(layout.shape)}")
@@ -44,22 +50,29 @@ class _PackedWeight(nn.Module):
         self.register_buffer("outlier_values", outlier_values)
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401
-        raise RuntimeError("edkm: packed modules are loaded from edkm files (edkm.load_packed), "
-                           "not from state dicts")
+        raise RuntimeError("edkm: packed modules are loaded from edkm files (edkm.load_packed), not from state dicts")
 
     def dense(self, rows: int, cols: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight this stands for, rebuilt (for checks; the kernels never build it)."""
         eye_rows = torch.arange(rows, device=self.packed.device)
-        w = ops.lut_embedding(eye_rows, self.packed, self.lut, self.bits, rows, cols,
-                              self.outlier_index, self.outlier_values, torch.float32)
+        w = ops.lut_embedding(
+            eye_rows,
+            self.packed,
+            self.lut,
+            self.bits,
+            rows,
+            cols,
+            self.outlier_index,
+            self.outlier_values,
+            torch.float32,
+        )
         return w.to(dtype or self.weight_dtype)
 
 
 class PackedLinear(nn.Module):
     """``nn.Linear`` whose weight stays in its file form (bit-packed indices + LUT + outliers)."""
 
-    def __init__(self, weight: _PackedWeight, out_features: int, in_features: int,
-                 bias: Optional[torch.Tensor] = None):
+    def __init__(self, weight: _PackedWeight, out_features: int, in_features: int, bias: Optional[torch.Tensor] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_packed = weight
@@ -71,25 +84,29 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_packed
-        return ops.lut_linear(x, w.packed, w.lut, w.bits, self.out_features, self.bias,
-                              w.outlier_index, w.outlier_values)
+        return ops.lut_linear(
+            x, w.packed, w.lut, w.bits, self.out_features, self.bias, w.outlier_index, w.outlier_values
+        )
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight_packed.dense(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         w = self.weight_packed
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={w.bits}, groups={w.lut.shape[0]}, bias={self.bias is not None}, "
-                f"outliers={0 if w.outlier_index is None else w.outlier_index.numel()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={w.bits}, groups={w.lut.shape[0]}, bias={self.bias is not None}, "
+            f"outliers={0 if w.outlier_index is None else w.outlier_index.numel()}"
+        )
 
 
 class PackedEmbedding(nn.Module):
     """``nn.Embedding`` whose weight stays in its file form; looks up and unpacks only the rows
     asked for."""
 
-    def __init__(self, weight: _PackedWeight, num_embeddings: int, embedding_dim: int,
-                 padding_idx: Optional[int] = None):
+    def __init__(
+        self, weight: _PackedWeight, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None
+    ):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
@@ -101,21 +118,28 @@ class PackedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weight_packed
-        return ops.lut_embedding(ids, w.packed, w.lut, w.bits, self.num_embeddings,
-                                 self.embedding_dim, w.outlier_index, w.outlier_values,
-                                 w.weight_dtype)
+        return ops.lut_embedding(
+            ids,
+            w.packed,
+            w.lut,
+            w.bits,
+            self.num_embeddings,
+            self.embedding_dim,
+            w.outlier_index,
+            w.outlier_values,
+            w.weight_dtype,
+        )
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight_packed.dense(self.num_embeddings, self.embedding_dim)
 
     def extra_repr(self) -> str:
         w = self.weight_packed
-        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={w.bits}, "
-                f"groups={w.lut.shape[0]}")
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={w.bits}, groups={w.lut.shape[0]}"
 
 
 def _split(name: str) -> Tuple[str, str]:
-    return (name.rsplit(".", 1) if "." in name else ("", name))  # type: ignore[return-value]
+    return name.rsplit(".", 1) if "." in name else ("", name)  # type: ignore[return-value]
 
 
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
@@ -142,19 +166,25 @@ def load_packed(path: str, model: nn.Module) -> nn.Module:
     Every tensor of the file must match the model and every weight of the model must be in it."""
     path = os.fspath(path)
     cf = read_header(path)
-    target = {k: v for k, v in model.state_dict(keep_vars=True).items()
-              if not k.endswith("_extra_state") and not _is_edkm_buffer(k)}
+    target = {
+        k: v
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not k.endswith("_extra_state") and not _is_edkm_buffer(k)
+    }
     internal = _internal_names(cf.layouts)
-    names = ({n for n in cf.entries if n not in internal} | set(cf.layouts) | set(cf.aliases))
+    names = {n for n in cf.entries if n not in internal} | set(cf.layouts) | set(cf.aliases)
     missing = sorted(k for k in target if k not in names)
     unexpected = sorted(k for k in names if k not in target)
     if missing or unexpected:
-        raise FormatError(f"{path}: does not match the model: missing {missing[:5]}"
-                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                          f"{'...' if len(unexpected) > 5 else ''}")
+        raise FormatError(
+            f"{path}: does not match the model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
     shared: Dict[str, _PackedWeight] = {}
     dense_later: Dict[str, torch.Tensor] = {}
     with open(cf.path, "rb") as f:
+
         def read(n):
             return _read_tensor(f, cf.header_bytes, cf.entries[n])
 
@@ -170,6 +200,7 @@ def load_packed(path: str, model: nn.Module) -> nn.Module:
                 shared[name] = _PackedWeight(lay, packed, lut, o_index, o_values)
             else:
                 from edkm.format import dequantize_clustered
+
                 dense_later[name] = dequantize_clustered(packed, lut, lay, o_index, o_values)
         # Replace modules: every name (stored or alias) that points at a packed 2-D weight.
         sources = {n: n for n in shared}
@@ -184,7 +215,11 @@ def load_packed(path: str, model: nn.Module) -> nn.Module:
                 new = PackedLinear(w, rows, cols, None if bias is None or bias.is_meta else bias.detach())
                 if bias is not None and bias.is_meta:
                     new.bias = nn.Parameter(torch.empty(bias.shape, dtype=bias.dtype), requires_grad=False)
-            elif attr == "weight" and isinstance(mod, nn.Embedding) and (mod.num_embeddings, mod.embedding_dim) == (rows, cols):
+            elif (
+                attr == "weight"
+                and isinstance(mod, nn.Embedding)
+                and (mod.num_embeddings, mod.embedding_dim) == (rows, cols)
+            ):
                 new = PackedEmbedding(w, rows, cols, mod.padding_idx)
             else:
                 dense_later[name] = w.dense(rows, cols)
@@ -198,8 +233,11 @@ def load_packed(path: str, model: nn.Module) -> nn.Module:
                 _set_tensor(model, name, read(name))
     for alias, tgt in cf.aliases.items():
         if tgt not in shared and alias not in dense_later:
-            _set_tensor(model, alias, model.get_parameter(tgt) if tgt in dict(model.named_parameters())
-                        else model.get_buffer(tgt))
+            _set_tensor(
+                model,
+                alias,
+                model.get_parameter(tgt) if tgt in dict(model.named_parameters()) else model.get_buffer(tgt),
+            )
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise FormatError(f"{path}: left without values (still on the meta device): {left[:5]}")

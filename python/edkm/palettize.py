@@ -1,5 +1,6 @@
 """Prepare a model for clustering-aware training (:func:`palettize_`) and hard-assign it
 (:func:`finalize`)."""
+
 from __future__ import annotations
 
 import re
@@ -19,8 +20,13 @@ def clustered_modules(model: nn.Module) -> Iterator[Tuple[str, ClusteredMixin]]:
             yield name, m
 
 
-def palettize_(model: nn.Module, config: Optional[Config] = None, *,
-               sensitivity: Optional[Mapping[str, torch.Tensor]] = None, progress: bool = False) -> nn.Module:
+def palettize_(
+    model: nn.Module,
+    config: Optional[Config] = None,
+    *,
+    sensitivity: Optional[Mapping[str, torch.Tensor]] = None,
+    progress: bool = False,
+) -> nn.Module:
     """Make every nn.Linear and nn.Embedding of ``model`` clustered, in place, per ``config``.
 
     Each module's config comes from ``config.for_module(name, module)`` (name regexes first,
@@ -45,8 +51,10 @@ def palettize_(model: nn.Module, config: Optional[Config] = None, *,
     names = [n for n, _ in modules]
     for pattern in config.module_names:
         if not any(re.fullmatch(pattern, n) for n in names):
-            raise ValueError(f"edkm.palettize_: module_names pattern {pattern!r} matches no module of "
-                             f"the model (e.g. {', '.join(repr(n) for n in names[1:4])})")
+            raise ValueError(
+                f"edkm.palettize_: module_names pattern {pattern!r} matches no module of "
+                f"the model (e.g. {', '.join(repr(n) for n in names[1:4])})"
+            )
 
     plans: List[Tuple[str, nn.Module, Optional[Config], type]] = []
     owners: Dict[int, List[int]] = {}  # weight Parameter id -> plan indices
@@ -67,11 +75,14 @@ def palettize_(model: nn.Module, config: Optional[Config] = None, *,
     for idxs in owners.values():
         cfgs = [plans[i][2] for i in idxs]
         if len(idxs) > 1 and any(c != cfgs[0] for c in cfgs[1:]):
-            desc = ", ".join(f"{plans[i][0]}: {'skip' if plans[i][2] is None else 'bits=%d' % plans[i][2].bits}"
-                             for i in idxs)
-            raise ValueError(f"edkm.palettize_: {' and '.join(plans[i][0] + '.weight' for i in idxs)} are "
-                             f"one tied tensor but got different configs ({desc}); give the tied "
-                             f"modules the same config or skip all of them")
+            desc = ", ".join(
+                f"{plans[i][0]}: {'skip' if plans[i][2] is None else 'bits=%d' % plans[i][2].bits}" for i in idxs
+            )
+            raise ValueError(
+                f"edkm.palettize_: {' and '.join(plans[i][0] + '.weight' for i in idxs)} are "
+                f"one tied tensor but got different configs ({desc}); give the tied "
+                f"modules the same config or skip all of them"
+            )
         for i in idxs[1:]:
             leader_of[i] = idxs[0]
 
@@ -80,6 +91,7 @@ def palettize_(model: nn.Module, config: Optional[Config] = None, *,
     iterator = todo
     if progress:
         from tqdm import tqdm
+
         iterator = tqdm(todo, desc="edkm: initializing centroids", unit="matrix")
     for i, (name, m, cfg, cls) in iterator:
         leader = plans[leader_of[i]][1] if i in leader_of else None
@@ -93,20 +105,22 @@ def _check_sensitivity(sensitivity, plans, owners) -> Dict[int, torch.Tensor]:
     if sensitivity is None:
         sensitivity = {}
     if not isinstance(sensitivity, Mapping):
-        raise TypeError(f"edkm.palettize_: sensitivity must be a mapping {{module name: tensor}}, "
-                        f"got {type(sensitivity).__name__}")
+        raise TypeError(
+            f"edkm.palettize_: sensitivity must be a mapping {{module name: tensor}}, got {type(sensitivity).__name__}"
+        )
     by_name = {p[0]: p for p in plans}
     out: Dict[int, torch.Tensor] = {}
     for name, t in sensitivity.items():
         key = name[: -len(".weight")] if isinstance(name, str) and name.endswith(".weight") else name
         if key not in by_name:
-            raise ValueError(f"edkm.palettize_: sensitivity key {name!r} names no Linear/Embedding "
-                             f"module of the model")
+            raise ValueError(f"edkm.palettize_: sensitivity key {name!r} names no Linear/Embedding module of the model")
         w = by_name[key][1].weight
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(w.shape):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"edkm.palettize_: sensitivity[{name!r}] must be a tensor of the weight's "
-                             f"shape {tuple(w.shape)}, got {got}")
+            raise ValueError(
+                f"edkm.palettize_: sensitivity[{name!r}] must be a tensor of the weight's "
+                f"shape {tuple(w.shape)}, got {got}"
+            )
         if not t.is_floating_point() or not torch.isfinite(t).all() or bool((t < 0).any()):
             raise ValueError(f"edkm.palettize_: sensitivity[{name!r}] must hold finite values >= 0")
         out[id(w)] = t.detach()
@@ -115,9 +129,11 @@ def _check_sensitivity(sensitivity, plans, owners) -> Dict[int, torch.Tensor]:
             continue
         needs = cfg.init == "sensitivity" or (cfg.outlier_fraction > 0 and cfg.outlier_criterion == "sensitivity")
         if needs and id(m.weight) not in out:
-            raise ValueError(f"edkm.palettize_: {name} is configured with init={cfg.init!r}, "
-                             f"outlier_criterion={cfg.outlier_criterion!r}, which needs its sensitivity: "
-                             f"pass sensitivity={{'{name}': tensor}} (e.g. from edkm.fisher)")
+            raise ValueError(
+                f"edkm.palettize_: {name} is configured with init={cfg.init!r}, "
+                f"outlier_criterion={cfg.outlier_criterion!r}, which needs its sensitivity: "
+                f"pass sensitivity={{'{name}': tensor}} (e.g. from edkm.fisher)"
+            )
     return out
 
 
@@ -132,6 +148,7 @@ def finalize(model: nn.Module, *, progress: bool = False) -> nn.Module:
     iterator = mods
     if progress:
         from tqdm import tqdm
+
         iterator = tqdm(mods, desc="edkm: finalizing", unit="matrix")
     for _, m in iterator:
         m.edkm_finalize()

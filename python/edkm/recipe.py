@@ -10,6 +10,7 @@ config uses it (``init="sensitivity"``, ``outlier_criterion="sensitivity"``) or 
 bits/weight is given. Calibration blocks come from the training texts when there are some,
 else from the teacher's own samples, so a user with a model and no corpus can run all of it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,6 +29,7 @@ from edkm.finetune import TrainConfig
 class RecipeResult:
     """What :func:`compress_model` did: the config applied (with the budget's bits per
     matrix), the fine-tuning result (losses, validation, tokens), and per-stage seconds."""
+
     config: Config
     training: Optional[list] = None
     mixed_precision: Optional[object] = None
@@ -43,8 +45,9 @@ def needs_sensitivity(model: nn.Module, config: Config) -> bool:
         if clustered_class(type(m)) is None or not isinstance(getattr(m, "weight", None), torch.Tensor):
             continue
         c = config.for_module(name, m)
-        if c is not None and (c.init == "sensitivity"
-                              or (c.outlier_fraction > 0 and c.outlier_criterion == "sensitivity")):
+        if c is not None and (
+            c.init == "sensitivity" or (c.outlier_fraction > 0 and c.outlier_criterion == "sensitivity")
+        ):
             return True
     return False
 
@@ -57,9 +60,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def calibration_blocks(tokenizer, texts: Optional[Sequence[str]], teacher: Optional[nn.Module], batches: int,
-                       batch_size: int, block_len: int, seed: int = 0, cache_dir=None,
-                       progress: bool = True) -> torch.Tensor:
+def calibration_blocks(
+    tokenizer,
+    texts: Optional[Sequence[str]],
+    teacher: Optional[nn.Module],
+    batches: int,
+    batch_size: int,
+    block_len: int,
+    seed: int = 0,
+    cache_dir=None,
+    progress: bool = True,
+) -> torch.Tensor:
     """[batches, batch_size, block_len] token ids for the Fisher sensitivity: cut from
     ``texts`` when given, else sampled from ``teacher`` (edkm.datafree)."""
     from edkm.sensitivity import calibration_batches
@@ -69,22 +80,44 @@ def calibration_blocks(tokenizer, texts: Optional[Sequence[str]], teacher: Optio
     if teacher is None:
         raise ValueError("edkm: calibration needs texts or a teacher to sample from")
     from edkm.datafree import generate_blocks
+
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-    blocks = generate_blocks(teacher, batches * batch_size, block_len, seed=seed + 1, bos_token_id=bos,
-                             first_token="bos" if (bos is not None or getattr(teacher.config, "bos_token_id", None)
-                                                   is not None) else "random",
-                             cache_dir=cache_dir, progress=progress, desc="edkm: calibration samples")
+    blocks = generate_blocks(
+        teacher,
+        batches * batch_size,
+        block_len,
+        seed=seed + 1,
+        bos_token_id=bos,
+        first_token="bos"
+        if (bos is not None or getattr(teacher.config, "bos_token_id", None) is not None)
+        else "random",
+        cache_dir=cache_dir,
+        progress=progress,
+        desc="edkm: calibration samples",
+    )
     return blocks.view(batches, batch_size, block_len)
 
 
-def compress_model(model: nn.Module, tokenizer, config: Config, *, steps: int = 0,
-                   train: Optional[TrainConfig] = None, texts: Optional[Sequence[str]] = None,
-                   validation_texts: Optional[Sequence[str]] = None, target_bits: Optional[float] = None,
-                   calibration_batches: int = 8, calibration_batch_size: int = 2,
-                   calibration_block_len: int = 256, teacher: Optional[nn.Module] = None,
-                   bits_choices: Sequence[int] = (2, 3, 4, 6, 16),
-                   checkpoint=None, cache_dir=None, keep_teacher: bool = False,
-                   progress: bool = True) -> RecipeResult:
+def compress_model(
+    model: nn.Module,
+    tokenizer,
+    config: Config,
+    *,
+    steps: int = 0,
+    train: Optional[TrainConfig] = None,
+    texts: Optional[Sequence[str]] = None,
+    validation_texts: Optional[Sequence[str]] = None,
+    target_bits: Optional[float] = None,
+    calibration_batches: int = 8,
+    calibration_batch_size: int = 2,
+    calibration_block_len: int = 256,
+    teacher: Optional[nn.Module] = None,
+    bits_choices: Sequence[int] = (2, 3, 4, 6, 16),
+    checkpoint=None,
+    cache_dir=None,
+    keep_teacher: bool = False,
+    progress: bool = True,
+) -> RecipeResult:
     """Run the recipe on ``model`` in place (palettized, fine-tuned for ``steps``, finalized).
 
     config: what to cluster and how (``edkm.Config``). target_bits: a bits/weight budget for
@@ -104,8 +137,9 @@ def compress_model(model: nn.Module, tokenizer, config: Config, *, steps: int = 
     train = TrainConfig() if train is None else train
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"edkm.compress_model: steps must be an integer >= 0, got {steps!r}")
-    if target_bits is not None and (isinstance(target_bits, bool) or not isinstance(target_bits, (int, float))
-                                    or not target_bits > 0):
+    if target_bits is not None and (
+        isinstance(target_bits, bool) or not isinstance(target_bits, (int, float)) or not target_bits > 0
+    ):
         raise ValueError(f"edkm.compress_model: target_bits must be a number > 0, got {target_bits!r}")
     result = RecipeResult(config=config)
     sens_needed = target_bits is not None or needs_sensitivity(model, config)
@@ -116,14 +150,24 @@ def compress_model(model: nn.Module, tokenizer, config: Config, *, steps: int = 
     sensitivity = None
     if sens_needed:
         from edkm.sensitivity import fisher
+
         t0 = time.perf_counter()
-        batches = calibration_blocks(tokenizer, texts, teacher, calibration_batches, calibration_batch_size,
-                                     calibration_block_len, seed=train.seed, cache_dir=cache_dir,
-                                     progress=progress)
+        batches = calibration_blocks(
+            tokenizer,
+            texts,
+            teacher,
+            calibration_batches,
+            calibration_batch_size,
+            calibration_block_len,
+            seed=train.seed,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
         sensitivity = fisher(model, batches, progress=progress)
         result.seconds["sensitivity"] = time.perf_counter() - t0
     if target_bits is not None:
         from edkm.mixed_precision import mixed_precision_config
+
         t0 = time.perf_counter()
         mp = mixed_precision_config(model, target_bits, sensitivity, config, bits_choices, progress=progress)
         result.mixed_precision = mp
@@ -136,10 +180,18 @@ def compress_model(model: nn.Module, tokenizer, config: Config, *, steps: int = 
     del sensitivity
     if steps:
         t0 = time.perf_counter()
-        result.training = finetune(model, tokenizer, texts, steps, config=train,
-                                   teacher=teacher if uses_teacher else None,
-                                   validation_texts=validation_texts, checkpoint=checkpoint,
-                                   data_free_cache=cache_dir, progress=progress)
+        result.training = finetune(
+            model,
+            tokenizer,
+            texts,
+            steps,
+            config=train,
+            teacher=teacher if uses_teacher else None,
+            validation_texts=validation_texts,
+            checkpoint=checkpoint,
+            data_free_cache=cache_dir,
+            progress=progress,
+        )
         result.seconds["finetune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     finalize(model, progress=progress)
@@ -153,8 +205,10 @@ def describe_training(training) -> List[str]:
     """Lines summing up a fine-tuning result (losses, validation, throughput)."""
     if not training:
         return []
-    lines = [f"training loss: first {training[0]:.3f}, last {training[-1]:.3f} "
-             f"({len(training)} steps, {training.tokens:,} tokens, {training.tokens_per_second:,.0f} tokens/s)"]
+    lines = [
+        f"training loss: first {training[0]:.3f}, last {training[-1]:.3f} "
+        f"({len(training)} steps, {training.tokens:,} tokens, {training.tokens_per_second:,.0f} tokens/s)"
+    ]
     if training.validation:
         v = training.validation[-1]
         kl = f", KL to the teacher {v['kl']:.4f}" if v.get("kl") is not None else ""

@@ -6,6 +6,7 @@ to weight the k-means (``Config(init="sensitivity")``), to pick outliers
 (``outlier_criterion="sensitivity"``) and to price each bit width per matrix
 (:mod:`edkm.mixed_precision`).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -48,22 +49,31 @@ def _vocab_size(model: nn.Module) -> Optional[int]:
 
 def _as_batch(batch, index: int, vocab: Optional[int]) -> torch.Tensor:
     if not isinstance(batch, torch.Tensor):
-        raise ValueError(f"edkm.fisher: batches must yield token-id tensors [B, L]; batch {index} is "
-                         f"a {type(batch).__name__}")
+        raise ValueError(
+            f"edkm.fisher: batches must yield token-id tensors [B, L]; batch {index} is a {type(batch).__name__}"
+        )
     if batch.dim() == 1:
         batch = batch[None]
-    if batch.dim() != 2 or batch.dtype not in (torch.int64, torch.int32) or batch.shape[1] < 2 \
-            or batch.shape[0] < 1:
-        raise ValueError(f"edkm.fisher: batch {index} must be an integer tensor [B, L] with L >= 2, "
-                         f"got {batch.dtype} {list(batch.shape)}")
+    if batch.dim() != 2 or batch.dtype not in (torch.int64, torch.int32) or batch.shape[1] < 2 or batch.shape[0] < 1:
+        raise ValueError(
+            f"edkm.fisher: batch {index} must be an integer tensor [B, L] with L >= 2, "
+            f"got {batch.dtype} {list(batch.shape)}"
+        )
     if vocab is not None and (int(batch.min()) < 0 or int(batch.max()) >= vocab):
-        raise ValueError(f"edkm.fisher: batch {index} holds token ids outside the model's vocabulary "
-                         f"0..{vocab - 1} (min {int(batch.min())}, max {int(batch.max())})")
+        raise ValueError(
+            f"edkm.fisher: batch {index} holds token ids outside the model's vocabulary "
+            f"0..{vocab - 1} (min {int(batch.min())}, max {int(batch.max())})"
+        )
     return batch.long()
 
 
-def fisher(model: nn.Module, batches: Union[torch.Tensor, Iterable[torch.Tensor]], *,
-           num_batches: Optional[int] = None, progress: bool = True) -> Dict[str, torch.Tensor]:
+def fisher(
+    model: nn.Module,
+    batches: Union[torch.Tensor, Iterable[torch.Tensor]],
+    *,
+    num_batches: Optional[int] = None,
+    progress: bool = True,
+) -> Dict[str, torch.Tensor]:
     """Diagonal empirical Fisher information of every nn.Linear / nn.Embedding weight.
 
     ``batches``: token-id blocks, an iterable of [B, L] tensors or a tensor [n, B, L] (a 2-D
@@ -85,14 +95,18 @@ def fisher(model: nn.Module, batches: Union[torch.Tensor, Iterable[torch.Tensor]
     if not isinstance(model, nn.Module):
         raise TypeError(f"edkm.fisher: model must be an nn.Module, got {type(model).__name__}")
     if any(isinstance(m, ClusteredMixin) for m in model.modules()):
-        raise ValueError("edkm.fisher: the model is palettized; compute the sensitivity of the "
-                         "unclustered model, before edkm.palettize_")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
+        raise ValueError(
+            "edkm.fisher: the model is palettized; compute the sensitivity of the "
+            "unclustered model, before edkm.palettize_"
+        )
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
         raise ValueError(f"edkm.fisher: num_batches must be None or an integer >= 1, got {num_batches!r}")
     if isinstance(batches, torch.Tensor) and batches.dim() not in (2, 3):
-        raise ValueError(f"edkm.fisher: batches as one tensor must be [n, B, L] or [n, L], got shape "
-                         f"{list(batches.shape)}")
+        raise ValueError(
+            f"edkm.fisher: batches as one tensor must be [n, B, L] or [n, L], got shape {list(batches.shape)}"
+        )
     targets = sensitivity_targets(model)
     if not targets:
         raise ValueError("edkm.fisher: the model has no nn.Linear or nn.Embedding weight")
@@ -101,8 +115,10 @@ def fisher(model: nn.Module, batches: Union[torch.Tensor, Iterable[torch.Tensor]
     vocab = _vocab_size(model)
     total = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     if num_batches is not None and hasattr(batches, "__len__") and len(batches) < num_batches:
-        raise ValueError(f"edkm.fisher: the calibration set has {len(batches)} batches, fewer than the "
-                         f"num_batches={num_batches} requested")
+        raise ValueError(
+            f"edkm.fisher: the calibration set has {len(batches)} batches, fewer than the "
+            f"num_batches={num_batches} requested"
+        )
 
     sums = [torch.zeros(w.shape, dtype=torch.float32) for w in weights]
     all_params = list(model.parameters())
@@ -112,6 +128,7 @@ def fisher(model: nn.Module, batches: Union[torch.Tensor, Iterable[torch.Tensor]
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=total, desc="edkm: Fisher sensitivity", unit="batch")
     try:
         # Only the target weights need gradients; torch.autograd.grad leaves every .grad alone.
@@ -143,13 +160,15 @@ def fisher(model: nn.Module, batches: Union[torch.Tensor, Iterable[torch.Tensor]
     if count == 0:
         raise ValueError("edkm.fisher: the calibration set is empty; pass at least one batch of token ids")
     if num_batches is not None and count < num_batches:
-        raise ValueError(f"edkm.fisher: the calibration set has {count} batches, fewer than the "
-                         f"num_batches={num_batches} requested")
+        raise ValueError(
+            f"edkm.fisher: the calibration set has {count} batches, fewer than the num_batches={num_batches} requested"
+        )
     return {name: s.div_(count) for (name, _), s in zip(targets, sums)}
 
 
-def calibration_batches(tokenizer, texts, num_batches: int, batch_size: int, block_len: int,
-                        seed: int = 0) -> torch.Tensor:
+def calibration_batches(
+    tokenizer, texts, num_batches: int, batch_size: int, block_len: int, seed: int = 0
+) -> torch.Tensor:
     """[num_batches, batch_size, block_len] token ids cut from ``texts`` (edkm.data.token_blocks:
     concatenated documents, non-overlapping blocks in a seeded order). Texts too short for that
     many blocks: a ValueError saying how many they give."""
@@ -162,10 +181,14 @@ def calibration_batches(tokenizer, texts, num_batches: int, batch_size: int, blo
     try:
         blocks = token_blocks(tokenizer, texts, block_len, max_blocks=need, seed=seed)
     except ValueError as e:
-        raise ValueError(f"edkm.calibration_batches: the calibration set is too short for "
-                         f"{num_batches} batches of {batch_size} x {block_len} tokens: {e}") from None
+        raise ValueError(
+            f"edkm.calibration_batches: the calibration set is too short for "
+            f"{num_batches} batches of {batch_size} x {block_len} tokens: {e}"
+        ) from None
     if blocks.shape[0] < need:
-        raise ValueError(f"edkm.calibration_batches: the calibration set is too short: it gives "
-                         f"{blocks.shape[0]} blocks of {block_len} tokens, {num_batches} batches of "
-                         f"{batch_size} need {need}")
+        raise ValueError(
+            f"edkm.calibration_batches: the calibration set is too short: it gives "
+            f"{blocks.shape[0]} blocks of {block_len} tokens, {num_batches} batches of "
+            f"{batch_size} need {need}"
+        )
     return blocks.view(num_batches, batch_size, block_len)

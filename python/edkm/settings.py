@@ -13,6 +13,7 @@
 The settings are process-wide (every thread sees them), not thread-local: change them between
 training steps, not while another thread runs edkm ops.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +24,7 @@ NDOMAIN_MODES = ("auto", "always", "never")
 
 def _table() -> Dict[str, Tuple[Callable[[], Any], Callable[[Any], None], Any]]:
     from edkm._native import _C as C
+
     return {
         "deterministic_scatter": (C.deterministic_scatter, C.set_deterministic_scatter, bool),
         "fused_udomain": (C.fused_udomain, C.set_fused_udomain, bool),

@@ -6,6 +6,7 @@ goes through edkm's C++ SavedTensorStore (offload to host, dedup, uniquify).
     loss.backward()
     print(store.counters())
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,8 @@ def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     except RuntimeError as e:  # torch.distributed.DistBackendError included
         raise RuntimeError(
             "saved_tensors: all-gather across the shard group failed (a rank died, left or timed "
-            f"out; the process group's timeout bounds the wait): {e}") from e
+            f"out; the process group's timeout bounds the wait): {e}"
+        ) from e
     return [p.to(home) for p in parts]
 
 
@@ -62,11 +64,13 @@ def _shard_after_pack(store: SavedTensorStore, handle: int, group) -> None:
         store.release(handle)
         described = ", ".join(
             f"rank {r}: {'n/a' if not int(f[0]) else f'{int(f[1])} elements x {int(f[2])} bytes, hash {int(f[3])}'}"
-            for r, f in enumerate(everyone))
+            for r, f in enumerate(everyone)
+        )
         raise RuntimeError(
             "saved_tensors(shard_group=...): ranks saved different tensors, so none can be sharded "
             f"({described}). Shard only computations that are identical on every rank (e.g. "
-            "clustering replicated weights), not activations.")
+            "clustering replicated weights), not activations."
+        )
     if int(mine[0]):
         store.shard(handle, dist.get_rank(group), dist.get_world_size(group))
 
@@ -99,11 +103,12 @@ def saved_tensors(
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("saved_tensors: shard_group needs torch.distributed to be initialized "
-                             "(torch.distributed.init_process_group)")
+            raise ValueError(
+                "saved_tensors: shard_group needs torch.distributed to be initialized "
+                "(torch.distributed.init_process_group)"
+            )
     if store is None:
-        store = SavedTensorStore(offload=offload, dedup=dedup, uniquify=uniquify,
-                                 keep_parameters=keep_parameters)
+        store = SavedTensorStore(offload=offload, dedup=dedup, uniquify=uniquify, keep_parameters=keep_parameters)
 
     def pack(t: torch.Tensor) -> _Handle:
         handle = _Handle(store, store.pack(t))

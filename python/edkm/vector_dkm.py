@@ -12,14 +12,19 @@ vectors, and the result is gathered back. Gradients are exact:
 
 Autograd keeps O(U * K) tensors plus one int64 index per vector (8 / d bytes per weight).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
 
-_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
-             torch.float64: torch.int64}
+_INT_VIEW = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,13 +59,14 @@ class _DirectTerm(torch.autograd.Function):
         out = torch.empty_like(grad)
         step = 1 << 20
         for s in range(0, grad.shape[0], step):
-            j = jac[inverse[s:s + step]]
-            out[s:s + step] = torch.bmm(j, grad[s:s + step, :, None])[:, :, 0]
+            j = jac[inverse[s : s + step]]
+            out[s : s + step] = torch.bmm(j, grad[s : s + step, :, None])[:, :, 0]
         return out, None, None
 
 
-def vector_dkm(weight: torch.Tensor, centroids: torch.Tensor, temperature: float, max_iter: int = 3,
-               epsilon: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def vector_dkm(
+    weight: torch.Tensor, centroids: torch.Tensor, temperature: float, max_iter: int = 3, epsilon: float = 0.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Soft-cluster ``weight`` (viewed as G contiguous groups of d-vectors along the last axis)
     against ``centroids`` [G, K, d] with squared distance. Returns (clustered weight in the
     weight's dtype and shape, final centroids [G, K, d])."""
@@ -68,8 +74,10 @@ def vector_dkm(weight: torch.Tensor, centroids: torch.Tensor, temperature: float
         raise ValueError(f"vector_dkm: centroids must be [G, K, d], got shape {tuple(centroids.shape)}")
     g, k, d = centroids.shape
     if weight.shape[-1] % d or weight.numel() % (g * d):
-        raise ValueError(f"vector_dkm: weight of shape {tuple(weight.shape)} cannot be cut into {g} "
-                         f"groups of {d}-vectors along its last axis")
+        raise ValueError(
+            f"vector_dkm: weight of shape {tuple(weight.shape)} cannot be cut into {g} "
+            f"groups of {d}-vectors along its last axis"
+        )
     if not temperature > 0:
         raise ValueError(f"vector_dkm: temperature must be > 0, got {temperature}")
     cdt = _compute_dtype(weight.dtype)
@@ -90,7 +98,8 @@ def vector_dkm(weight: torch.Tensor, centroids: torch.Tensor, temperature: float
         a = attention(xu, c) * cnt[:, None]  # [U, K]
         mass = torch.zeros(g, k, dtype=cdt, device=weight.device).index_add(0, ugroup, a)
         sums = torch.zeros(g, k, d, dtype=cdt, device=weight.device).index_add(
-            0, ugroup, a[:, :, None] * xu[:, None, :])
+            0, ugroup, a[:, :, None] * xu[:, None, :]
+        )
         new_c = sums / mass[:, :, None].clamp_min(torch.finfo(cdt).tiny)
         new_c = torch.where(mass[:, :, None] > 0, new_c, c)  # a centroid nobody attends stays put
         moved = (new_c - c).abs().max()
@@ -107,8 +116,9 @@ def vector_dkm(weight: torch.Tensor, centroids: torch.Tensor, temperature: float
     return out.to(weight.dtype).reshape(weight.shape), c
 
 
-def vector_dkm_reference(weight: torch.Tensor, centroids: torch.Tensor, temperature: float,
-                         max_iter: int = 3, epsilon: float = 0.0):
+def vector_dkm_reference(
+    weight: torch.Tensor, centroids: torch.Tensor, temperature: float, max_iter: int = 3, epsilon: float = 0.0
+):
     """Naive N/d x K vector DKM with plain autograd (the oracle for tests)."""
     g, k, d = centroids.shape
     cdt = _compute_dtype(weight.dtype)
@@ -134,15 +144,14 @@ def vector_assign(weight: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
     g, k, d = centroids.shape
     cdt = _compute_dtype(weight.dtype)
     x = weight.detach().reshape(g, -1, d)
-    out = torch.empty(x.shape[0], x.shape[1], dtype=torch.uint8 if k <= 256 else torch.int32,
-                      device=weight.device)
+    out = torch.empty(x.shape[0], x.shape[1], dtype=torch.uint8 if k <= 256 else torch.int32, device=weight.device)
     step = 1 << 18
     for gi in range(g):
         c = centroids[gi].to(cdt)
         for s in range(0, x.shape[1], step):
-            xs = x[gi, s:s + step].to(cdt)
+            xs = x[gi, s : s + step].to(cdt)
             dist = (xs[:, None, :] - c[None]).square().sum(-1)
-            out[gi, s:s + step] = dist.argmin(dim=1).to(out.dtype)
+            out[gi, s : s + step] = dist.argmin(dim=1).to(out.dtype)
     return out.reshape(-1)
 
 

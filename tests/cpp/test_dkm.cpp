@@ -47,16 +47,15 @@ TEST_P(DkmVsReference, ForwardAndBackwardMatchInFloat64) {
   EXPECT_LE(rel_error(c1.grad(), c2.grad()), 1e-10);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Cases, DkmVsReference,
-    ::testing::Values(Case{2, 1, "squared", true}, Case{8, 1, "squared", false},
-                      Case{8, 4, "squared", true}, Case{16, 4, "absolute", false},
-                      Case{4, 1, "absolute", true}, Case{256, 1, "squared", false}),
-    [](const ::testing::TestParamInfo<Case>& info) {
-      const Case& c = info.param;
-      return "K" + std::to_string(c.k) + "_G" + std::to_string(c.groups) + "_" + c.distance +
-             (c.repeats ? "_repeated" : "_distinct");
-    });
+INSTANTIATE_TEST_SUITE_P(Cases, DkmVsReference,
+                         ::testing::Values(Case{2, 1, "squared", true}, Case{8, 1, "squared", false},
+                                           Case{8, 4, "squared", true}, Case{16, 4, "absolute", false},
+                                           Case{4, 1, "absolute", true}, Case{256, 1, "squared", false}),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           const Case& c = info.param;
+                           return "K" + std::to_string(c.k) + "_G" + std::to_string(c.groups) + "_" +
+                                  c.distance + (c.repeats ? "_repeated" : "_distinct");
+                         });
 
 TEST(Dkm, EarlyStopMatchesReference) {
   torch::manual_seed(3);
@@ -74,8 +73,7 @@ TEST(Dkm, Bfloat16AgreesWithFloat64Reference) {
   auto w = (torch::randn({256, 256}) * 0.02).to(torch::kBFloat16);
   auto c = torch::linspace(-0.04, 0.04, 8, torch::kFloat).view({1, 8});
   auto [out, cent, iters] = edkm::dkm(w, c, 1e-4, 3);
-  auto [ref, ref_cent, ref_iters] =
-      edkm::dkm_reference(w.to(torch::kDouble), c.to(torch::kDouble), 1e-4, 3);
+  auto [ref, ref_cent, ref_iters] = edkm::dkm_reference(w.to(torch::kDouble), c.to(torch::kDouble), 1e-4, 3);
   EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
   // One bf16 rounding of the output (2^-8 relative) dominates.
   EXPECT_LE(rel_error(out, ref), 1.0 / 128);
@@ -109,9 +107,7 @@ TEST(HardAssign, AssignAndDequantizeMatchArgmin) {
   auto c = torch::randn({4, 8});
   auto idx = edkm::assign(w, c);
   EXPECT_EQ(idx.scalar_type(), torch::kByte);
-  auto expected = (w.to(torch::kDouble).unsqueeze(2) - c.to(torch::kDouble).unsqueeze(1))
-                      .abs()
-                      .argmin(2);
+  auto expected = (w.to(torch::kDouble).unsqueeze(2) - c.to(torch::kDouble).unsqueeze(1)).abs().argmin(2);
   EXPECT_TRUE(torch::equal(idx.to(torch::kLong), expected));
   auto back = edkm::dequantize(idx, c);
   EXPECT_TRUE(torch::equal(back, c.gather(1, expected)));

@@ -39,11 +39,10 @@ std::string error_of(F&& f) {
   return "<no error>";
 }
 
-#define EXPECT_ERROR_HAS(stmt, text)                                             \
-  do {                                                                           \
-    const std::string msg_ = error_of([&] { stmt; });                            \
-    EXPECT_NE(msg_.find(text), std::string::npos) << "expected '" << (text)      \
-                                                  << "' in: " << msg_;           \
+#define EXPECT_ERROR_HAS(stmt, text)                                                             \
+  do {                                                                                           \
+    const std::string msg_ = error_of([&] { stmt; });                                            \
+    EXPECT_NE(msg_.find(text), std::string::npos) << "expected '" << (text) << "' in: " << msg_; \
   } while (0)
 
 // A fresh scratch directory per test.
@@ -94,8 +93,8 @@ std::string raw_file(const std::string& header, const std::string& data) {
 }
 
 // A clustered tensor of `shape` with random indices and LUT.
-edkm::ClusteredTensor make_clustered(std::vector<int64_t> shape, int bits, int64_t groups,
-                                     int64_t d, at::ScalarType dtype) {
+edkm::ClusteredTensor make_clustered(std::vector<int64_t> shape, int bits, int64_t groups, int64_t d,
+                                     at::ScalarType dtype) {
   edkm::ClusteredTensor c;
   c.bits = bits;
   c.shape = shape;
@@ -110,8 +109,7 @@ edkm::ClusteredTensor make_clustered(std::vector<int64_t> shape, int bits, int64
 }
 
 // Outliers (format version 2) at `positions` with random values of dtype `vdtype`.
-void add_outliers(edkm::ClusteredTensor& c, const std::vector<int64_t>& positions,
-                  at::ScalarType vdtype) {
+void add_outliers(edkm::ClusteredTensor& c, const std::vector<int64_t>& positions, at::ScalarType vdtype) {
   c.outlier_index = torch::tensor(positions, torch::kLong).to(c.outlier_index_dtype());
   c.outlier_values = (torch::randn({static_cast<int64_t>(positions.size())}) * 10).to(vdtype);
 }
@@ -162,12 +160,45 @@ TEST(Json, ParsesEveryValueKind) {
 }
 
 TEST(Json, RejectsEverythingOutsideTheGrammar) {
-  const std::vector<std::string> bad = {
-      "", " ", "{", "}", "[1,]", "{\"a\":1,}", "{\"a\" 1}", "{a:1}", "[1 2]", "01", "-", "1.",
-      ".5", "1e", "+1", "NaN", "Infinity", "tru", "nul", "\"abc", "\"\\x\"", "\"\\u12\"",
-      "\"\\u12G4\"", "\"\\ud800\"", "\"\\udc00\"", "\"\\ud800\\u0041\"", "\"a\nb\"",
-      "\"\xff\"", "\"\xc0\xaf\"", "\"\xed\xa0\x80\"", "\"\xf4\x90\x80\x80\"", "\"\xe2\x82\"",
-      "{\"a\":1,\"a\":2}", "[1] x", "// c\n1", "'a'", std::string("[1\0]", 4), "[-]", "[1e+]"};
+  const std::vector<std::string> bad = {"",
+                                        " ",
+                                        "{",
+                                        "}",
+                                        "[1,]",
+                                        "{\"a\":1,}",
+                                        "{\"a\" 1}",
+                                        "{a:1}",
+                                        "[1 2]",
+                                        "01",
+                                        "-",
+                                        "1.",
+                                        ".5",
+                                        "1e",
+                                        "+1",
+                                        "NaN",
+                                        "Infinity",
+                                        "tru",
+                                        "nul",
+                                        "\"abc",
+                                        "\"\\x\"",
+                                        "\"\\u12\"",
+                                        "\"\\u12G4\"",
+                                        "\"\\ud800\"",
+                                        "\"\\udc00\"",
+                                        "\"\\ud800\\u0041\"",
+                                        "\"a\nb\"",
+                                        "\"\xff\"",
+                                        "\"\xc0\xaf\"",
+                                        "\"\xed\xa0\x80\"",
+                                        "\"\xf4\x90\x80\x80\"",
+                                        "\"\xe2\x82\"",
+                                        "{\"a\":1,\"a\":2}",
+                                        "[1] x",
+                                        "// c\n1",
+                                        "'a'",
+                                        std::string("[1\0]", 4),
+                                        "[-]",
+                                        "[1e+]"};
   for (const auto& text : bad) {
     EXPECT_THROW(json::parse(text), json::ParseError) << "accepted: " << text;
   }
@@ -208,7 +239,7 @@ TEST(Format, RoundTripKeepsEveryTensorAndField) {
   const std::string bytes = read_all(path);
   uint64_t header_len = 0;
   for (int b = 7; b >= 0; --b) header_len = (header_len << 8) | static_cast<unsigned char>(bytes[b]);
-  EXPECT_EQ((8 + header_len) % 8, 0u);                   // header padded to 8 bytes
+  EXPECT_EQ((8 + header_len) % 8, 0u);  // header padded to 8 bytes
   EXPECT_EQ(bytes[8 + header_len - 1] == ' ' || bytes[8 + header_len - 1] == '}', true);
 
   const auto g = edkm::load_compressed(path);
@@ -417,8 +448,8 @@ TEST(Format, LyingOutlierHeadersAreClearErrors) {
            "\\\"dtype\\\":\\\"float32\\\",\\\"groups\\\":1,\\\"cluster_dim\\\":1" +
            (outliers.empty() ? std::string() : ",\\\"outliers\\\":" + outliers) + "}}\"}";
   };
-  const std::string base = entry("w.indices", "U8", "[6]", "[0,6]") + "," +
-                           entry("w.lut", "F16", "[1,8,1]", "[6,22]");
+  const std::string base =
+      entry("w.indices", "U8", "[6]", "[0,6]") + "," + entry("w.lut", "F16", "[1,8,1]", "[6,22]");
   const std::string i32 = entry("w.outlier_index", "I32", "[2]", "[22,30]");
   const std::string f16 = entry("w.outlier_values", "F16", "[2]", "[30,34]");
   // Data: zero indices and LUT, positions (int32 little-endian), values (float16 1.0 = 0x3C00).
@@ -447,8 +478,7 @@ TEST(Format, LyingOutlierHeadersAreClearErrors) {
        "'outliers' needs edkm format version 2"},
       {"{" + meta("2", "3") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9),
        "the layout has 3 outliers but 'w.outlier_index' has shape [2]"},
-      {"{" + meta("2", "-1") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9),
-       "outliers must be >= 0"},
+      {"{" + meta("2", "-1") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9), "outliers must be >= 0"},
       {"{" + meta("2", "2") + "," + base + "," + entry("w.outlier_index", "I32", "[2]", "[22,30]") + "}",
        data(3, 9).substr(0, 30), "the file has no tensor 'w.outlier_values'"},
       {"{" + meta("2", "") + "," + base + "," + i32 + "," + f16 + "}", data(3, 9),
@@ -516,9 +546,11 @@ TEST(Format, LyingHeadersAreClearErrors) {
     std::string expect;
   };
   const std::string meta = "\"__metadata__\":{\"format\":\"edkm\",\"edkm.version\":\"1\",\"edkm.layout\":";
-  const std::string lay = "{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,8],\\\"dtype\\\":\\\"float32\\\",\\\"groups\\\":1,\\\"cluster_dim\\\":1}}";
-  const std::string w_entries = entry("w.indices", "U8", "[6]", "[0,6]") + "," +
-                                entry("w.lut", "F16", "[1,8,1]", "[6,22]");
+  const std::string lay =
+      "{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,8],\\\"dtype\\\":\\\"float32\\\",\\\"groups\\\":1,"
+      "\\\"cluster_dim\\\":1}}";
+  const std::string w_entries =
+      entry("w.indices", "U8", "[6]", "[0,6]") + "," + entry("w.lut", "F16", "[1,8,1]", "[6,22]");
   const std::vector<Case> cases = {
       {"[1]", 0, "header must be a JSON object"},
       {"{\"a\":", 0, "header is not valid JSON"},
@@ -552,14 +584,21 @@ TEST(Format, LyingHeadersAreClearErrors) {
            entry("w.lut", "F16", "[1,4,1]", "[6,14]") + "}",
        14, "lut must have shape [groups, 2^bits, cluster_dim] = [1, 8, 1]"},
       {"{" + meta + "\"{\\\"w\\\":{\\\"bits\\\":9}}\"}}", 0, "bits must be in 1..8"},
-      {"{" + meta + "\"{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,8],\\\"dtype\\\":\\\"int8\\\",\\\"groups\\\":1,\\\"cluster_dim\\\":1}}\"}}",
+      {"{" + meta +
+           "\"{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,8],\\\"dtype\\\":\\\"int8\\\",\\\"groups\\\":1,"
+           "\\\"cluster_dim\\\":1}}\"}}",
        0, "dtype must be one of bfloat16"},
-      {"{" + meta + "\"{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,8],\\\"dtype\\\":\\\"float32\\\",\\\"groups\\\":3,\\\"cluster_dim\\\":1}}\"}," + w_entries + "}",
+      {"{" + meta +
+           "\"{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,8],\\\"dtype\\\":\\\"float32\\\",\\\"groups\\\":3,"
+           "\\\"cluster_dim\\\":1}}\"}," +
+           w_entries + "}",
        22, "cannot be cut into 3 groups"},
-      {"{" + meta + "\"{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,0],\\\"dtype\\\":\\\"float32\\\",\\\"groups\\\":1,\\\"cluster_dim\\\":1}}\"}}",
+      {"{" + meta +
+           "\"{\\\"w\\\":{\\\"bits\\\":3,\\\"shape\\\":[2,0],\\\"dtype\\\":\\\"float32\\\",\\\"groups\\\":1,"
+           "\\\"cluster_dim\\\":1}}\"}}",
        0, "shape must be a non-empty array of positive integers"},
-      {"{" + meta + "\"" + lay + "\",\"edkm.aliases\":\"{\\\"x\\\":\\\"nope\\\"}\"}," + w_entries + "}",
-       22, "alias 'x' points to unknown tensor 'nope'"},
+      {"{" + meta + "\"" + lay + "\",\"edkm.aliases\":\"{\\\"x\\\":\\\"nope\\\"}\"}," + w_entries + "}", 22,
+       "alias 'x' points to unknown tensor 'nope'"},
   };
   for (const auto& c : cases) {
     write_all(path, raw_file(c.header, std::string(c.data, '\0')));
@@ -598,7 +637,8 @@ TEST(Format, RandomCorruptionNeverCrashes) {
   const auto path = dir.file("m.safetensors");
   edkm::save_compressed(path, sample_file());
   const std::string bytes = read_all(path);
-  const size_t header_end = 8 + static_cast<unsigned char>(bytes[0]) + 256 * static_cast<unsigned char>(bytes[1]);
+  const size_t header_end =
+      8 + static_cast<unsigned char>(bytes[0]) + 256 * static_cast<unsigned char>(bytes[1]);
   std::mt19937 rng(123);
   const auto bad = dir.file("bad.safetensors");
   int loaded = 0, rejected = 0;

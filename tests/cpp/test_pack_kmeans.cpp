@@ -79,35 +79,34 @@ TEST(PackIndices, OutOfRangeIndicesAreRejectedByBothVersions) {
                     +[] { return torch::tensor({-1, 0}, torch::kInt16); }}) {
     auto idx = make();
     const auto msg = error_of([&] { edkm::pack_indices(idx, 3); });
-    EXPECT_NE(msg.find("indices must lie in [0, 2^bits) = [0, 8) for bits = 3"), std::string::npos)
-        << msg;
+    EXPECT_NE(msg.find("indices must lie in [0, 2^bits) = [0, 8) for bits = 3"), std::string::npos) << msg;
     EXPECT_EQ(error_of([&] { edkm::generic::pack_indices(idx, 3); }), msg);
   }
   // Out of range only in the tail (after the last full chunk of eight).
   auto idx = torch::zeros({19}, torch::kLong);
   idx[18] = 4;
-  EXPECT_NE(error_of([&] { edkm::pack_indices(idx, 2); }).find("got values in [0, 4]"),
-            std::string::npos);
+  EXPECT_NE(error_of([&] { edkm::pack_indices(idx, 2); }).find("got values in [0, 4]"), std::string::npos);
 }
 
 TEST(PackIndices, BadArgumentsGiveOneClearError) {
   auto idx = torch::zeros({4}, torch::kLong);
   EXPECT_NE(error_of([&] { edkm::pack_indices(idx, 0); }).find("bits must be in 1..8, got 0"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { edkm::pack_indices(idx.to(torch::kFloat), 3); })
-                .find("indices must be an integer tensor"),
+  EXPECT_NE(error_of([&] {
+              edkm::pack_indices(idx.to(torch::kFloat), 3);
+            }).find("indices must be an integer tensor"),
             std::string::npos);
   auto packed = torch::zeros({2}, torch::kUInt8);
-  EXPECT_NE(error_of([&] { edkm::unpack_indices(packed, 3, 6); })
-                .find("6 indices of 3 bits take ceil(6 * 3 / 8) = 3 bytes, but packed has 2"),
+  EXPECT_NE(error_of([&] {
+              edkm::unpack_indices(packed, 3, 6);
+            }).find("6 indices of 3 bits take ceil(6 * 3 / 8) = 3 bytes, but packed has 2"),
             std::string::npos);
   EXPECT_NE(error_of([&] { edkm::unpack_indices(packed, 3, 2); }).find("= 1 bytes, but packed has 2"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { edkm::unpack_indices(packed.to(torch::kInt32), 8, 2); })
-                .find("packed must be uint8"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] { edkm::unpack_indices(packed.view({1, 2}), 8, 2); })
-                .find("packed must be 1-D"),
+  EXPECT_NE(
+      error_of([&] { edkm::unpack_indices(packed.to(torch::kInt32), 8, 2); }).find("packed must be uint8"),
+      std::string::npos);
+  EXPECT_NE(error_of([&] { edkm::unpack_indices(packed.view({1, 2}), 8, 2); }).find("packed must be 1-D"),
             std::string::npos);
   EXPECT_NE(error_of([&] { edkm::unpack_indices(packed, 3, -5); }).find("count must be >= 0"),
             std::string::npos);
@@ -130,8 +129,8 @@ struct Best {
 };
 
 // Every split of u sorted values into m contiguous runs: choose m - 1 cuts among u - 1 gaps.
-void brute(const std::vector<double>& v, const std::vector<double>& w, int m,
-           std::vector<int>& cuts, int next, Best& best) {
+void brute(const std::vector<double>& v, const std::vector<double>& w, int m, std::vector<int>& cuts,
+           int next, Best& best) {
   const int u = static_cast<int>(v.size());
   if (static_cast<int>(cuts.size()) == m - 1) {
     std::vector<int> bounds{0};
@@ -207,14 +206,18 @@ TEST(OptimalKMeans1d, BadArgumentsGiveOneClearError) {
   };
   expect([&] { edkm::optimal_kmeans_1d(v.view({1, 3}), w, 2); }, "values must be 1-D");
   expect([&] { edkm::optimal_kmeans_1d(v, w.view({3, 1}), 2); }, "counts must be 1-D");
-  expect([&] { edkm::optimal_kmeans_1d(v, torch::ones({2}), 2); }, "counts must have values' length 3, got 2");
+  expect([&] { edkm::optimal_kmeans_1d(v, torch::ones({2}), 2); },
+         "counts must have values' length 3, got 2");
   expect([&] { edkm::optimal_kmeans_1d(v.narrow(0, 0, 0), w.narrow(0, 0, 0), 2); }, "at least one value");
   expect([&] { edkm::optimal_kmeans_1d(v, w, 0); }, "k must be >= 1, got 0");
   expect([&] { edkm::optimal_kmeans_1d(v.flip(0), w, 2); }, "sorted strictly increasing");
   expect([&] { edkm::optimal_kmeans_1d(torch::tensor({0.0, 0.0}, torch::kDouble), torch::ones({2}), 1); },
          "sorted strictly increasing");
-  expect([&] { edkm::optimal_kmeans_1d(torch::tensor({0.0, std::nan("")}, torch::kDouble), torch::ones({2}), 1); },
-         "values must be finite");
+  expect(
+      [&] {
+        edkm::optimal_kmeans_1d(torch::tensor({0.0, std::nan("")}, torch::kDouble), torch::ones({2}), 1);
+      },
+      "values must be finite");
   expect([&] { edkm::optimal_kmeans_1d(v, torch::tensor({1.0, 0.0, 1.0}, torch::kDouble), 2); },
          "counts must be finite and > 0, got 0 at index 1");
   expect([&] { edkm::optimal_kmeans_1d(v.to(torch::kLong), w, 2); }, "values must be floating point");

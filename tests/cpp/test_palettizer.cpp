@@ -24,9 +24,9 @@ std::string error_of(F&& f) {
   return "<no error>";
 }
 
-#define EXPECT_ERROR_HAS(stmt, text)                                                       \
-  do {                                                                                     \
-    const std::string msg_ = error_of([&] { stmt; });                                      \
+#define EXPECT_ERROR_HAS(stmt, text)                                                             \
+  do {                                                                                           \
+    const std::string msg_ = error_of([&] { stmt; });                                            \
     EXPECT_NE(msg_.find(text), std::string::npos) << "expected '" << (text) << "' in: " << msg_; \
   } while (0)
 
@@ -169,8 +169,9 @@ TEST(Palettizer, SaveLoadRebuildsTheFinalizedWeightsExactly) {
     auto ca = pal.wrap("a", a);
     auto cb = pal.wrap("b", b);
     const auto path = temp_path("save.safetensors");
-    EXPECT_ERROR_HAS(pal.save(path), "layer 'a': edkm::ClusteredLinear::export_clustered: the "
-                                     "layer is not finalized");
+    EXPECT_ERROR_HAS(pal.save(path),
+                     "layer 'a': edkm::ClusteredLinear::export_clustered: the "
+                     "layer is not finalized");
     pal.finalize();
     auto extra = torch::arange(3);
     const int64_t size = pal.save(path, {{"step", extra}});
@@ -209,7 +210,8 @@ TEST(Palettizer, BadOptionsAndArgumentsAreClearErrors) {
   EXPECT_ERROR_HAS(edkm::Palettizer(O().distance("cosine")), "distance must be 'squared' or 'absolute'");
   EXPECT_ERROR_HAS(edkm::Palettizer(O().group_size(-2)), "group_size must be >= 0");
   edkm::Palettizer pal(O().group_size(4));
-  EXPECT_ERROR_HAS(pal.wrap("fc", linear), "wrap('fc'): edkm::ClusteredLinear: group_size 4 must divide out_features 6");
+  EXPECT_ERROR_HAS(pal.wrap("fc", linear),
+                   "wrap('fc'): edkm::ClusteredLinear: group_size 4 must divide out_features 6");
   EXPECT_ERROR_HAS(pal.wrap("", linear), "name must not be empty");
   EXPECT_ERROR_HAS(pal.wrap("x", torch::nn::Linear(nullptr)), "got an empty holder");
   torch::nn::Linear ok(4, 8);

@@ -14,8 +14,7 @@ void expect_kernels_match_generic(const at::Tensor& w, int64_t groups) {
   EXPECT_EQ(counts.sum().item<int64_t>(), w.numel());
 
   auto table = torch::randn(slots.sizes(), torch::kDouble);
-  EXPECT_TRUE(torch::equal(edkm::slot_gather(w, slots, table),
-                           edkm::generic::slot_gather(w, slots, table)));
+  EXPECT_TRUE(torch::equal(edkm::slot_gather(w, slots, table), edkm::generic::slot_gather(w, slots, table)));
   auto grad = torch::randn(w.sizes()).to(w.scalar_type());
   EXPECT_TRUE(torch::allclose(edkm::slot_scatter_add(w, slots, grad),
                               edkm::generic::slot_scatter_add(w, slots, grad), 1e-5, 1e-5));

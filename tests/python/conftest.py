@@ -34,6 +34,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         needs_gpu = params.get("device") == "cuda" or any(
-            "no CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+            "no CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")
+        )
         if needs_gpu and not item.get_closest_marker("cuda"):
             item.add_marker(pytest.mark.cuda)

@@ -1,4 +1,5 @@
 """Bodies of the 2-rank gloo tests (run in spawned processes by test_distributed.py)."""
+
 import os
 
 import torch
@@ -12,8 +13,7 @@ def init(rank: int, world: int, port: int, timeout_s: int = 60) -> None:
     os.environ["MASTER_PORT"] = str(port)
     import datetime
 
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def weight_and_centroids():
@@ -121,6 +121,7 @@ SHARD_BOUNDS = [(0, 1700), (1700, 3600)]
 
 def sharded_dkm_worker(rank: int, world: int, port: int, out: str) -> None:
     from edkm.distributed import sharded_dkm
+
     init(rank, world, port)
     try:
         w, c, up = sharded_weight()
@@ -131,8 +132,16 @@ def sharded_dkm_worker(rank: int, world: int, port: int, out: str) -> None:
         # the loss of the whole weight is the sum of the ranks' parts
         loss = (out_shard.float() * up.reshape(-1)[lo:hi].float()).sum() + c_out.square().sum() / world
         loss.backward()
-        torch.save({"clustered": out_shard.detach(), "centroids": c_out.detach(), "grad": shard.grad,
-                    "grad_c": cent.grad, "iterations": int(iters)}, out)
+        torch.save(
+            {
+                "clustered": out_shard.detach(),
+                "centroids": c_out.detach(),
+                "grad": shard.grad,
+                "grad_c": cent.grad,
+                "iterations": int(iters),
+            },
+            out,
+        )
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -142,6 +151,7 @@ def dying_rank(rank: int, world: int, port: int, out: str) -> None:
     """Rank 1 dies between forward (pack) and backward (unpack all-gathers): rank 0 must get a
     clear error within the group's timeout, not hang."""
     import time
+
     init(rank, world, port, timeout_s=10)
     w, c = weight_and_centroids()
     w = w.requires_grad_()

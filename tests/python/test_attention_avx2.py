@@ -3,6 +3,7 @@ and the scalar float64 loops they replace for float32 / bfloat16 / float16 weigh
 backward and dkm_linear, block tails, groups larger than one float32 summing block, up to 256
 centroids, unattended centroids; the fallback when exponents would overflow float32; results
 independent of the thread count; the auto rule that follows from their speed."""
+
 import contextlib
 
 import pytest
@@ -12,8 +13,9 @@ import edkm
 from conftest import rel_error, spread_centroids
 from edkm import _C
 
-pytestmark = pytest.mark.skipif(not _C.simd_attention_available(),
-                                reason="this CPU has no AVX2/FMA: the scalar float64 loops run")
+pytestmark = pytest.mark.skipif(
+    not _C.simd_attention_available(), reason="this CPU has no AVX2/FMA: the scalar float64 loops run"
+)
 
 
 @pytest.fixture
@@ -21,7 +23,8 @@ def modes():
     """set(ndomain=..., simd=...) for one test; the settings come back afterwards."""
     with contextlib.ExitStack() as stack:
         yield lambda ndomain="always", simd=True: stack.enter_context(
-            edkm.settings(ndomain=ndomain, simd_attention=simd))
+            edkm.settings(ndomain=ndomain, simd_attention=simd)
+        )
 
 
 def run(w, c, tau, max_iter, distance, seed=3, fn=edkm.dkm):
@@ -45,9 +48,11 @@ def centroids(groups, k, seed=1):
 
 
 @pytest.mark.parametrize("distance", ["squared", "absolute"])
-@pytest.mark.parametrize("groups,m,k", [(48, 37, 8), (16, 576, 8), (3, 5000, 16), (10, 13, 3),
-                                        (2, 1000, 256), (5, 7, 2), (7, 300, 4)],
-                         ids=["tail", "row", "multi-block", "k3", "k256", "one-block", "k4"])
+@pytest.mark.parametrize(
+    "groups,m,k",
+    [(48, 37, 8), (16, 576, 8), (3, 5000, 16), (10, 13, 3), (2, 1000, 256), (5, 7, 2), (7, 300, 4)],
+    ids=["tail", "row", "multi-block", "k3", "k256", "one-block", "k4"],
+)
 def test_float32_matches_float64_reference(modes, distance, groups, m, k):
     """float32 weights: the AVX2 path against the exact float64 computation of the same inputs
     (the scalar float64 loops, themselves checked against the naive reference in test_ndomain.py)."""
@@ -168,8 +173,7 @@ def test_opcheck_float32(modes):
     torch.library.opcheck(torch.ops.edkm._ndomain_forward.default, (w, c, 0.01, 3, 0.0, "squared"))
     _, _, it, hist = torch.ops.edkm._ndomain_forward(w, c, 0.01, 3, 0.0, "absolute")
     gw, gc = torch.randn(w.shape), torch.randn(c.shape)
-    torch.library.opcheck(torch.ops.edkm._ndomain_backward.default,
-                          (gw, gc, w, hist, it, 0.01, "absolute", c.dtype))
+    torch.library.opcheck(torch.ops.edkm._ndomain_backward.default, (gw, gc, w, hist, it, 0.01, "absolute", c.dtype))
 
 
 def test_auto_rule_follows_dtype_and_setting(modes):
@@ -177,7 +181,7 @@ def test_auto_rule_follows_dtype_and_setting(modes):
     65,535 weights per group (the distinct-value path); float64 (and everything without them) up
     to 2,048."""
     modes(ndomain="auto", simd=True)
-    assert _C.ndomain_max_group(torch.float32) == 2 ** 63 - 1
+    assert _C.ndomain_max_group(torch.float32) == 2**63 - 1
     assert _C.ndomain_max_group(torch.bfloat16) == 65535
     assert _C.ndomain_max_group(torch.float16) == 65535
     assert _C.ndomain_max_group(torch.float64) == 2048
@@ -195,14 +199,16 @@ def test_auto_rule_follows_dtype_and_setting(modes):
 
 # The fused U-domain loops on float32 tables take the same kernels, value by value with counts.
 
+
 @pytest.mark.parametrize("distance", ["squared", "absolute"])
-@pytest.mark.parametrize("dtype,rows_per_lut", [(torch.bfloat16, 64), (torch.bfloat16, 192),
-                                                 (torch.float16, 64), (torch.float32, 64)])
+@pytest.mark.parametrize(
+    "dtype,rows_per_lut", [(torch.bfloat16, 64), (torch.bfloat16, 192), (torch.float16, 64), (torch.float32, 64)]
+)
 def test_udomain_matches_float64_loops(modes, distance, dtype, rows_per_lut):
     """Groups with different numbers of distinct values (so the narrowed tables carry padding of
     count 0), one chunk and several chunks per group."""
     g = torch.Generator().manual_seed(11)
-    w = (torch.randn(192, 96, generator=g) * 0.05)
+    w = torch.randn(192, 96, generator=g) * 0.05
     w[:64] *= 0.2  # fewer distinct 16-bit values in the first groups
     w = w.to(dtype)
     groups = 192 // rows_per_lut
@@ -212,11 +218,10 @@ def test_udomain_matches_float64_loops(modes, distance, dtype, rows_per_lut):
     for simd in (True, False):
         modes(ndomain="never", simd=simd)
         results[simd] = run(w, c, tau, 3, distance)
-    for name, a, b in zip(("clustered", "centroids", "grad_weight", "grad_centroids"),
-                          results[True], results[False]):
+    for name, a, b in zip(("clustered", "centroids", "grad_weight", "grad_centroids"), results[True], results[False]):
         assert torch.isfinite(a).all(), name
         # 16-bit outputs: both round to the weight's dtype, a few elements one ulp apart.
-        ulp = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 0.0}[dtype]
+        ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 0.0}[dtype]
         bound = max(ulp, 1e-5) if name in ("clustered", "grad_weight") else 1e-5
         assert rel_error(a.double(), b.double()) <= bound, (name, rel_error(a.double(), b.double()))
 
@@ -229,8 +234,9 @@ def test_udomain_fused_op_against_float64(modes):
     values = torch.randn(groups, width, generator=g, dtype=torch.float64).sort(1).values * 0.05
     counts = torch.randint(1, 6, (groups, width), generator=g).double()
     counts[:, -800:] = 0
-    c = (torch.linspace(-0.1, 0.1, k, dtype=torch.float64).repeat(groups, 1)
-         + 0.002 * torch.randn(groups, k, generator=g, dtype=torch.float64))
+    c = torch.linspace(-0.1, 0.1, k, dtype=torch.float64).repeat(groups, 1) + 0.002 * torch.randn(
+        groups, k, generator=g, dtype=torch.float64
+    )
     modes(ndomain="never", simd=True)
     v32 = values.float()
     v32[:, -800:] = float("nan")  # padding: never read where its count 0 would multiply it
@@ -255,6 +261,7 @@ def test_udomain_fused_op_against_float64(modes):
 
 # ---- 16-bit groups run over their distinct values (ndomain_kernel.cpp's DistinctGroup) ----
 
+
 def duplicated_weight(groups, m, dtype, levels, seed=0):
     """Weights on a grid of `levels` steps, so each group holds many copies of few values."""
     g = torch.Generator().manual_seed(seed)
@@ -277,8 +284,9 @@ def test_16_bit_distinct_values_match_float64_loops(modes, dtype, distance, leve
     want = run(w, c, tau, 3, distance)
     assert got[0].dtype == dtype and got[2].dtype == dtype
     # the clustered weight and its gradient end rounded to 16 bits: a few elements round apart
-    for name, a, b, bound in zip(("clustered", "centroids", "grad_weight", "grad_centroids"),
-                                 got, want, (1e-3, 1e-6, 1e-3, 1e-5)):
+    for name, a, b, bound in zip(
+        ("clustered", "centroids", "grad_weight", "grad_centroids"), got, want, (1e-3, 1e-6, 1e-3, 1e-5)
+    ):
         assert torch.isfinite(a).all(), name
         assert rel_error(a.double(), b.double()) <= bound, (name, rel_error(a.double(), b.double()))
 

@@ -1,4 +1,5 @@
 """Every bad argument gets one clear error that names it."""
+
 import math
 
 import pytest
@@ -34,14 +35,29 @@ CASES = [
     ("temperature-nan", lambda: edkm.dkm(W, C, math.nan), ValueError, "temperature must be"),
     ("max-iter-zero", lambda: edkm.dkm(W, C, 0.1, 0), ValueError, "max_iter must be >= 1"),
     ("epsilon-negative", lambda: edkm.dkm(W, C, 0.1, 3, -1.0), ValueError, "epsilon must be"),
-    ("distance-unknown", lambda: edkm.dkm(W, C, 0.1, 3, 0.0, "cosine"), ValueError, "distance must be 'squared' or 'absolute'"),
+    (
+        "distance-unknown",
+        lambda: edkm.dkm(W, C, 0.1, 3, 0.0, "cosine"),
+        ValueError,
+        "distance must be 'squared' or 'absolute'",
+    ),
     ("reference-bad-temperature", lambda: edkm.dkm_reference(W, C, 0.0), ValueError, "dkm_reference: temperature"),
     ("assign-nan", lambda: edkm.assign(with_nan(W), C), ValueError, "assign: weight contains NaN"),
     ("assign-groups", lambda: edkm.assign(W, torch.zeros(3, 4)), ValueError, "equal groups"),
     ("assign-int-weight", lambda: edkm.assign(W.int(), C), TypeError, "assign: weight must be"),
-    ("dequantize-out-of-range", lambda: edkm.dequantize(torch.tensor([0, 4], dtype=torch.uint8), C), ValueError, "indices must lie in"),
+    (
+        "dequantize-out-of-range",
+        lambda: edkm.dequantize(torch.tensor([0, 4], dtype=torch.uint8), C),
+        ValueError,
+        "indices must lie in",
+    ),
     ("dequantize-float-indices", lambda: edkm.dequantize(torch.zeros(4), C), TypeError, "indices must be"),
-    ("dequantize-int-dtype", lambda: edkm.dequantize(torch.zeros(4, dtype=torch.uint8), C, torch.int32), TypeError, "dtype must be floating"),
+    (
+        "dequantize-int-dtype",
+        lambda: edkm.dequantize(torch.zeros(4, dtype=torch.uint8), C, torch.int32),
+        TypeError,
+        "dtype must be floating",
+    ),
 ]
 
 
@@ -81,7 +97,9 @@ def test_slot_tables_narrowed_to_their_used_columns_are_accepted(device):
     full = torch.ops.edkm._slot_gather(w, slots, table)
     narrow = torch.ops.edkm._slot_gather(w, slots[:, :used].contiguous(), table[:, :used].contiguous())
     assert torch.equal(narrow, full)
-    for bad in (torch.zeros(2, 0, dtype=torch.int32, device=device),
-                torch.full((2, 6001), 65536, dtype=torch.int32, device=device)):
+    for bad in (
+        torch.zeros(2, 0, dtype=torch.int32, device=device),
+        torch.full((2, 6001), 65536, dtype=torch.int32, device=device),
+    ):
         with pytest.raises(ValueError, match=r"slots must have shape \[G, W\] with 1 <= W <= min\(M, 65536\)"):
             torch.ops.edkm._slot_gather(w, bad, torch.zeros(bad.shape, device=device))

@@ -4,6 +4,7 @@ layout, the paired statistics, and one end-to-end run on a tiny LLaMA with fixtu
 A tiny random LlamaForCausalLM (tied embedding / lm_head, as SmolLM2) and a character
 tokenizer; no shared data, no network.
 """
+
 import argparse
 import json
 import math
@@ -16,17 +17,26 @@ from edkm.bench import accuracy as acc
 from test_evaluate import char_tokenizer
 
 TOK = char_tokenizer()
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-        "must be in want of a wife. The state of our union is strong. ") * 6
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. The state of our union is strong. "
+) * 6
 
 
 def tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=1024)
+    cfg = LlamaConfig(
+        vocab_size=len(TOK),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+    )
     return LlamaForCausalLM(cfg).float().eval()
 
 
@@ -145,17 +155,25 @@ def test_mcnemar_and_paired():
 
 
 def write_fixture_data(root):
-    for rel in ("corpus/sotu/1990_bush_republican.txt", "corpus/austen/emma.txt",
-                "corpus/sotu/2005_bush_republican.txt", "corpus/austen/persuasion.txt"):
+    for rel in (
+        "corpus/sotu/1990_bush_republican.txt",
+        "corpus/austen/emma.txt",
+        "corpus/sotu/2005_bush_republican.txt",
+        "corpus/austen/persuasion.txt",
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(TEXT)
     (root / "eval").mkdir()
-    mc = [{"query": "Question: what is a wife?\nAnswer:", "choices": ["a spouse", "a fish"], "gold": 0},
-          {"query": "Question: the union is\nAnswer:", "choices": ["strong", "weak", "blue"], "gold": 0},
-          {"query": "Fortune:", "choices": ["good", "bad"], "gold": 1}]
-    lam = [{"context": "It is a truth universally", "continuation": "acknowledged"},
-           {"context": "The state of our union is", "continuation": "strong"},
-           {"context": "a single man in", "continuation": "possession"}]
+    mc = [
+        {"query": "Question: what is a wife?\nAnswer:", "choices": ["a spouse", "a fish"], "gold": 0},
+        {"query": "Question: the union is\nAnswer:", "choices": ["strong", "weak", "blue"], "gold": 0},
+        {"query": "Fortune:", "choices": ["good", "bad"], "gold": 1},
+    ]
+    lam = [
+        {"context": "It is a truth universally", "continuation": "acknowledged"},
+        {"context": "The state of our union is", "continuation": "strong"},
+        {"context": "a single man in", "continuation": "possession"},
+    ]
     for name, items in (("piqa", mc), ("arc_easy", mc), ("lambada_openai", lam)):
         (root / "eval" / f"{name}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
 
@@ -178,8 +196,26 @@ def test_zero_shot_items_match_zero_shot(base, tmp_path):
 def args_for(data, out, **changes):
     p = argparse.ArgumentParser()
     acc.add_arguments(p)
-    a = p.parse_args(["--data-dir", str(data), "--out", str(out), "--steps", "2", "--block-len", "16",
-                      "--batch-size", "2", "--limit", "0", "--eval-tokens", "600", "--group-size", "8"])
+    a = p.parse_args(
+        [
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--block-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--limit",
+            "0",
+            "--eval-tokens",
+            "600",
+            "--group-size",
+            "8",
+        ]
+    )
     a.no_progress = True
     for k, v in changes.items():
         setattr(a, k, v)
@@ -205,7 +241,8 @@ def test_run_end_to_end(tmp_path):
     assert ("edkm", "kmeans", "piqa", "acc") in pairs and ("edkm", "rtn", "lambada_openai", "acc") in pairs
     files = report["files"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{acc._tag(report['settings'])}.{k}" for k in ("json", "md", "png"))
+        f"{acc._tag(report['settings'])}.{k}" for k in ("json", "md", "png")
+    )
     saved = json.loads(out.joinpath(files["json"].split("/")[-1]).read_text())
     assert saved["settings"]["steps"] == 2 and saved["command"]
     md = out.joinpath(files["md"].split("/")[-1]).read_text()

@@ -4,6 +4,7 @@ The option mapping and argument checks, the float64 oracles of both maps (edkm's
 transcription of coremltools' loop) on tiny tensors, the comparison helpers, the environment's
 key, and the report table.
 """
+
 import argparse
 import json
 import os
@@ -46,8 +47,14 @@ def test_config_maps_k_iters_temperature():
     assert cfg["prune_threshold"] == 0.0 and cfg["zero_threshold"] == 0.0
     assert cfg["palett_epsilon"] < 0 and cfg["granularity"] == "per_tensor" and cfg["group_size"] is None
     # every value has the type coremltools' attrs validators ask for
-    for key in ("palett_tau", "palett_epsilon", "prune_threshold", "zero_threshold",
-                "palett_cluster_tol", "palett_max_mem"):
+    for key in (
+        "palett_tau",
+        "palett_epsilon",
+        "prune_threshold",
+        "zero_threshold",
+        "palett_cluster_tol",
+        "palett_max_mem",
+    ):
         assert isinstance(cfg[key], float), key
     assert isinstance(cfg["kmeans_max_iter"], int) and isinstance(cfg["n_bits"], int)
     opt = coreml.coreml_edkm_options_config(8, 3, 1e-5)
@@ -55,8 +62,9 @@ def test_config_maps_k_iters_temperature():
     assert coreml.coreml_config(256, 1, 0.5)["n_bits"] == 8
 
 
-@pytest.mark.parametrize("k,iters,tau", [(6, 3, 1e-5), (1, 3, 1e-5), (8, 0, 1e-5), (8, 3, 0.0),
-                                         (8, 3, float("nan")), (8, 3, -1.0)])
+@pytest.mark.parametrize(
+    "k,iters,tau", [(6, 3, 1e-5), (1, 3, 1e-5), (8, 0, 1e-5), (8, 3, 0.0), (8, 3, float("nan")), (8, 3, -1.0)]
+)
 def test_config_rejects_bad_values(k, iters, tau):
     with pytest.raises(ValueError):
         coreml.coreml_config(k, iters, tau)
@@ -64,8 +72,15 @@ def test_config_rejects_bad_values(k, iters, tau):
 
 def test_check_args():
     assert coreml.check_args(_args())["n_bits"] == 3
-    for bad in (dict(repeats=0), dict(k=12), dict(dtypes="float16"), dict(dtypes=""),
-                dict(size=(2, 2), k=8), dict(coreml_torch="2.7.0; rm"), dict(timeout=0)):
+    for bad in (
+        dict(repeats=0),
+        dict(k=12),
+        dict(dtypes="float16"),
+        dict(dtypes=""),
+        dict(size=(2, 2), k=8),
+        dict(coreml_torch="2.7.0; rm"),
+        dict(timeout=0),
+    ):
         with pytest.raises(ValueError):
             coreml.check_args(_args(**bad))
     assert coreml.parse_dtypes("float32, bfloat16,float32") == ["float32", "bfloat16"]
@@ -164,8 +179,13 @@ def test_agreement_on_written_outputs(tmp_path):
         ex = coreml.dkm_oracle(w, c, tau, 2, final, g)
         d = tmp_path / side
         d.mkdir()
-        for name, t in (("clustered", ex["soft"]), ("centroids", ex["centroids"]), ("grad", ex["grad"]),
-                        ("hard", ex["centroids"][ex["hard"]]), ("labels", ex["hard"].flatten())):
+        for name, t in (
+            ("clustered", ex["soft"]),
+            ("centroids", ex["centroids"]),
+            ("grad", ex["grad"]),
+            ("hard", ex["centroids"][ex["hard"]]),
+            ("labels", ex["hard"].flatten()),
+        ):
             torch.save(t.float() if t.is_floating_point() else t, str(d / (name + ".pt")))
     ag = coreml.agreement(inputs, str(tmp_path / "ours"), str(tmp_path / "theirs"), tau, 2)
     for side in ("edkm", "coremltools"):
@@ -206,30 +226,58 @@ def test_env_failure_is_reported_not_raised(tmp_path):
 
 def test_side_script_reports_errors_as_json(tmp_path):
     """_coreml_side.py runs by path without edkm; without coremltools it writes the error."""
-    req = {"mode": "baseline", "variant": "coremltools", "inputs": str(tmp_path), "config": {},
-           "repeats": 1, "result": str(tmp_path / "r.json")}
+    req = {
+        "mode": "baseline",
+        "variant": "coremltools",
+        "inputs": str(tmp_path),
+        "config": {},
+        "repeats": 1,
+        "result": str(tmp_path / "r.json"),
+    }
     (tmp_path / "req.json").write_text(json.dumps(req))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, coreml._SIDE_SCRIPT, str(tmp_path / "req.json")], check=True, env=env,
-                   timeout=300)
+    subprocess.run([sys.executable, coreml._SIDE_SCRIPT, str(tmp_path / "req.json")], check=True, env=env, timeout=300)
     r = json.loads((tmp_path / "r.json").read_text())
     assert "error" in r  # no coremltools (or no inputs) here: reported, not raised
 
 
 def test_table_renders_a_failed_side():
     report = {
-        "size": "4x4", "k": 4, "n_bits": 2, "iterations": 1, "temperature": 1e-3, "device": "cpu",
-        "date": "d", "command": "c", "machine": {},
-        "environments": {"edkm": {"edkm": "0", "torch": "t", "torch_threads": 2},
-                         "coremltools": {"error": "pip failed"}},
+        "size": "4x4",
+        "k": 4,
+        "n_bits": 2,
+        "iterations": 1,
+        "temperature": 1e-3,
+        "device": "cpu",
+        "date": "d",
+        "command": "c",
+        "machine": {},
+        "environments": {
+            "edkm": {"edkm": "0", "torch": "t", "torch_threads": 2},
+            "coremltools": {"error": "pip failed"},
+        },
         "mapping": [{"coremltools": "n_bits", "value": "2", "edkm": "K=4"}],
-        "cases": {"float32": {
-            "variants": {"edkm": {"median_seconds": 0.001, "seconds": [0.001], "median_cpu_seconds": 0.002, "peak_rss_above_inputs_bytes": 2**20},
-                         "coremltools": {"error": "environment: pip failed"}},
-            "agreement": {"exact_maps_coremltools_vs_edkm": {"soft": {"rel_l2": 0.1}, "grad": {"rel_l2": 0.2}},
-                          "edkm": {k: {"rel_l2": 0.0} for k in ("soft_vs_exact", "centroids_vs_exact",
-                                                                   "grad_vs_exact", "hard_vs_exact")}
-                          | {"labels_vs_exact": {"fraction_same": 1.0}}}}},
+        "cases": {
+            "float32": {
+                "variants": {
+                    "edkm": {
+                        "median_seconds": 0.001,
+                        "seconds": [0.001],
+                        "median_cpu_seconds": 0.002,
+                        "peak_rss_above_inputs_bytes": 2**20,
+                    },
+                    "coremltools": {"error": "environment: pip failed"},
+                },
+                "agreement": {
+                    "exact_maps_coremltools_vs_edkm": {"soft": {"rel_l2": 0.1}, "grad": {"rel_l2": 0.2}},
+                    "edkm": {
+                        k: {"rel_l2": 0.0}
+                        for k in ("soft_vs_exact", "centroids_vs_exact", "grad_vs_exact", "hard_vs_exact")
+                    }
+                    | {"labels_vs_exact": {"fraction_same": 1.0}},
+                },
+            }
+        },
     }
     text = coreml.table(report)
     assert "could not be set up" in text and "| float32 | coremltools | failed |" in text
@@ -237,12 +285,14 @@ def test_table_renders_a_failed_side():
 
 
 def test_raised_in_names_the_innermost_coremltools_frame():
-    tb = ('Traceback (most recent call last):\n'
-          '  File "/x/site-packages/coremltools/optimize/torch/palettization/fake_palettize.py", line 613, in forward\n'
-          '  File "/x/site-packages/coremltools/optimize/torch/palettization/_fake_palettizer_tensor_hook.py", '
-          'line 62, in __init__\n'
-          '  File "/x/site-packages/torch/cuda/__init__.py", line 372, in _lazy_init\n'
-          'RuntimeError: Found no NVIDIA driver\n')
+    tb = (
+        "Traceback (most recent call last):\n"
+        '  File "/x/site-packages/coremltools/optimize/torch/palettization/fake_palettize.py", line 613, in forward\n'
+        '  File "/x/site-packages/coremltools/optimize/torch/palettization/_fake_palettizer_tensor_hook.py", '
+        "line 62, in __init__\n"
+        '  File "/x/site-packages/torch/cuda/__init__.py", line 372, in _lazy_init\n'
+        "RuntimeError: Found no NVIDIA driver\n"
+    )
     where = coreml._raised_in(tb)
     assert "_fake_palettizer_tensor_hook.py:62" in where and "__init__" in where
     assert coreml._raised_in("no frames") == ""

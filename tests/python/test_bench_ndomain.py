@@ -1,4 +1,5 @@
 """edkm bench ndomain: runs the three variants in fresh processes and writes its results."""
+
 import argparse
 import json
 

@@ -1,4 +1,5 @@
 """edkm bench step: a small decoder-layer training step, plain vs clustered, on CPU."""
+
 import argparse
 import json
 
@@ -15,8 +16,22 @@ def parse(*argv):
 
 
 def test_small_run_writes_results_and_orders_the_variants_by_memory(tmp_path):
-    args = parse("--device", "cpu", "--hidden", "256", "--intermediate", "688", "--heads", "4",
-                 "--tokens", "64", "--repeats", "1", "--out", str(tmp_path))
+    args = parse(
+        "--device",
+        "cpu",
+        "--hidden",
+        "256",
+        "--intermediate",
+        "688",
+        "--heads",
+        "4",
+        "--tokens",
+        "64",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     report = step.run(args)
     ts = report["training_step"]
     assert set(ts) == {"plain", "dkm_linear", "dkm+linear", "palettize_"}
@@ -29,12 +44,15 @@ def test_small_run_writes_results_and_orders_the_variants_by_memory(tmp_path):
     assert "| dkm_linear |" in (tmp_path / "step_cpu_256x688_t64.md").read_text()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--hidden", "100", "--heads", "8"], "multiple of --heads"),
-    (["--tokens", "-1"], "--tokens must be >= 1"),
-    (["--hidden", "0"], "--hidden must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--hidden", "100", "--heads", "8"], "multiple of --heads"),
+        (["--tokens", "-1"], "--tokens must be >= 1"),
+        (["--hidden", "0"], "--hidden must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
 def test_bad_arguments_are_one_clear_error(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         step.run(parse("--device", "cpu", "--out", str(tmp_path), *argv))

@@ -1,11 +1,10 @@
 """edkm bench study: row names, size groups, the paired tests against the best other row of the
 same size, and the report (tables, Pareto chart) from rows on disk. The rows themselves need
 SmolLM2-135M, llama.cpp and HQQ and run as a benchmark, not here."""
+
 import json
-import math
 
 import pytest
-import torch
 
 from edkm.bench import study
 
@@ -17,8 +16,11 @@ def test_parse_row_accepts_the_documented_names():
     assert study.parse_row("hqq3") == {"name": "hqq3", "kind": "hqq", "bits": 3}
     assert study.parse_row("Q3_K_M") == {"name": "Q3_K_M", "kind": "gguf"}
     assert study.parse_row("Q4_0-pure") == {"name": "Q4_0-pure", "kind": "gguf"}
-    assert study.parse_row("edkm3=/x/model.safetensors") == {"name": "edkm3", "kind": "file",
-                                                              "path": "/x/model.safetensors"}
+    assert study.parse_row("edkm3=/x/model.safetensors") == {
+        "name": "edkm3",
+        "kind": "file",
+        "path": "/x/model.safetensors",
+    }
 
 
 @pytest.mark.parametrize("bad", ["kmeans9", "kmeans", "Q5_K", "bad name=/x", "=/x", "x="])
@@ -42,17 +44,28 @@ def test_size_groups_and_methods():
 
 def _row(name, bits, ppl, piqa, arc, lam, kl=0.5, top1=0.6):
     """A row as run_row writes it, with per-item outcomes given as strings of 0/1."""
+
     def mc(s):
         return {"acc": s, "acc_norm": s}
-    return {"name": name, "method": study.method_of(name), "bits_per_weight": bits, "bytes": bits * 100 / 8,
-            "size_kind": "test", "build_seconds": 1.0, "eval_seconds": 2.0,
-            "metrics": {"ppl": {"ppl": ppl}, "piqa": {"acc": piqa.count("1") / len(piqa),
-                                                     "acc_norm": piqa.count("1") / len(piqa)},
-                        "arc_easy": {"acc": arc.count("1") / len(arc), "acc_norm": arc.count("1") / len(arc)},
-                        "lambada_openai": {"acc": lam.count("1") / len(lam)}},
-            "agreement": {"kl": kl, "top1": top1},
-            "items": {"piqa": mc(piqa), "arc_easy": mc(arc), "lambada_openai": {"acc": lam}},
-            "command": f"python -m edkm bench study {name}"}
+
+    return {
+        "name": name,
+        "method": study.method_of(name),
+        "bits_per_weight": bits,
+        "bytes": bits * 100 / 8,
+        "size_kind": "test",
+        "build_seconds": 1.0,
+        "eval_seconds": 2.0,
+        "metrics": {
+            "ppl": {"ppl": ppl},
+            "piqa": {"acc": piqa.count("1") / len(piqa), "acc_norm": piqa.count("1") / len(piqa)},
+            "arc_easy": {"acc": arc.count("1") / len(arc), "acc_norm": arc.count("1") / len(arc)},
+            "lambada_openai": {"acc": lam.count("1") / len(lam)},
+        },
+        "agreement": {"kl": kl, "top1": top1},
+        "items": {"piqa": mc(piqa), "arc_easy": mc(arc), "lambada_openai": {"acc": lam}},
+        "command": f"python -m edkm bench study {name}",
+    }
 
 
 def _write(tmp_path, rows):
@@ -62,14 +75,17 @@ def _write(tmp_path, rows):
 
 
 def test_paired_tests_compare_each_edkm_row_with_the_best_other_of_its_size():
-    rows = {r["name"]: r for r in [
-        _row("baseline", 16, 20.0, "1111111111", "1111100000", "1111111111"),
-        _row("kmeans3", 3.01, 900.0, "0000000000", "0000000000", "0000000000"),
-        _row("squeezellm3", 3.25, 200.0, "1100000000", "1000000000", "0000000000"),
-        _row("Q4_K_S", 4.6, 30.0, "1111111110", "1111000000", "1111111110"),
-        _row("edkm3", 3.25, 60.0, "1111111100", "1100000000", "1111100000"),
-    ]}
-    assert study.best_other(rows, "near 3 bits") == "squeezellm3"        # lowest ppl, not eDKM
+    rows = {
+        r["name"]: r
+        for r in [
+            _row("baseline", 16, 20.0, "1111111111", "1111100000", "1111111111"),
+            _row("kmeans3", 3.01, 900.0, "0000000000", "0000000000", "0000000000"),
+            _row("squeezellm3", 3.25, 200.0, "1100000000", "1000000000", "0000000000"),
+            _row("Q4_K_S", 4.6, 30.0, "1111111110", "1111000000", "1111111110"),
+            _row("edkm3", 3.25, 60.0, "1111111100", "1100000000", "1111100000"),
+        ]
+    }
+    assert study.best_other(rows, "near 3 bits") == "squeezellm3"  # lowest ppl, not eDKM
     tests = study.paired_tests(rows)
     assert {t["a"] for t in tests} == {"edkm3"} and {t["b"] for t in tests} == {"squeezellm3"}
     piqa = next(t for t in tests if t["task"] == "piqa" and t["metric"] == "acc")
@@ -81,10 +97,12 @@ def test_paired_tests_compare_each_edkm_row_with_the_best_other_of_its_size():
 
 
 def test_report_writes_tables_chart_and_json(tmp_path):
-    rows = [_row("baseline", 16, 20.0, "11", "10", "11", kl=0.0, top1=1.0),
-            _row("kmeans3", 3.01, 9.0e5, "00", "00", "00", kl=9.0, top1=0.1),
-            _row("Q3_K_M", 4.2, 35.0, "11", "10", "10"),
-            _row("edkm3", 3.25, 45.0, "10", "10", "10")]
+    rows = [
+        _row("baseline", 16, 20.0, "11", "10", "11", kl=0.0, top1=1.0),
+        _row("kmeans3", 3.01, 9.0e5, "00", "00", "00", kl=9.0, top1=0.1),
+        _row("Q3_K_M", 4.2, 35.0, "11", "10", "10"),
+        _row("edkm3", 3.25, 45.0, "10", "10", "10"),
+    ]
     rows[2]["gguf_types"] = {"Q3_K": 10, "IQ4_NL": 5}
     rows[2]["llama_cpp_check"] = {"tokens": 64, "edkm_ppl": 35.0, "llama_cpp_ppl": 35.07}
     _write(tmp_path, rows)
@@ -94,9 +112,9 @@ def test_report_writes_tables_chart_and_json(tmp_path):
     # the 3-bit table is sorted by perplexity: edkm3 (45) before kmeans3 (9e5)
     sec = md.split("## near 3 bits")[1].split("##")[0]
     assert sec.index("| edkm3 ") < sec.index("| kmeans3 ")
-    assert "| 2.25 |" in sec                                  # 45 / 20 times the baseline
+    assert "| 2.25 |" in sec  # 45 / 20 times the baseline
     assert "9.00e+05" in sec
-    assert "| Q3_K_M | 35.000 | 35.070 | 1.0020 |" in md       # the harness check
+    assert "| Q3_K_M | 35.000 | 35.070 | 1.0020 |" in md  # the harness check
     assert "IQ4_NL x5" in md
     assert (tmp_path / "study.png").stat().st_size > 10_000
     on_disk = json.loads((tmp_path / "study.json").read_text())
@@ -130,19 +148,43 @@ def test_cli_registers_bench_study():
 
 
 def _accuracy_report(tmp_path, **settings):
-    s = dict(bits=3, group_size=None, limit=2, eval_tokens=64, context_len=512, stride=256, steps=40,
-             batch_size=4, block_len=256)
+    s = dict(
+        bits=3,
+        group_size=None,
+        limit=2,
+        eval_tokens=64,
+        context_len=512,
+        stride=256,
+        steps=40,
+        batch_size=4,
+        block_len=256,
+    )
     s.update(settings)
     variants = {}
     for v, ppl in (("baseline", 20.0), ("rtn", 1e24), ("kmeans", 9e5), ("edkm", 200.0), ("finetune", 25.0)):
         r = _row("x", 3.01 if v in ("rtn", "kmeans", "edkm") else 16.0, ppl, "10", "01", "00")
-        variants[v] = {"variant": v, "bytes": r["bytes"], "bits_per_weight": r["bits_per_weight"],
-                       "size_kind": "edkm file", "build_seconds": 1.0, "eval_seconds": 2.0,
-                       "metrics": r["metrics"], "items": r["items"]}
+        variants[v] = {
+            "variant": v,
+            "bytes": r["bytes"],
+            "bits_per_weight": r["bits_per_weight"],
+            "size_kind": "edkm file",
+            "build_seconds": 1.0,
+            "eval_seconds": 2.0,
+            "metrics": r["metrics"],
+            "items": r["items"],
+        }
     variants["edkm"]["train_losses"] = [3.0, 2.0]
     path = tmp_path / "acc.json"
-    path.write_text(json.dumps({"settings": s, "variants": variants, "date": "2026-11-26T11:02:46+00:00",
-                                "command": "python -m edkm bench accuracy --threads 1"}))
+    path.write_text(
+        json.dumps(
+            {
+                "settings": s,
+                "variants": variants,
+                "date": "2026-11-26T11:02:46+00:00",
+                "command": "python -m edkm bench accuracy --threads 1",
+            }
+        )
+    )
     return path
 
 

@@ -1,4 +1,5 @@
 """edkm bench udomain: runs both variants in fresh processes and writes its results."""
+
 import argparse
 import json
 
@@ -15,7 +16,7 @@ def test_small_run_writes_results(tmp_path):
     assert [r["case"] for r in report["cases"]] == ["64x96:16", "32x32:32"]
     for r in report["cases"]:
         for v in udomain.VARIANTS:
-            assert r[v]["median_seconds"] > 0 and r[v]["peak_rss_above_inputs_bytes"] > -2**30
+            assert r[v]["median_seconds"] > 0 and r[v]["peak_rss_above_inputs_bytes"] > -(2**30)
         assert r["time_ratio"] > 0
     saved = json.loads((tmp_path / "udomain_cpu.json").read_text())
     assert saved["cases"][0]["groups"] == 4 and "command" in saved

@@ -2,6 +2,7 @@
 side effects (the step counter, the centroids' warm start), and the recomputation in backward
 must replay the step, not take another one. A checkpointed training run gives the same loss,
 gradients, centroids and step as the plain run."""
+
 import copy
 
 import pytest

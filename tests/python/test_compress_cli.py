@@ -1,4 +1,5 @@
 """`edkm compress` / `edkm info` / loading a compressed file as a model, on a tiny local model."""
+
 import json
 import math
 import os
@@ -16,8 +17,12 @@ def fake_corpus(tmp_path):
     """A data folder shaped like ../shared/data: two train and two test files."""
     data = tmp_path / "data"
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20
-    for rel in ("corpus/sotu/1990_bush_republican.txt", "corpus/austen/emma.txt",
-                "corpus/sotu/2005_bush_republican.txt", "corpus/austen/persuasion.txt"):
+    for rel in (
+        "corpus/sotu/1990_bush_republican.txt",
+        "corpus/austen/emma.txt",
+        "corpus/sotu/2005_bush_republican.txt",
+        "corpus/austen/persuasion.txt",
+    ):
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         (data / rel).write_text(text)
     return data
@@ -26,10 +31,18 @@ def fake_corpus(tmp_path):
 @pytest.fixture
 def hf_dir(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg)
     d = tmp_path / "tiny"
     model.save_pretrained(d)
@@ -38,8 +51,24 @@ def hf_dir(tmp_path):
 
 def test_compress_info_and_load_back(hf_dir, tmp_path, capsys):
     out = tmp_path / "tiny-3bit.safetensors"
-    assert main(["compress", str(hf_dir), "--bits", "3", "--group-size", "16", "--embedding-bits", "4",
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(hf_dir),
+                "--bits",
+                "3",
+                "--group-size",
+                "16",
+                "--embedding-bits",
+                "4",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["file_bytes"] == os.path.getsize(out)
     r = edkm.info(out, verbose=False)
@@ -51,6 +80,7 @@ def test_compress_info_and_load_back(hf_dir, tmp_path, capsys):
     assert "16 bits" in capsys.readouterr().out
     # a compressed file loads as a model (its base model is recorded in the file)
     from edkm.models import load_model
+
     model, _ = load_model(str(out))
     sd = edkm.load(out)
     for name, t in model.state_dict().items():
@@ -67,13 +97,16 @@ def test_compress_keeps_embeddings_when_asked(hf_dir, tmp_path, capsys):
     assert kinds["model.embed_tokens.weight"] == "plain" and kinds["lm_head.weight"] == "plain"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["compress", "no/such/model", "--out", "x.safetensors"], "neither a known name"),
-    (["compress", "HF", "--bits", "9", "--out", "x.safetensors"], "bits must be an integer in 1..8"),
-    (["compress", "HF", "--group-size", "5", "--out", "x.safetensors"], "group_size 5 must divide"),
-    (["compress", "HF", "--embedding-bits", "many", "--out", "x.safetensors"], "--embedding-bits"),
-    (["info", "no/such/file.safetensors"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "no/such/model", "--out", "x.safetensors"], "neither a known name"),
+        (["compress", "HF", "--bits", "9", "--out", "x.safetensors"], "bits must be an integer in 1..8"),
+        (["compress", "HF", "--group-size", "5", "--out", "x.safetensors"], "group_size 5 must divide"),
+        (["compress", "HF", "--embedding-bits", "many", "--out", "x.safetensors"], "--embedding-bits"),
+        (["info", "no/such/file.safetensors"], "no such file"),
+    ],
+)
 def test_cli_bad_input(hf_dir, tmp_path, argv, message):
     argv = [str(hf_dir) if a == "HF" else a for a in argv]
     argv = [str(tmp_path / a) if a == "x.safetensors" else a for a in argv]
@@ -86,10 +119,18 @@ def test_compress_with_clustering_fine_tune(tmp_path, capsys):
     """--steps fine-tunes the clustered model on the corpus train split before export."""
     from test_evaluate import char_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
+
     tok = char_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     d = tmp_path / "tiny"
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -97,8 +138,26 @@ def test_compress_with_clustering_fine_tune(tmp_path, capsys):
     outs = {}
     for steps in (0, 3):
         out = tmp_path / f"s{steps}.safetensors"
-        assert main(["compress", str(d), "--steps", str(steps), "--data", str(data), "--block-len", "16",
-                     "--batch-size", "2", "--out", str(out), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "compress",
+                    str(d),
+                    "--steps",
+                    str(steps),
+                    "--data",
+                    str(data),
+                    "--block-len",
+                    "16",
+                    "--batch-size",
+                    "2",
+                    "--out",
+                    str(out),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         summary = json.loads(capsys.readouterr().out)
         assert len(summary["losses"]) == steps and all(l == l and l < 100 for l in summary["losses"])
         outs[steps] = edkm.load(out)
@@ -109,11 +168,21 @@ def test_compress_with_clustering_fine_tune(tmp_path, capsys):
 def _tiny_with_tokenizer(tmp_path, tie=True):
     from test_evaluate import char_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
+
     tok = char_tokenizer(bos=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     d = tmp_path / "tiny"
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -125,10 +194,40 @@ def test_compress_full_recipe_without_a_corpus(tmp_path, capsys):
     no corpus at all: every stage runs and the file meets the budget."""
     d = _tiny_with_tokenizer(tmp_path)
     out = tmp_path / "r.safetensors"
-    assert main(["compress", str(d), "--out", str(out), "--steps", "2", "--block-len", "16",
-                 "--batch-size", "2", "--distill", "1", "--data-free", "1", "--init", "sensitivity",
-                 "--outlier-fraction", "0.01", "--outlier-criterion", "sensitivity", "--data", "none",
-                 "--target-bits", "5", "--calibration-batches", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(d),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--block-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--distill",
+                "1",
+                "--data-free",
+                "1",
+                "--init",
+                "sensitivity",
+                "--outlier-fraction",
+                "0.01",
+                "--outlier-criterion",
+                "sensitivity",
+                "--data",
+                "none",
+                "--target-bits",
+                "5",
+                "--calibration-batches",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert len(summary["losses"]) == 2 and all(math.isfinite(l) for l in summary["losses"])
     r = edkm.info(out, verbose=False)
@@ -152,9 +251,32 @@ def test_demo_runs_data_free_on_a_tiny_model(tmp_path, capsys):
     eDKM rows with KL and top-1 agreement, perplexity skipped and said so, prompts side by side."""
     d = _tiny_with_tokenizer(tmp_path)
     out = tmp_path / "demo" / "m.safetensors"
-    assert main(["demo", "--model", str(d), "--data", "none", "--steps", "3", "--block-len", "16",
-                 "--batch-size", "2", "--eval-blocks", "2", "--bits", "3", "--outlier-fraction", "0.01",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--model",
+                str(d),
+                "--data",
+                "none",
+                "--steps",
+                "3",
+                "--block-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--eval-blocks",
+                "2",
+                "--bits",
+                "3",
+                "--outlier-fraction",
+                "0.01",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "held-out perplexity is skipped" in text and "skipped" in text.split("prompt completions")[0]
     assert "n/a" not in text
@@ -170,6 +292,10 @@ def test_compress_finds_the_default_corpus_without_data(tmp_path, monkeypatch, c
     data = fake_corpus(tmp_path)
     monkeypatch.setenv("EDKM_DATA_DIR", str(data))
     out = tmp_path / "c.safetensors"
-    assert main(["compress", str(d), "--steps", "1", "--block-len", "16", "--batch-size", "2",
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            ["compress", str(d), "--steps", "1", "--block-len", "16", "--batch-size", "2", "--out", str(out), "--json"]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["losses"]) == 1

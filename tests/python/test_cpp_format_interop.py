@@ -2,6 +2,7 @@
 save_compressed, bound as edkm._C._load_compressed / _save_compressed) against the
 `safetensors` package and against the Python reader/writer (edkm.format): files written by
 either side read back identically on the other."""
+
 import json
 import os
 
@@ -23,8 +24,15 @@ def clustered(shape, bits, groups, d, dtype, seed):
         numel *= s
     idx = torch.randint(0, 2**bits, (numel // d,), generator=g)
     lut = torch.randn(groups, 2**bits, d, generator=g).half()
-    return dict(lut=lut, packed=edkm.pack_indices(idx, bits), bits=bits, shape=list(shape),
-                dtype=dtype, groups=groups, cluster_dim=d), idx
+    return dict(
+        lut=lut,
+        packed=edkm.pack_indices(idx, bits),
+        bits=bits,
+        shape=list(shape),
+        dtype=dtype,
+        groups=groups,
+        cluster_dim=d,
+    ), idx
 
 
 def reference_weight(c, idx):
@@ -50,10 +58,12 @@ def sample(tmp_path):
         "u8": torch.arange(5, dtype=torch.uint8),
     }
     cl, idx = {}, {}
-    for name, args in {"layer.weight": ((6, 10), 3, 2, 1, torch.bfloat16, 1),
-                       "emb.weight": ((4, 8), 2, 1, 2, torch.float32, 2),
-                       "one.weight": ((3, 5), 1, 3, 1, torch.float16, 3),
-                       "eight.weight": ((2, 9), 8, 1, 1, torch.float64, 4)}.items():
+    for name, args in {
+        "layer.weight": ((6, 10), 3, 2, 1, torch.bfloat16, 1),
+        "emb.weight": ((4, 8), 2, 1, 2, torch.float32, 2),
+        "one.weight": ((3, 5), 1, 3, 1, torch.float16, 3),
+        "eight.weight": ((2, 9), 8, 1, 1, torch.float64, 4),
+    }.items():
         cl[name], idx[name] = clustered(*args)
     path = str(tmp_path / "c.safetensors")
     _C._save_compressed(path, tensors, cl, {"lm_head.weight": "emb.weight"}, {"note": "café"})
@@ -70,8 +80,13 @@ def test_cpp_file_opens_with_safetensors(tmp_path):
         assert meta["format"] == "edkm" and meta["edkm.version"] == "1" and meta["note"] == "café"
         assert json.loads(meta["edkm.aliases"]) == {"lm_head.weight": "emb.weight"}
         layout = json.loads(meta["edkm.layout"])
-        assert layout["layer.weight"] == {"bits": 3, "shape": [6, 10], "dtype": "bfloat16",
-                                          "groups": 2, "cluster_dim": 1}
+        assert layout["layer.weight"] == {
+            "bits": 3,
+            "shape": [6, 10],
+            "dtype": "bfloat16",
+            "groups": 2,
+            "cluster_dim": 1,
+        }
         assert layout["emb.weight"]["cluster_dim"] == 2
         expected_keys = set(tensors) | {f"{n}{s}" for n in cl for s in (".lut", ".indices")}
         assert set(f.keys()) == expected_keys
@@ -116,8 +131,9 @@ def test_python_written_model_reads_in_cpp(tmp_path):
     from edkm.palettize import finalize, palettize_
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 12), torch.nn.ReLU(),
-                                torch.nn.Linear(12, 8, bias=False))
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(16, 8), torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 8, bias=False)
+    )
     palettize_(model, Config(bits=3, group_size=4))
     model.train()
     x = torch.randint(0, 16, (3, 5))
@@ -138,8 +154,12 @@ def test_python_written_model_reads_in_cpp(tmp_path):
 
 
 def test_safetensors_written_file_in_any_order_reads_in_cpp(tmp_path):
-    tensors = {"z": torch.arange(3, dtype=torch.uint8), "a": torch.randn(2, 2, dtype=torch.float64),
-               "m": torch.randn(3).bfloat16(), "b": torch.tensor([1, 2], dtype=torch.int32)}
+    tensors = {
+        "z": torch.arange(3, dtype=torch.uint8),
+        "a": torch.randn(2, 2, dtype=torch.float64),
+        "m": torch.randn(3).bfloat16(),
+        "b": torch.tensor([1, 2], dtype=torch.int32),
+    }
     path = str(tmp_path / "plain.safetensors")
     save_file(tensors, path, metadata={"format": "pt"})
     got = _C._load_compressed(path)
@@ -176,8 +196,9 @@ def test_python_written_outliers_read_in_cpp(tmp_path):
     from edkm.palettize import finalize, palettize_
 
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 12), torch.nn.ReLU(),
-                                torch.nn.Linear(12, 8, bias=False)).bfloat16()
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(16, 8), torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 8, bias=False)
+    ).bfloat16()
     palettize_(model, Config(bits=2, group_size=4, outlier_fraction=0.05))
     model.train()
     model(torch.randint(0, 16, (3, 5))).float().square().mean().backward()
@@ -191,13 +212,14 @@ def test_python_written_outliers_read_in_cpp(tmp_path):
     py = fmt.load_state_dict(path)
     state = model.state_dict()
     for name in ("0.weight", "1.weight", "3.weight"):
-        m = dict(model.named_modules())[name[:-len(".weight")]]
+        m = dict(model.named_modules())[name[: -len(".weight")]]
         idx = m.edkm_outlier_positions
         assert idx.numel() == round(0.05 * state[name].numel())
         assert torch.equal(cpp[name], py[name]) and torch.equal(cpp[name], state[name]), name
         # The LUT values alone differ from the rebuilt weight at outlier positions only.
         c = raw["clustered"][name]
-        lut_only = fmt.dequantize_clustered(c["packed"], c["lut"], fmt.Layout(
-            c["bits"], tuple(c["shape"]), c["dtype"], c["groups"], c["cluster_dim"]))
+        lut_only = fmt.dequantize_clustered(
+            c["packed"], c["lut"], fmt.Layout(c["bits"], tuple(c["shape"]), c["dtype"], c["groups"], c["cluster_dim"])
+        )
         differs = (lut_only.reshape(-1) != cpp[name].reshape(-1)).nonzero().reshape(-1)
         assert set(differs.tolist()) <= set(idx.tolist()) and differs.numel() > 0

@@ -1,6 +1,7 @@
 """CUDA-only checks: CUDA kernels against the CPU kernels and the float64 reference, the
 current-stream/device discipline, and CUDA graphs through torch.compile(mode="reduce-overhead").
 Every op is also run on CUDA by the device-parametrized tests of the other files."""
+
 import pytest
 import torch
 
@@ -27,8 +28,9 @@ def test_slot_kernels_match_cpu(dtype, shape, groups):
     cs, cc = torch.ops.edkm._slot_table(w.cuda(), groups)
     assert torch.equal(cs.cpu(), slots) and torch.equal(cc.cpu(), counts)
     table = torch.randn(slots.shape, generator=g)
-    assert torch.equal(torch.ops.edkm._slot_gather(w.cuda(), cs, table.cuda()).cpu(),
-                       torch.ops.edkm._slot_gather(w, slots, table))
+    assert torch.equal(
+        torch.ops.edkm._slot_gather(w.cuda(), cs, table.cuda()).cpu(), torch.ops.edkm._slot_gather(w, slots, table)
+    )
     grad = torch.randn(shape, generator=g).to(dtype)
     sums = torch.ops.edkm._slot_scatter_add(w, slots, grad)
     assert rel_error(torch.ops.edkm._slot_scatter_add(w.cuda(), cs, grad.cuda()), sums) <= 1e-6

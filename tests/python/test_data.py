@@ -1,4 +1,5 @@
 """edkm.data: the corpus split, reading texts, token blocks (fixture files, a character tokenizer)."""
+
 import string
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def char_tokenizer(bos: bool = False):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     if bos:
         tok.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+            single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
     kwargs = dict(eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     if bos:
         kwargs["bos_token"] = "<bos>"
@@ -35,8 +37,12 @@ def make_corpus(root: Path) -> Path:
     sotu, austen = root / "corpus" / "sotu", root / "corpus" / "austen"
     sotu.mkdir(parents=True)
     austen.mkdir(parents=True)
-    for name in ["1790_george_washington_n.txt", "1999_william_j_clinton_d.txt",
-                 "2000_william_j_clinton_d.txt", "2021_joseph_r_biden_d.txt"]:
+    for name in [
+        "1790_george_washington_n.txt",
+        "1999_william_j_clinton_d.txt",
+        "2000_william_j_clinton_d.txt",
+        "2021_joseph_r_biden_d.txt",
+    ]:
         (sotu / name).write_text(f"Address {name[:4]}.\nMore text.\n", encoding="utf-8")
     for name in ["emma.txt", "persuasion.txt"]:
         (austen / name).write_text(f"Novel {name}. Caf\u00e9.\n", encoding="utf-8")
@@ -108,7 +114,7 @@ def test_token_blocks():
     blocks = data.token_blocks(tok, texts, block_len=8)
     assert blocks.dtype == torch.long and blocks.shape == (len(stream) // 8, 8)
     # every block is one of the consecutive blocks of the stream, each exactly once
-    expected = sorted(tuple(stream[i * 8:(i + 1) * 8]) for i in range(len(stream) // 8))
+    expected = sorted(tuple(stream[i * 8 : (i + 1) * 8]) for i in range(len(stream) // 8))
     assert sorted(tuple(b.tolist()) for b in blocks) == expected
     # deterministic by seed
     assert torch.equal(blocks, data.token_blocks(tok, texts, block_len=8, seed=0))
@@ -128,8 +134,9 @@ def test_token_blocks_errors():
 
 
 def test_train_validation_split(tmp_path):
-    train = [tmp_path / "corpus" / "sotu" / f"{1900 + i}_x_y.txt" for i in range(10)] + \
-        [tmp_path / "corpus" / "austen" / "emma.txt"]
+    train = [tmp_path / "corpus" / "sotu" / f"{1900 + i}_x_y.txt" for i in range(10)] + [
+        tmp_path / "corpus" / "austen" / "emma.txt"
+    ]
     tr, val = data.train_validation_split(train, 0.2, seed=0)
     assert len(val) == 2 and len(tr) == 9  # whole documents: round(0.2 * 11) files
     assert set(tr) | set(val) == set(train) and not set(tr) & set(val)

@@ -1,6 +1,7 @@
 """edkm.datafree: blocks sampled from the teacher (seeded, KV cache, BOS or random first token),
 the disk cache (resume after an interruption gives the same tokens), mixing with corpus blocks,
 and data-free fine-tuning."""
+
 import pytest
 import torch
 

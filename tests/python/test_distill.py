@@ -1,5 +1,6 @@
 """edkm.distill: the distillation loss against a hand computation on a tiny model (full logits
 and top-k + rest), its gradient, the teacher's top-k cache on disk, and distillation in the loop."""
+
 import math
 
 import pytest
@@ -77,8 +78,9 @@ def test_topk_rest_is_exact_when_tiny():
     """log p_R from the logits, not log(1 - sum p_i): a rest of 1e-30 survives in float32."""
     t = torch.tensor([[0.0, -69.0776, -80.0, -90.0]])  # p_R ~ e^-69 ~ 1e-30 for k = 1
     top = teacher_topk(t, 1, 1.0)
-    want = torch.tensor([-69.0776, -80.0, -90.0], dtype=torch.float64).logsumexp(0) - \
-        torch.tensor([0.0, -69.0776, -80.0, -90.0], dtype=torch.float64).logsumexp(0)
+    want = torch.tensor([-69.0776, -80.0, -90.0], dtype=torch.float64).logsumexp(0) - torch.tensor(
+        [0.0, -69.0776, -80.0, -90.0], dtype=torch.float64
+    ).logsumexp(0)
     assert top.rest.item() == pytest.approx(want.item(), rel=1e-6)
 
 
@@ -170,11 +172,18 @@ def test_topk_with_all_tokens_trains_like_the_interleaved_teacher():
 def test_teacher_vocabulary_or_tokenizer_mismatch():
     m, _ = student_and_teacher()
     with pytest.raises(ValueError, match="teacher's vocabulary has 80 tokens, the student's 64"):
-        finetune(m, TOK, TEXTS, 1, config=TrainConfig(alpha=1.0, **SMALL), teacher=tiny_llama(vocab=80),
-                 progress=False)
+        finetune(m, TOK, TEXTS, 1, config=TrainConfig(alpha=1.0, **SMALL), teacher=tiny_llama(vocab=80), progress=False)
     with pytest.raises(ValueError, match="teacher's tokenizer has 70 tokens, the student's 64"):
-        finetune(m, TOK, TEXTS, 1, config=TrainConfig(alpha=1.0, **SMALL), teacher=tiny_llama(),
-                 teacher_tokenizer=FakeTokenizer(70), progress=False)
+        finetune(
+            m,
+            TOK,
+            TEXTS,
+            1,
+            config=TrainConfig(alpha=1.0, **SMALL),
+            teacher=tiny_llama(),
+            teacher_tokenizer=FakeTokenizer(70),
+            progress=False,
+        )
 
 
 def test_topk_slicing():

@@ -1,9 +1,9 @@
 """2 ranks with gloo on CPU (spawned processes, bounded time): the sharded store gives the
 single-process gradients, disagreeing ranks get a clear error, and DDP and FSDP2 over dkm
 match a single-process run."""
+
 import os
 import socket
-import sys
 
 import pytest
 import torch

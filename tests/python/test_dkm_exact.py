@@ -1,4 +1,5 @@
 """dkm against the naive reference: forward, centroids, iterations and both gradients."""
+
 import pytest
 import torch
 
@@ -25,9 +26,7 @@ def run_both(w, c, tau, max_iter, eps, distance, seed=2):
         wi = w.detach().clone().requires_grad_()
         ci = c.detach().clone().requires_grad_()
         out = fn(wi, ci, tau, max_iter, eps, distance)
-        gw, gc = torch.autograd.grad(
-            (out.clustered * grad_out).sum() + (out.centroids * grad_c).sum(), (wi, ci)
-        )
+        gw, gc = torch.autograd.grad((out.clustered * grad_out).sum() + (out.centroids * grad_c).sum(), (wi, ci))
         results.append((out, gw, gc))
     return results
 

@@ -1,4 +1,5 @@
 """dkm_linear == F.linear(x, dkm(...).clustered, b), and it keeps no clustered weight."""
+
 import contextlib
 
 import pytest
@@ -135,14 +136,19 @@ def test_saved_tables_keep_only_the_used_columns(fn, groups, udomain):
     def run(hooks):
         w.grad = None
         with hooks:
-            out = (edkm.dkm_linear(x, w, c, None, 1e-5)[0] if fn == "dkm_linear"
-                   else torch.nn.functional.linear(x, edkm.dkm(w, c, 1e-5).clustered))
+            out = (
+                edkm.dkm_linear(x, w, c, None, 1e-5)[0]
+                if fn == "dkm_linear"
+                else torch.nn.functional.linear(x, edkm.dkm(w, c, 1e-5).clustered)
+            )
         out.float().square().sum().backward()
         return w.grad.clone()
 
     hooks = saved_storages(w, x)
     grad = run(hooks)
-    table_bytes = sum(hooks.saved.values()) - (w.numel() * 2 if fn == "dkm" else 0)  # F.linear keeps the clustered weight
+    table_bytes = sum(hooks.saved.values()) - (
+        w.numel() * 2 if fn == "dkm" else 0
+    )  # F.linear keeps the clustered weight
     used = max(len(torch.unique(g)) for g in w.detach().view(groups, -1))
     history = 4 * groups * 8 * 4 + 8  # 3 iterations + the start, G x K float32; iterations int64
     assert table_bytes <= 12 * groups * used + history
@@ -160,8 +166,7 @@ def test_create_graph_does_not_take_the_in_place_backward():
     x = torch.randn(4, 32).bfloat16().requires_grad_()
     c = torch.linspace(-0.05, 0.05, 8).view(1, 8)
     (first,) = torch.autograd.grad(edkm.dkm_linear(x, w, c, None, 1e-5)[0].float().square().sum(), w)
-    (graph,) = torch.autograd.grad(edkm.dkm_linear(x, w, c, None, 1e-5)[0].float().square().sum(), w,
-                                   create_graph=True)
+    (graph,) = torch.autograd.grad(edkm.dkm_linear(x, w, c, None, 1e-5)[0].float().square().sum(), w, create_graph=True)
     assert torch.equal(graph.detach(), first)
     with pytest.warns(UserWarning, match="autograd kernel was not registered"):
         torch.autograd.grad(graph.float().sum(), x, allow_unused=True)
@@ -188,8 +193,7 @@ def test_backward_needs_no_second_weight_sized_buffer():
     fused, fused_grad = backward_peak(lambda: edkm.dkm_linear(x, w, c, None, 1e-5)[0])
     assert fused - plain < weight_bytes // 2, (fused, plain)
     # The same gradient as dkm then F.linear (same product, same bits).
-    _, unfused_grad = backward_peak(
-        lambda: torch.nn.functional.linear(x, edkm.dkm(w, c, 1e-5).clustered))
+    _, unfused_grad = backward_peak(lambda: torch.nn.functional.linear(x, edkm.dkm(w, c, 1e-5).clustered))
     assert torch.equal(fused_grad, unfused_grad)
 
 

@@ -3,6 +3,7 @@
 A tiny random LLaMA and a character tokenizer; models with controlled logits where the answer
 must be forced. No network, no shared data.
 """
+
 import argparse
 import json
 import math
@@ -27,7 +28,8 @@ def char_tokenizer(bos: bool = False):
     kwargs = dict(eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     if bos:
         tok.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+            single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
         kwargs["bos_token"] = "<bos>"
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
@@ -44,8 +46,15 @@ def tiny_llama(seed=0, dtype=torch.float64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -76,8 +85,22 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 2, "Pack my box with 
 
 # ----------------------------------------------------------------------------- perplexity
 
-@pytest.mark.parametrize("n,L,s", [(2, 4, 1), (10, 4, 2), (37, 8, 3), (37, 8, 7), (40, 8, 4),
-                                   (5, 16, 8), (100, 16, 5), (17, 2, 1), (1, 4, 2), (0, 4, 2)])
+
+@pytest.mark.parametrize(
+    "n,L,s",
+    [
+        (2, 4, 1),
+        (10, 4, 2),
+        (37, 8, 3),
+        (37, 8, 7),
+        (40, 8, 4),
+        (5, 16, 8),
+        (100, 16, 5),
+        (17, 2, 1),
+        (1, 4, 2),
+        (0, 4, 2),
+    ],
+)
 def test_sliding_windows_score_each_token_once(n, L, s):
     windows = ev.sliding_windows(n, L, s)
     targets = [p for b, e, f in windows for p in range(f, e)]
@@ -135,8 +158,7 @@ def test_perplexity_sliding_matches_naive(L, s, batch):
 
 def test_perplexity_batch_size_invariant_float32():
     model = tiny_llama(seed=2, dtype=torch.float32)
-    rs = [ev.perplexity(model, TOK, TEXTS, context_len=16, stride=6, batch_size=b, progress=False)
-          for b in (1, 4, 64)]
+    rs = [ev.perplexity(model, TOK, TEXTS, context_len=16, stride=6, batch_size=b, progress=False) for b in (1, 4, 64)]
     for r in rs[1:]:
         assert r["tokens"] == rs[0]["tokens"]
         assert r["nll"] == pytest.approx(rs[0]["nll"], rel=1e-5)
@@ -173,6 +195,7 @@ def test_perplexity_bos_tokenizer_scores_text_only():
 
 # ----------------------------------------------------------------------------- zero-shot
 
+
 def write_jsonl(path, items):
     path.write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
     return path
@@ -193,10 +216,10 @@ def test_multiple_choice_acc_forced(tmp_path):
     # the model wants ' ' after anything, then 'a' after ' ': choice "a" always wins on acc
     model = Bigram({c: " " for c in "Qq?"} | {" ": "a"})
     items = [
-        {"query": "Q?", "choices": ["b", "a"], "gold": 1},        # right
-        {"query": "Q?", "choices": ["a", "b"], "gold": 1},        # wrong
-        {"query": "q?", "choices": ["b", "c", "a"], "gold": 2},   # right
-        {"query": "Q?", "choices": ["a", "c"], "gold": 0},        # right
+        {"query": "Q?", "choices": ["b", "a"], "gold": 1},  # right
+        {"query": "Q?", "choices": ["a", "b"], "gold": 1},  # wrong
+        {"query": "q?", "choices": ["b", "c", "a"], "gold": 2},  # right
+        {"query": "Q?", "choices": ["a", "c"], "gold": 0},  # right
     ]
     r = ev.zero_shot(model, TOK, write_jsonl(tmp_path / "mc.jsonl", items), progress=False)
     assert r["task"] == "mc" and r["format"] == "multiple_choice" and r["n"] == 4
@@ -238,8 +261,10 @@ def test_schema_and_lambada_forced(tmp_path):
 
 def test_zero_shot_matches_naive_scoring(tmp_path):
     model = tiny_llama(seed=3)
-    items = [{"query": "Question: which?\n", "choices": ["one", "two words", "three"], "gold": 1},
-             {"query": "Pick", "choices": ["x", "yy"], "gold": 0}]
+    items = [
+        {"query": "Question: which?\n", "choices": ["one", "two words", "three"], "gold": 1},
+        {"query": "Pick", "choices": ["x", "yy"], "gold": 0},
+    ]
     path = write_jsonl(tmp_path / "mc.jsonl", items)
     r = ev.zero_shot(model, TOK, path, progress=False)
     hits, norm_hits = [], []
@@ -273,23 +298,28 @@ def test_score_continuations_padding_invariant():
     # left truncation to max_length keeps the continuation and the tokens just before it
     short = ev.score_continuations(model, [reqs[3]], max_length=8, progress=False)[0]
     ctx, cont = reqs[3]
-    trunc = ev.score_continuations(model, [((ctx + cont)[-9:-len(cont)], cont)], progress=False)[0]
+    trunc = ev.score_continuations(model, [((ctx + cont)[-9 : -len(cont)], cont)], progress=False)[0]
     assert short[0] == pytest.approx(trunc[0], rel=1e-6)
 
 
-@pytest.mark.parametrize("lines,message", [
-    (['{"query": "q", "choices": ["a"], "gold": 0}', "{not json"], r"bad\.jsonl:2: invalid JSON"),
-    (['{"question": "q", "answer": "a"}'], r"bad\.jsonl:1: unrecognized item"),
-    (['{"query": "q", "choices": ["a", "b"], "gold": 2}'], r"bad\.jsonl:1: 'gold'"),
-    (['{"query": "q", "choices": ["a", "b"]}'], r"bad\.jsonl:1: 'gold'"),
-    (['{"query": "q", "choices": [], "gold": 0}'], r"bad\.jsonl:1: 'choices'"),
-    (['{"context_options": ["a"], "gold": 0}'], r"bad\.jsonl:1: schema item"),
-    (['{"context": "c", "continuation": ""}'], r"bad\.jsonl:1: empty"),
-    (['{"context": "c", "continuation": "d"}', "", '{"query": "q", "choices": ["a"], "gold": 0}'],
-     r"bad\.jsonl:3: multiple_choice item in a lambada file"),
-    (["[1, 2]"], r"bad\.jsonl:1: expected a JSON object"),
-    ([""], r"bad\.jsonl: no items"),
-])
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"query": "q", "choices": ["a"], "gold": 0}', "{not json"], r"bad\.jsonl:2: invalid JSON"),
+        (['{"question": "q", "answer": "a"}'], r"bad\.jsonl:1: unrecognized item"),
+        (['{"query": "q", "choices": ["a", "b"], "gold": 2}'], r"bad\.jsonl:1: 'gold'"),
+        (['{"query": "q", "choices": ["a", "b"]}'], r"bad\.jsonl:1: 'gold'"),
+        (['{"query": "q", "choices": [], "gold": 0}'], r"bad\.jsonl:1: 'choices'"),
+        (['{"context_options": ["a"], "gold": 0}'], r"bad\.jsonl:1: schema item"),
+        (['{"context": "c", "continuation": ""}'], r"bad\.jsonl:1: empty"),
+        (
+            ['{"context": "c", "continuation": "d"}', "", '{"query": "q", "choices": ["a"], "gold": 0}'],
+            r"bad\.jsonl:3: multiple_choice item in a lambada file",
+        ),
+        (["[1, 2]"], r"bad\.jsonl:1: expected a JSON object"),
+        ([""], r"bad\.jsonl: no items"),
+    ],
+)
 def test_bad_task_files(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -303,6 +333,7 @@ def test_missing_task_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- evaluate and CLI
+
 
 def make_data(root):
     sotu, austen, evald = root / "corpus" / "sotu", root / "corpus" / "austen", root / "eval"
@@ -320,8 +351,16 @@ def make_data(root):
 def test_evaluate_combines_tasks(tmp_path):
     root = make_data(tmp_path / "data")
     model = tiny_llama()
-    out = ev.evaluate(model, TOK, ["tinyqa", root / "eval" / "tinylamb.jsonl", "ppl"], root,
-                      limit=2, context_len=16, stride=8, progress=False)
+    out = ev.evaluate(
+        model,
+        TOK,
+        ["tinyqa", root / "eval" / "tinylamb.jsonl", "ppl"],
+        root,
+        limit=2,
+        context_len=16,
+        stride=8,
+        progress=False,
+    )
     json.dumps(out)  # serializable
     assert list(out["tasks"]) == ["tinyqa", "tinylamb", "ppl"]
     assert out["tasks"]["tinyqa"]["n"] == 2
@@ -347,16 +386,46 @@ def test_cli_main_with_fake_loader(tmp_path, monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     ev.add_arguments(parser)
     out_file = tmp_path / "res" / "eval.json"
-    args = parser.parse_args(["tiny", "--tasks", "tinyqa,ppl", "--data-dir", str(root), "--limit", "1",
-                              "--context-len", "16", "--stride", "8", "--json", "--output", str(out_file)])
+    args = parser.parse_args(
+        [
+            "tiny",
+            "--tasks",
+            "tinyqa,ppl",
+            "--data-dir",
+            str(root),
+            "--limit",
+            "1",
+            "--context-len",
+            "16",
+            "--stride",
+            "8",
+            "--json",
+            "--output",
+            str(out_file),
+        ]
+    )
     assert ev.main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert calls == [("tiny", torch.float32)]
     assert printed["tasks"]["tinyqa"]["n"] == 1 and printed["model"] == "tiny"
     assert json.loads(out_file.read_text()) == printed
-    args = parser.parse_args(["tiny", "--tasks", "tinyqa,ppl", "--data-dir", str(root),
-                              "--context-len", "32", "--stride", "16", "--output", str(out_file),
-                              "--delimiter", "\\nAnswer: "])
+    args = parser.parse_args(
+        [
+            "tiny",
+            "--tasks",
+            "tinyqa,ppl",
+            "--data-dir",
+            str(root),
+            "--context-len",
+            "32",
+            "--stride",
+            "16",
+            "--output",
+            str(out_file),
+            "--delimiter",
+            "\\nAnswer: ",
+        ]
+    )
     assert ev.main(args) == 0
     table = capsys.readouterr().out
     assert "tinyqa" in table and "ppl" in table

@@ -4,6 +4,7 @@ exactly edkm's indices, LUT and dequantized weight (no re-clustering).
 
 The conversion runs in the coremltools environment (numpy + coremltools, created once in the
 cache: about a minute, from PyPI); prediction needs macOS, so the package is read, not run."""
+
 import json
 
 import numpy as np
@@ -38,6 +39,7 @@ def compressed(tmp_path, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_graph_computes_transformers_logits(tmp_path, case, capsys):
     from edkm.models import load_model
+
     path = compressed(tmp_path, case)
     capsys.readouterr()
     spec, arrays = ec.prepare(str(path), None, 12)
@@ -79,6 +81,7 @@ def test_package_holds_edkms_luts_and_indices(tmp_path, case, coreml_python, cap
     # attention's two matmuls per layer
     assert facts["ops"].get("linear", 0) + facts["ops"]["matmul"] == 2 * 7 + 1 + 2 * 2
     from edkm.ops import unpack_indices
+
     for name, lay in cf.layouts.items():
         d = lay.cluster_dim
         idx = back[name + ".indices"]
@@ -118,6 +121,7 @@ def test_coreml_export_bad_input(tmp_path, coreml_python, monkeypatch):
         edkm.export_coreml(str(path), str(out), layers=3, force=True)
     # a failed environment names the step
     from edkm import coreml_env
+
     monkeypatch.setattr(coreml_env, "ensure", lambda *a, **k: {"path": "/x", "error": "pip install exited with 1"})
     with pytest.raises(RuntimeError, match="creating the coremltools environment in /x failed: pip install"):
         edkm.export_coreml(str(path), str(out), force=True)

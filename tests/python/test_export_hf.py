@@ -1,5 +1,6 @@
 """`edkm export --hf` / edkm.export_hf: transformers loads the directory offline and computes the
 same logits as edkm.load's model, bit for bit in the same dtype; bad outputs are refused."""
+
 import json
 import os
 
@@ -18,6 +19,7 @@ VOCAB = 64
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -26,10 +28,20 @@ def tiny_tokenizer():
 
 def tiny_hf_dir(tmp_path, tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg)
     d = tmp_path / f"tiny-{'tied' if tie else 'untied'}"
     model.save_pretrained(d)
@@ -41,8 +53,24 @@ def tiny_hf_dir(tmp_path, tie: bool):
 def compressed(request, tmp_path):
     d = tiny_hf_dir(tmp_path, request.param)
     out = tmp_path / "tiny-3bit.safetensors"
-    assert main(["compress", str(d), "--bits", "3", "--group-size", "16", "--embedding-bits", "4",
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(d),
+                "--bits",
+                "3",
+                "--group-size",
+                "16",
+                "--embedding-bits",
+                "4",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     return out, request.param
 
 
@@ -50,6 +78,7 @@ def compressed(request, tmp_path):
 def test_export_loads_in_transformers_with_identical_logits(compressed, tmp_path, dtype, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from edkm.models import load_model
+
     path, tied = compressed
     out = tmp_path / "hf"
     assert main(["export", str(path), "--hf", str(out), "--dtype", dtype]) == 0
@@ -78,6 +107,7 @@ def test_export_loads_in_transformers_with_identical_logits(compressed, tmp_path
     assert rec["edkm.source_bytes"] == str(os.path.getsize(path))
     assert rec["layouts"]["model.layers.0.mlp.up_proj.weight"]["bits"] == 3
     from safetensors import safe_open
+
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
         assert meta["format"] == "pt" and meta["edkm.source"] == path.name
@@ -106,6 +136,7 @@ def test_killed_export_leaves_nothing_loadable(compressed, tmp_path, monkeypatch
 
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
+
     monkeypatch.setattr("transformers.PreTrainedTokenizerFast.save_pretrained", boom)
     with pytest.raises(OSError, match="simulated"):
         edkm.export_hf(str(path), str(out))
@@ -113,10 +144,13 @@ def test_killed_export_leaves_nothing_loadable(compressed, tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.parametrize("make, kwargs, message", [
-    (lambda t: t / "missing.safetensors", {}, "no such file"),
-    (None, {"dtype": "int8"}, "dtype must be one of"),
-])
+@pytest.mark.parametrize(
+    "make, kwargs, message",
+    [
+        (lambda t: t / "missing.safetensors", {}, "no such file"),
+        (None, {"dtype": "int8"}, "dtype must be one of"),
+    ],
+)
 def test_export_bad_input(compressed, tmp_path, make, kwargs, message):
     path, _ = compressed
     src = make(tmp_path) if make else path
@@ -126,6 +160,7 @@ def test_export_bad_input(compressed, tmp_path, make, kwargs, message):
 
 def test_export_needs_a_base_model(tmp_path):
     from torch import nn
+
     lin = nn.Linear(32, 16, bias=False)
     edkm.palettize_(lin, edkm.Config(bits=2))
     edkm.finalize(lin)

@@ -4,6 +4,7 @@ accumulation, validation, and exact checkpoint/resume (in process and across a S
 Tiny random LlamaForCausalLM models (vocab 64) and a fake one-token-per-character tokenizer; no
 shared data, no network. The helpers here are shared with test_distill.py and test_datafree.py.
 """
+
 import copy
 import math
 import os
@@ -29,6 +30,7 @@ VOCAB = 64
 
 class FakeTokenizer:
     """One token per character (id 3 + ord % (vocab - 3)); EOS 0, BOS 1 put before a text."""
+
     eos_token_id, bos_token_id = 0, 1
 
     def __init__(self, vocab: int = VOCAB):
@@ -50,8 +52,10 @@ TOK = FakeTokenizer()
 
 def made_up_texts(n_docs=4, words=120, seed=0):
     r = random.Random(seed)
-    return [" ".join("".join(r.choice("abcdefghij") for _ in range(r.randint(2, 6))) for _ in range(words))
-            for _ in range(n_docs)]
+    return [
+        " ".join("".join(r.choice("abcdefghij") for _ in range(r.randint(2, 6))) for _ in range(words))
+        for _ in range(n_docs)
+    ]
 
 
 TEXTS = made_up_texts()
@@ -61,9 +65,17 @@ def tiny_llama(seed=0, vocab=VOCAB):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=0,
+    )
     return LlamaForCausalLM(cfg).float().eval()
 
 
@@ -93,15 +105,40 @@ SMALL = dict(lr=1e-3, batch_size=2, block_len=16, validation_tokens=32)
 
 # ---- TrainConfig --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value", [
-    ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("lr", "1e-3"), ("schedule", "step"),
-    ("warmup", 1.5), ("warmup", -0.1), ("min_lr", 2.0), ("batch_size", 0), ("batch_size", 2.0),
-    ("accumulate", 0), ("block_len", 1), ("max_grad_norm", -1.0), ("weight_decay", -0.1), ("seed", -1),
-    ("alpha", -0.1), ("alpha", 1.5), ("temperature", 0.0), ("temperature", -1.0),
-    ("temperature", float("inf")), ("top_k", -1), ("top_k", True), ("data_free_fraction", 1.1),
-    ("data_free_first_token", "eos"), ("validation_fraction", 1.0), ("validation_tokens", -1),
-    ("validation_interval", -1), ("checkpoint_interval", 0),
-])
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("lr", float("nan")),
+        ("lr", "1e-3"),
+        ("schedule", "step"),
+        ("warmup", 1.5),
+        ("warmup", -0.1),
+        ("min_lr", 2.0),
+        ("batch_size", 0),
+        ("batch_size", 2.0),
+        ("accumulate", 0),
+        ("block_len", 1),
+        ("max_grad_norm", -1.0),
+        ("weight_decay", -0.1),
+        ("seed", -1),
+        ("alpha", -0.1),
+        ("alpha", 1.5),
+        ("temperature", 0.0),
+        ("temperature", -1.0),
+        ("temperature", float("inf")),
+        ("top_k", -1),
+        ("top_k", True),
+        ("data_free_fraction", 1.1),
+        ("data_free_first_token", "eos"),
+        ("validation_fraction", 1.0),
+        ("validation_tokens", -1),
+        ("validation_interval", -1),
+        ("checkpoint_interval", 0),
+    ],
+)
 def test_train_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig: {field} must be"):
         TrainConfig(**{field: value})
@@ -131,6 +168,7 @@ def test_lr_schedules():
 
 # ---- the loop -----------------------------------------------------------------------------------
 
+
 def old_finetune(model, tokenizer, texts, steps, lr, block_len, batch_size, seed, max_grad_norm=1.0, warmup=0.1):
     """The loop as it was before TrainConfig (the reference for the default path)."""
     from edkm.data import token_blocks
@@ -144,7 +182,7 @@ def old_finetune(model, tokenizer, texts, steps, lr, block_len, batch_size, seed
     model.train()
     losses = []
     for step in range(steps):
-        batch = blocks[step * batch_size:(step + 1) * batch_size]
+        batch = blocks[step * batch_size : (step + 1) * batch_size]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -172,8 +210,18 @@ def test_default_loop_is_the_old_loop_bit_for_bit():
 
 def test_old_keywords_override_the_config():
     m, _ = student_and_teacher()
-    res = finetune(m, TOK, TEXTS, 2, config=TrainConfig(lr=1.0, batch_size=8), lr=2e-3, batch_size=2,
-                   block_len=16, warmup=0.0, progress=False)
+    res = finetune(
+        m,
+        TOK,
+        TEXTS,
+        2,
+        config=TrainConfig(lr=1.0, batch_size=8),
+        lr=2e-3,
+        batch_size=2,
+        block_len=16,
+        warmup=0.0,
+        progress=False,
+    )
     assert res.config.lr == 2e-3 and res.config.batch_size == 2 and res.lr == [2e-3, 2e-3]
     with pytest.raises(ValueError, match="TrainConfig: lr must be"):
         finetune(m, TOK, TEXTS, 2, lr=-1.0, block_len=16, progress=False)
@@ -197,15 +245,18 @@ def test_accumulation_is_one_big_batch(alpha):
     b = copy.deepcopy(a)
     base = dict(lr=1e-3, block_len=16, alpha=alpha, temperature=2.0, warmup=0.0)
     ra = finetune(a, TOK, TEXTS, 2, config=TrainConfig(batch_size=4, **base), teacher=teacher, progress=False)
-    rb = finetune(b, TOK, TEXTS, 2, config=TrainConfig(batch_size=2, accumulate=2, **base), teacher=teacher,
-                  progress=False)
+    rb = finetune(
+        b, TOK, TEXTS, 2, config=TrainConfig(batch_size=2, accumulate=2, **base), teacher=teacher, progress=False
+    )
     assert list(rb) == pytest.approx(list(ra), rel=1e-5)
     wa, wb = weights(a), weights(b)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6), k
     # the update is not trivially zero: the weights moved
-    assert not torch.equal(wa["model.layers.0.mlp.up_proj.weight"],
-                           weights(student_and_teacher(cluster_dtype=None)[0])["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        wa["model.layers.0.mlp.up_proj.weight"],
+        weights(student_and_teacher(cluster_dtype=None)[0])["model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 def test_validation_is_logged_and_matches_a_separate_evaluation():
@@ -215,6 +266,7 @@ def test_validation_is_logged_and_matches_a_separate_evaluation():
     res = finetune(m, TOK, TEXTS, 3, config=cfg, teacher=teacher, validation_texts=val_texts, progress=False)
     assert [v["step"] for v in res.validation] == [2, 3]
     from edkm.data import token_blocks
+
     vb = token_blocks(TOK, val_texts, 16, max_blocks=2, seed=0)
     again = ft.validate(m, vb, 2, teacher)
     assert res.validation[-1]["loss"] == pytest.approx(again["loss"], rel=1e-6)
@@ -244,14 +296,25 @@ def test_teacher_needed_and_not_the_student():
 
 # ---- checkpoint / resume ------------------------------------------------------------------------
 
+
 class Stop(Exception):
     pass
 
 
 def everything_on():
     """Distillation from the top-k cache, half data-free, accumulation, cosine, validation."""
-    return TrainConfig(alpha=0.7, temperature=2.0, top_k=8, data_free_fraction=0.5, accumulate=2,
-                       schedule="cosine", warmup=0.25, validation_interval=2, checkpoint_interval=1, **SMALL)
+    return TrainConfig(
+        alpha=0.7,
+        temperature=2.0,
+        top_k=8,
+        data_free_fraction=0.5,
+        accumulate=2,
+        schedule="cosine",
+        warmup=0.25,
+        validation_interval=2,
+        checkpoint_interval=1,
+        **SMALL,
+    )
 
 
 def test_resume_in_process_reaches_the_same_weights(tmp_path):
@@ -265,8 +328,15 @@ def test_resume_in_process_reaches_the_same_weights(tmp_path):
             raise Stop
 
     part, _ = student_and_teacher()
-    kw = dict(config=cfg, teacher=teacher, validation_texts=val, checkpoint=tmp_path / "run.ckpt",
-              teacher_cache=tmp_path / "topk.pt", data_free_cache=tmp_path / "datafree", progress=False)
+    kw = dict(
+        config=cfg,
+        teacher=teacher,
+        validation_texts=val,
+        checkpoint=tmp_path / "run.ckpt",
+        teacher_cache=tmp_path / "topk.pt",
+        data_free_cache=tmp_path / "datafree",
+        progress=False,
+    )
     with pytest.raises(Stop):
         finetune(part, TOK, TEXTS, 4, on_step=stop_at_2, **kw)
     fresh, _ = student_and_teacher()
@@ -289,18 +359,30 @@ def test_resume_in_process_reaches_the_same_weights(tmp_path):
 
 def killed_run(out: str, stop_at: int) -> None:
     """The run the test kills: checkpoints every step; after step ``stop_at`` it signals and waits."""
+
     def cb(step, _):
         if step == stop_at:
             open(out + ".stop", "w").close()
             time.sleep(120)
 
     model, teacher = student_and_teacher()
-    finetune(model, TOK, TEXTS, 4, config=everything_on(), teacher=teacher,
-             validation_texts=made_up_texts(1, seed=5), checkpoint=out + ".ckpt", teacher_cache=out + ".topk",
-             data_free_cache=out + ".datafree", on_step=cb, progress=False)
+    finetune(
+        model,
+        TOK,
+        TEXTS,
+        4,
+        config=everything_on(),
+        teacher=teacher,
+        validation_texts=made_up_texts(1, seed=5),
+        checkpoint=out + ".ckpt",
+        teacher_cache=out + ".topk",
+        data_free_cache=out + ".datafree",
+        on_step=cb,
+        progress=False,
+    )
 
 
-CHILD = r'''
+CHILD = r"""
 import os, sys, torch
 sys.path.insert(0, os.environ["EDKM_TEST_PYTHONPATH"])
 sys.path.insert(0, os.environ["EDKM_TEST_DIR"])
@@ -318,7 +400,7 @@ torch.save(model.state_dict(), out + ".resumed")
 full, teacher = student_and_teacher()
 finetune(full, TOK, TEXTS, 4, teacher=teacher, **kw)
 torch.save(full.state_dict(), out + ".full")
-'''
+"""
 
 
 def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
@@ -348,8 +430,12 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
     assert os.path.exists(out + ".ckpt") and os.path.exists(out + ".topk")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = dict(os.environ, EDKM_TEST_PYTHONPATH=str(ROOT / "python"), EDKM_TEST_DIR=str(Path(__file__).parent),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        EDKM_TEST_PYTHONPATH=str(ROOT / "python"),
+        EDKM_TEST_DIR=str(Path(__file__).parent),
+        OMP_NUM_THREADS="1",
+    )
     done = subprocess.run([sys.executable, str(script), out], env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     a = torch.load(out + ".full", weights_only=False)
@@ -373,6 +459,7 @@ def test_pick_train_and_validation_texts(tmp_path):
     texts, vtexts = ft.pick_train_and_validation_texts(files, 2, cfg)
     assert texts and vtexts and not set(texts) & set(vtexts)  # different documents
     from edkm.data import train_validation_split
+
     _, val = train_validation_split(files, 0.34, 0)
     assert len(val) == 2 and set(vtexts) <= {f.read_text() for f in val}
     # all data-free: no corpus text read at all

@@ -1,4 +1,5 @@
 """The compressed file: save/load exactness, sizes, atomic writes, corrupted files."""
+
 import json
 import os
 import struct
@@ -16,10 +17,18 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama(dtype=torch.float32, tie=True, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -33,15 +42,21 @@ def finalized(dtype=torch.float32, tie=True, **cfg):
     return finalize(model).eval()
 
 
-@pytest.mark.parametrize("dtype, cfg, tie", [
-    (torch.float32, dict(bits=3), True),
-    (torch.bfloat16, dict(bits=3, group_size=16), False),
-    (torch.float16, dict(bits=1), True),
-    (torch.float32, dict(bits=8, cluster_dtype=None), True),
-    (torch.float32, dict(bits=2, cluster_dim=2, init="kmeans++"), False),
-    (torch.bfloat16, dict(bits=5, group_size=8, module_types={"Embedding": None},
-                          module_names={"lm_head": None}), False),
-])
+@pytest.mark.parametrize(
+    "dtype, cfg, tie",
+    [
+        (torch.float32, dict(bits=3), True),
+        (torch.bfloat16, dict(bits=3, group_size=16), False),
+        (torch.float16, dict(bits=1), True),
+        (torch.float32, dict(bits=8, cluster_dtype=None), True),
+        (torch.float32, dict(bits=2, cluster_dim=2, init="kmeans++"), False),
+        (
+            torch.bfloat16,
+            dict(bits=5, group_size=8, module_types={"Embedding": None}, module_names={"lm_head": None}),
+            False,
+        ),
+    ],
+)
 def test_save_load_round_trip_is_exact(tmp_path, dtype, cfg, tie):
     model = finalized(dtype, tie, **cfg)
     path = tmp_path / "m.safetensors"
@@ -60,6 +75,7 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype, cfg, tie):
 
 def test_file_is_plain_safetensors_with_exact_sizes(tmp_path):
     from safetensors import safe_open
+
     model = finalized(torch.bfloat16, tie=True, bits=3, group_size=16)
     path = tmp_path / "m.safetensors"
     edkm.save(model, path)
@@ -127,8 +143,17 @@ def test_load_mismatched_model_is_a_clear_error(tmp_path):
     path = tmp_path / "m.safetensors"
     edkm.save(finalized(), path)
     from transformers import LlamaConfig, LlamaForCausalLM
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(fmt.FormatError, match="does not match the model"):
         edkm.load(path, other)
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -160,30 +185,57 @@ def test_every_truncation_is_a_clear_error(tmp_path):
 def _rewrite_header(path, edit):
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     text = json.dumps(header).encode()
     text += b" " * ((8 - len(text) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda h: h["0.weight.indices"].update(data_offsets=[0, 10**12]), "outside the data section"),
-    (lambda h: h["0.weight.lut"].update(dtype="F32"), "do not hold|must be F16"),
-    (lambda h: h["0.weight.lut"].update(shape=[1, 8, 2]), "do not hold|must be F16"),
-    (lambda h: h["0.bias"].update(data_offsets=h["0.weight.lut"]["data_offsets"]), "tile|do not hold"),
-    (lambda h: h["__metadata__"].update({"edkm.version": "9"}), "version"),
-    (lambda h: h["__metadata__"].update({"edkm.layout": "{not json"}), "not valid JSON"),
-    (lambda h: h["__metadata__"].update({"edkm.layout": json.dumps(
-        {"0.weight": {"bits": 3, "shape": [10**9, 10**9], "dtype": "float32", "groups": 1,
-                      "cluster_dim": 1}})}), "absurdly large|must be U8"),
-    (lambda h: h["__metadata__"].update({"edkm.layout": json.dumps(
-        {"0.weight": {"bits": 0, "shape": [4, 8], "dtype": "float32", "groups": 1,
-                      "cluster_dim": 1}})}), "bits must be"),
-    (lambda h: h["__metadata__"].update({"edkm.aliases": json.dumps({"x": "nothing"})}), "unknown tensor"),
-    (lambda h: h.update({"extra": {"dtype": "U8", "shape": [10**15], "data_offsets": [0, 10**15]}}),
-     "outside the data section|do not hold|bad shape"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h["0.weight.indices"].update(data_offsets=[0, 10**12]), "outside the data section"),
+        (lambda h: h["0.weight.lut"].update(dtype="F32"), "do not hold|must be F16"),
+        (lambda h: h["0.weight.lut"].update(shape=[1, 8, 2]), "do not hold|must be F16"),
+        (lambda h: h["0.bias"].update(data_offsets=h["0.weight.lut"]["data_offsets"]), "tile|do not hold"),
+        (lambda h: h["__metadata__"].update({"edkm.version": "9"}), "version"),
+        (lambda h: h["__metadata__"].update({"edkm.layout": "{not json"}), "not valid JSON"),
+        (
+            lambda h: h["__metadata__"].update(
+                {
+                    "edkm.layout": json.dumps(
+                        {
+                            "0.weight": {
+                                "bits": 3,
+                                "shape": [10**9, 10**9],
+                                "dtype": "float32",
+                                "groups": 1,
+                                "cluster_dim": 1,
+                            }
+                        }
+                    )
+                }
+            ),
+            "absurdly large|must be U8",
+        ),
+        (
+            lambda h: h["__metadata__"].update(
+                {
+                    "edkm.layout": json.dumps(
+                        {"0.weight": {"bits": 0, "shape": [4, 8], "dtype": "float32", "groups": 1, "cluster_dim": 1}}
+                    )
+                }
+            ),
+            "bits must be",
+        ),
+        (lambda h: h["__metadata__"].update({"edkm.aliases": json.dumps({"x": "nothing"})}), "unknown tensor"),
+        (
+            lambda h: h.update({"extra": {"dtype": "U8", "shape": [10**15], "data_offsets": [0, 10**15]}}),
+            "outside the data section|do not hold|bad shape",
+        ),
+    ],
+)
 def test_header_lies_are_clear_errors(tmp_path, edit, match):
     path = small_file(tmp_path)
     _rewrite_header(path, edit)
@@ -210,6 +262,7 @@ def test_random_bit_flips_never_crash(tmp_path):
 def test_synthetic_llama_streaming_compress(tmp_path, monkeypatch):
     from edkm import models
     from edkm.compress import compress_synthetic
+
     monkeypatch.setitem(models.LLAMA7B, "vocab", 64)
     monkeypatch.setitem(models.LLAMA7B, "hidden", 32)
     monkeypatch.setitem(models.LLAMA7B, "intermediate", 48)
@@ -239,6 +292,7 @@ def test_saved_file_gets_the_usual_mode(tmp_path):
 
 
 # ---- outliers (format version 2) ------------------------------------------------------------
+
 
 def outlier_file(tmp_path):
     """Linear 8x8 with round(0.1 * 64) = 6 outliers, plus a LayerNorm stored as is."""
@@ -284,22 +338,29 @@ def _layout_edit(**changes):
             else:
                 layout["0.weight"][k] = v
         h["__metadata__"]["edkm.layout"] = json.dumps(layout)
+
     return edit
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda h: h["0.weight.outlier_index"].update(dtype="I64"), "do not hold|must be I32"),
-    (lambda h: h["0.weight.outlier_index"].update(dtype="F32"), "must be I32"),
-    (lambda h: h["0.weight.outlier_values"].update(dtype="I16"), "must be F16 or BF16"),
-    (lambda h: h["0.weight.outlier_values"].update(dtype="U8", shape=[12]), "must be F16 or BF16"),
-    (_layout_edit(outliers=7), r"'0.weight.outlier_index' must be I32 \[7\]"),
-    (_layout_edit(outliers=-1), r"outliers must be an integer in 0..numel \(64\)"),
-    (_layout_edit(outliers=65), r"outliers must be an integer in 0..numel \(64\)"),
-    (_layout_edit(outliers=True), r"outliers must be an integer"),
-    (_layout_edit(outliers=None), r"'0.weight.outlier_index' is stored but the layout of '0.weight' has no outliers"),
-    (lambda h: h["__metadata__"].update({"edkm.version": "1"}), "'outliers' needs edkm format version 2"),
-    (lambda h: h.pop("0.weight.outlier_values"), "tile|has no"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h["0.weight.outlier_index"].update(dtype="I64"), "do not hold|must be I32"),
+        (lambda h: h["0.weight.outlier_index"].update(dtype="F32"), "must be I32"),
+        (lambda h: h["0.weight.outlier_values"].update(dtype="I16"), "must be F16 or BF16"),
+        (lambda h: h["0.weight.outlier_values"].update(dtype="U8", shape=[12]), "must be F16 or BF16"),
+        (_layout_edit(outliers=7), r"'0.weight.outlier_index' must be I32 \[7\]"),
+        (_layout_edit(outliers=-1), r"outliers must be an integer in 0..numel \(64\)"),
+        (_layout_edit(outliers=65), r"outliers must be an integer in 0..numel \(64\)"),
+        (_layout_edit(outliers=True), r"outliers must be an integer"),
+        (
+            _layout_edit(outliers=None),
+            r"'0.weight.outlier_index' is stored but the layout of '0.weight' has no outliers",
+        ),
+        (lambda h: h["__metadata__"].update({"edkm.version": "1"}), "'outliers' needs edkm format version 2"),
+        (lambda h: h.pop("0.weight.outlier_values"), "tile|has no"),
+    ],
+)
 def test_outlier_header_lies_are_clear_errors(tmp_path, edit, match):
     path, _ = outlier_file(tmp_path)
     _rewrite_header(path, edit)
@@ -323,16 +384,20 @@ def _swap01(t):
     t[0], t[1] = t[1].clone(), t[0].clone()
 
 
-@pytest.mark.parametrize("name, edit, match", [
-    ("0.weight.outlier_index", _swap01, "strictly increasing"),
-    ("0.weight.outlier_index", lambda t: t.__setitem__(1, t[0]), "strictly increasing"),
-    ("0.weight.outlier_index", lambda t: t.__setitem__(-1, 64), r"must be in \[0, 64\)"),
-    ("0.weight.outlier_index", lambda t: t.__setitem__(0, -1), r"must be in \[0, 64\)"),
-    ("0.weight.outlier_values", lambda t: t.__setitem__(2, float("nan")), "must be finite"),
-    ("0.weight.outlier_values", lambda t: t.__setitem__(0, float("inf")), "must be finite"),
-])
+@pytest.mark.parametrize(
+    "name, edit, match",
+    [
+        ("0.weight.outlier_index", _swap01, "strictly increasing"),
+        ("0.weight.outlier_index", lambda t: t.__setitem__(1, t[0]), "strictly increasing"),
+        ("0.weight.outlier_index", lambda t: t.__setitem__(-1, 64), r"must be in \[0, 64\)"),
+        ("0.weight.outlier_index", lambda t: t.__setitem__(0, -1), r"must be in \[0, 64\)"),
+        ("0.weight.outlier_values", lambda t: t.__setitem__(2, float("nan")), "must be finite"),
+        ("0.weight.outlier_values", lambda t: t.__setitem__(0, float("inf")), "must be finite"),
+    ],
+)
 def test_bad_outlier_data_is_a_clear_error_in_both_readers(tmp_path, name, edit, match):
     from edkm import _C
+
     path, _ = outlier_file(tmp_path)
     _edit_tensor(path, name, edit)
     with pytest.raises(fmt.FormatError, match=match):

@@ -8,6 +8,7 @@ an input (an edit inside tensor data is still a valid file) but must otherwise r
 error type: a crash, a hang or any other exception fails the test. Bounded: a fixed number of
 derandomized examples per property in CI (EDKM_FUZZ_EXAMPLES raises it for longer local runs).
 """
+
 import json
 import os
 import struct
@@ -24,8 +25,13 @@ import edkm  # noqa: E402
 from edkm import _native  # noqa: E402
 
 EXAMPLES = int(os.environ.get("EDKM_FUZZ_EXAMPLES", "400"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _model():
@@ -35,8 +41,7 @@ def _model():
 def _valid_file(path):
     torch.manual_seed(0)
     model = _model()
-    edkm.palettize_(model, edkm.Config(bits=3, init="kmeans++", outlier_fraction=0.1,
-                                       module_types={"LayerNorm": None}))
+    edkm.palettize_(model, edkm.Config(bits=3, init="kmeans++", outlier_fraction=0.1, module_types={"LayerNorm": None}))
     edkm.finalize(model)
     edkm.save(model, path)
     data = path.read_bytes()
@@ -88,7 +93,7 @@ def test_truncations_with_garbage(valid, tmp_path, cut, tail):
 def _outlier_data_span(data: bytes):
     """Byte range (in the file) of the outlier positions and values of the first matrix."""
     n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     spans = [header[k]["data_offsets"] for k in header if k.endswith((".outlier_index", ".outlier_values"))]
     return 8 + n + min(b for b, _ in spans), 8 + n + max(e for _, e in spans)
 
@@ -117,29 +122,44 @@ def test_outlier_data_edits_both_readers_agree(valid, tmp_path, edits):
         assert set(py) == set(cpp) and all(torch.equal(py[k], cpp[k]) for k in py)
 
 
-_ints = st.one_of(st.integers(-3, 300), st.integers(-2**70, 2**70))
-_entry = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["U8", "F16", "BF16", "F32", "F64", "I32", "I64", "BOOL", "X9", ""]),
-    "shape": st.lists(_ints, max_size=4),
-    "data_offsets": st.lists(_ints, min_size=0, max_size=3),
-})
-_layout = st.fixed_dictionaries({
-    "bits": _ints, "shape": st.lists(_ints, max_size=3), "dtype": st.sampled_from(["bfloat16", "float32", "int8"]),
-    "groups": _ints, "cluster_dim": _ints,
-}, optional={"outliers": st.one_of(_ints, st.just("2"), st.just(None))})
+_ints = st.one_of(st.integers(-3, 300), st.integers(-(2**70), 2**70))
+_entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["U8", "F16", "BF16", "F32", "F64", "I32", "I64", "BOOL", "X9", ""]),
+        "shape": st.lists(_ints, max_size=4),
+        "data_offsets": st.lists(_ints, min_size=0, max_size=3),
+    }
+)
+_layout = st.fixed_dictionaries(
+    {
+        "bits": _ints,
+        "shape": st.lists(_ints, max_size=3),
+        "dtype": st.sampled_from(["bfloat16", "float32", "int8"]),
+        "groups": _ints,
+        "cluster_dim": _ints,
+    },
+    optional={"outliers": st.one_of(_ints, st.just("2"), st.just(None))},
+)
 
 
 @FUZZ
-@given(entries=st.dictionaries(st.sampled_from(["a", "w.indices", "w.lut", "w.outlier_index",
-                                                "w.outlier_values", "b"]), _entry, max_size=6),
-       layout=st.dictionaries(st.just("w"), _layout, max_size=1),
-       aliases=st.dictionaries(st.sampled_from(["x", "y"]), st.sampled_from(["a", "w", "zz"]), max_size=2),
-       version=st.sampled_from(["1", "2", ""]),
-       data=st.binary(max_size=256))
+@given(
+    entries=st.dictionaries(
+        st.sampled_from(["a", "w.indices", "w.lut", "w.outlier_index", "w.outlier_values", "b"]), _entry, max_size=6
+    ),
+    layout=st.dictionaries(st.just("w"), _layout, max_size=1),
+    aliases=st.dictionaries(st.sampled_from(["x", "y"]), st.sampled_from(["a", "w", "zz"]), max_size=2),
+    version=st.sampled_from(["1", "2", ""]),
+    data=st.binary(max_size=256),
+)
 def test_lying_headers(tmp_path, entries, layout, aliases, version, data):
     header = dict(entries)
-    header["__metadata__"] = {"format": "edkm", "edkm.version": version,
-                              "edkm.layout": json.dumps(layout), "edkm.aliases": json.dumps(aliases)}
+    header["__metadata__"] = {
+        "format": "edkm",
+        "edkm.version": version,
+        "edkm.layout": json.dumps(layout),
+        "edkm.aliases": json.dumps(aliases),
+    }
     text = json.dumps(header).encode()
     text += b" " * ((8 - len(text) % 8) % 8)
     check_loaders(struct.pack("<Q", len(text)) + text + data, tmp_path / "lie.safetensors")

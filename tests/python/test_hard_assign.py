@@ -1,4 +1,5 @@
 """assign / dequantize against argmin over |w - c| in float64."""
+
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """optimal_kmeans_1d_grouped (all LUT groups' exact 1-D k-means in one threaded op) against the
 per-group path (distinct values, then optimal_kmeans_1d per group) and brute force, weighted
 and unweighted; init_centroids through it; bad input, opcheck, torch.compile."""
+
 import itertools
 import math
 
@@ -26,8 +27,7 @@ def coarse_weight(groups, m, dtype, seed, scale=4.0):
 def per_group_path(w, k, importance=None):
     """What init.py did before the grouped op: Python distinct values, one op call per group."""
     groups = w.shape[0]
-    per = (distinct_values(w, groups) if importance is None
-           else weighted_distinct_values(w, importance, groups))
+    per = distinct_values(w, groups) if importance is None else weighted_distinct_values(w, importance, groups)
     cs, costs = zip(*(edkm.optimal_kmeans_1d(v, c, k) for v, c in per))
     return torch.stack(cs), torch.stack(costs)
 
@@ -94,17 +94,16 @@ def test_grouped_equals_brute_force(seed, weighted):
     for gi in range(groups):
         vals, inv = torch.unique(w[gi], return_inverse=True)
         mass = torch.zeros(vals.numel(), dtype=torch.float64).index_add_(
-            0, inv, imp[gi] if weighted else torch.ones(m, dtype=torch.float64))
+            0, inv, imp[gi] if weighted else torch.ones(m, dtype=torch.float64)
+        )
         ref_cost, ref_means = brute_force(vals.tolist(), mass.tolist(), k)
         assert float(cost[gi]) == pytest.approx(ref_cost, rel=1e-12, abs=1e-12)
         if vals.numel() > k:
-            torch.testing.assert_close(c[gi], torch.tensor(ref_means, dtype=torch.float64),
-                                       rtol=0, atol=1e-12)
+            torch.testing.assert_close(c[gi], torch.tensor(ref_means, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_fewer_distinct_values_than_k_and_signed_zero():
-    w = torch.tensor([[0.5, -0.0, 0.5, 0.0, -0.25, 0.0],
-                      [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.bfloat16)
+    w = torch.tensor([[0.5, -0.0, 0.5, 0.0, -0.25, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.bfloat16)
     c, cost = edkm.ops.optimal_kmeans_1d_grouped(w, 4)
     assert c[0].tolist() == [-0.25, 0.0, 0.5, 0.5]  # +0 and -0 are one value
     assert c[1].tolist() == [1.0] * 4
@@ -125,7 +124,7 @@ def test_many_groups_run_across_threads_and_match_one_by_one():
     w = (torch.randn(300, 64, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
     c, cost = edkm.ops.optimal_kmeans_1d_grouped(w, 8)
     for gi in (0, 1, 150, 299):
-        c1, cost1 = edkm.ops.optimal_kmeans_1d_grouped(w[gi:gi + 1], 8)
+        c1, cost1 = edkm.ops.optimal_kmeans_1d_grouped(w[gi : gi + 1], 8)
         assert torch.equal(c[gi], c1[0]) and torch.equal(cost[gi], cost1[0])
 
 
@@ -155,21 +154,79 @@ def test_init_centroids_sensitivity_through_grouped():
     assert init.variance == pytest.approx(float(((wd - wd.mean()) ** 2).mean()), rel=1e-9)
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(6), 2), ValueError, r"weight must be 2-D \[groups, group_numel\], got shape \[6\]"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(0, 3), 2), ValueError, r"at least one group of at least one value"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(2, 3), 0), ValueError, r"k must be >= 1, got 0"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(2, 3, dtype=torch.int32), 2), TypeError, r"weight must be floating point"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(2, 3), 2, torch.ones(3, 2)), ValueError, r"importance must have weight's shape \[2, 3\], got \[3, 2\]"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(2, 3), 2, torch.ones(2, 3, dtype=torch.int64)), TypeError, r"importance must be floating point"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.tensor([[0.0, float("nan")]]), 2), ValueError, r"weight has NaN or Inf values \(group 0\)"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.tensor([[0.0], [float("inf")]], dtype=torch.bfloat16), 2), ValueError, r"weight has NaN or Inf values \(group 1\)"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(1, 2), 2, torch.tensor([[1.0, -1.0]])), ValueError, r"importance must be finite and >= 0, got -1"),
-    (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(1, 2), 2, torch.tensor([[1.0, float("nan")]])), ValueError, r"importance must be finite and >= 0, got nan"),
-    (lambda: init_centroids(torch.tensor([[0.5, float("nan")]]), 1, 2, name="layer.weight"), ValueError, r"edkm: layer.weight has NaN or Inf values"),
-    (lambda: init_centroids(torch.zeros(2, 2), 1, 2, method="sensitivity", name="l.weight", weights=torch.tensor([[1.0, -1.0], [1.0, 1.0]])), ValueError, r"edkm: l.weight: the sensitivity \(importance\) of every weight must be finite and >= 0"),
-    (lambda: init_centroids(torch.zeros(3, 2), 4, 2, name="l.weight"), ValueError, r"l.weight with 6 elements cannot be cut into 4 groups"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(6), 2),
+            ValueError,
+            r"weight must be 2-D \[groups, group_numel\], got shape \[6\]",
+        ),
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(0, 3), 2),
+            ValueError,
+            r"at least one group of at least one value",
+        ),
+        (lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(2, 3), 0), ValueError, r"k must be >= 1, got 0"),
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(2, 3, dtype=torch.int32), 2),
+            TypeError,
+            r"weight must be floating point",
+        ),
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(2, 3), 2, torch.ones(3, 2)),
+            ValueError,
+            r"importance must have weight's shape \[2, 3\], got \[3, 2\]",
+        ),
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(2, 3), 2, torch.ones(2, 3, dtype=torch.int64)),
+            TypeError,
+            r"importance must be floating point",
+        ),
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.tensor([[0.0, float("nan")]]), 2),
+            ValueError,
+            r"weight has NaN or Inf values \(group 0\)",
+        ),
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.tensor([[0.0], [float("inf")]], dtype=torch.bfloat16), 2),
+            ValueError,
+            r"weight has NaN or Inf values \(group 1\)",
+        ),
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(1, 2), 2, torch.tensor([[1.0, -1.0]])),
+            ValueError,
+            r"importance must be finite and >= 0, got -1",
+        ),
+        (
+            lambda: edkm.ops.optimal_kmeans_1d_grouped(torch.zeros(1, 2), 2, torch.tensor([[1.0, float("nan")]])),
+            ValueError,
+            r"importance must be finite and >= 0, got nan",
+        ),
+        (
+            lambda: init_centroids(torch.tensor([[0.5, float("nan")]]), 1, 2, name="layer.weight"),
+            ValueError,
+            r"edkm: layer.weight has NaN or Inf values",
+        ),
+        (
+            lambda: init_centroids(
+                torch.zeros(2, 2),
+                1,
+                2,
+                method="sensitivity",
+                name="l.weight",
+                weights=torch.tensor([[1.0, -1.0], [1.0, 1.0]]),
+            ),
+            ValueError,
+            r"edkm: l.weight: the sensitivity \(importance\) of every weight must be finite and >= 0",
+        ),
+        (
+            lambda: init_centroids(torch.zeros(3, 2), 4, 2, name="l.weight"),
+            ValueError,
+            r"l.weight with 6 elements cannot be cut into 4 groups",
+        ),
+    ],
+)
 def test_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()
@@ -217,9 +274,9 @@ def test_large_16bit_weighted_groups_take_the_slot_histogram_and_agree(dtype):
     g = torch.Generator().manual_seed(4)
     w = (torch.randn(2, 70000, generator=g) * 0.02).to(dtype)
     w[0, :50] = 0.0
-    w[0, 50:100] = -0.0                       # +0 and -0 are one value
+    w[0, 50:100] = -0.0  # +0 and -0 are one value
     imp = torch.rand(2, 70000, generator=g, dtype=torch.float64)
-    imp[1, :3000] = 0.0                       # zero-mass values keep a tiny mass
+    imp[1, :3000] = 0.0  # zero-mass values keep a tiny mass
     imp[0, :100] = 0.0
     init = init_centroids(w, 2, 8, method="sensitivity", weights=imp)
     c, cost = edkm.ops.optimal_kmeans_1d_grouped(w, 8, imp)

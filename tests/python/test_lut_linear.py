@@ -2,8 +2,8 @@
 
 Oracle: the weight rebuilt in Python from the FORMAT.md rules (unpack, look up, write the
 outliers), in float64, then F.linear / indexing."""
+
 import json
-import os
 
 import pytest
 import torch
@@ -40,10 +40,10 @@ def naive_weight(idx, lut, rows, cols, oi=None, ov=None):
 
 LAYOUTS = [  # rows, cols, groups, cluster_dim, outliers
     (64, 72, 1, 1, 0),
-    (48, 96, 6, 1, 40),     # groups of 8 rows
-    (40, 96, 80, 1, 10),    # groups of half a row
-    (33, 77, 3, 1, 25),     # odd widths: every row starts mid-byte
-    (16, 96, 2, 2, 0),      # 2-vectors (scalar fallback)
+    (48, 96, 6, 1, 40),  # groups of 8 rows
+    (40, 96, 80, 1, 10),  # groups of half a row
+    (33, 77, 3, 1, 25),  # odd widths: every row starts mid-byte
+    (16, 96, 2, 2, 0),  # 2-vectors (scalar fallback)
     (24, 60, 3, 3, 0),
 ]
 
@@ -113,39 +113,51 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.edkm.lut_linear.default, (x, packed, lut, 3, 32, None, oi, ov))
     torch.library.opcheck(torch.ops.edkm.lut_linear.default, (x.double(), packed, lut, 3, 32))
     ids = torch.tensor([1, 5, 31])
-    torch.library.opcheck(torch.ops.edkm.lut_embedding.default,
-                          (ids, packed, lut, 3, 32, 64, oi, ov, torch.float32))
+    torch.library.opcheck(torch.ops.edkm.lut_embedding.default, (ids, packed, lut, 3, 32, 64, oi, ov, torch.float32))
 
     def f(x, ids):
-        return ops.lut_linear(x, packed, lut, 3, 32, None, oi, ov).sum() + \
-            ops.lut_embedding(ids, packed, lut, 3, 32, 64, oi, ov).sum()
+        return (
+            ops.lut_linear(x, packed, lut, 3, 32, None, oi, ov).sum()
+            + ops.lut_embedding(ids, packed, lut, 3, 32, 64, oi, ov).sum()
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(x, ids), f(x, ids))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda p, l, x: ops.lut_linear(x, p, l, 4, 32), "2\\*\\*bits = 16"),
-    (lambda p, l, x: ops.lut_linear(x, p[:-1], l, 3, 32), "bytes, but packed has"),
-    (lambda p, l, x: ops.lut_linear(x[:, :63], p, l, 3, 32), "a \\[32, 63\\] weight"),
-    (lambda p, l, x: ops.lut_linear(x, p, l, 3, 33), "cannot be cut|bytes, but packed"),
-    (lambda p, l, x: ops.lut_linear(x, p, l, 9, 32), "bits must be in 1..8"),
-    (lambda p, l, x: ops.lut_linear(x, p.to(torch.int32), l, 3, 32), "packed must be uint8"),
-    (lambda p, l, x: ops.lut_linear(x, p, l[:, :, 0], 3, 32), "lut must be \\[groups"),
-    (lambda p, l, x: ops.lut_linear(x, p, l.clone().fill_(float("nan")), 3, 32), "lut must be finite"),
-    (lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, torch.zeros(5)), "bias must be \\[out_features = 32\\]"),
-    (lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, None, torch.tensor([5, 3], dtype=torch.int32),
-                                    torch.ones(2)), "strictly increasing"),
-    (lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, None, torch.tensor([5, 32 * 64]), torch.ones(2)),
-     "must lie in \\[0, rows \\* cols\\)"),
-    (lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, None, torch.tensor([5]), None), "go together"),
-    (lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, None, torch.tensor([5]),
-                                    torch.tensor([float("inf")])), "outlier_values must be finite"),
-    (lambda p, l, x: ops.lut_embedding(torch.tensor([0, 32]), p, l, 3, 32, 64), "num_embeddings"),
-    (lambda p, l, x: ops.lut_embedding(torch.tensor([-1]), p, l, 3, 32, 64), "num_embeddings"),
-    (lambda p, l, x: ops.lut_embedding(torch.tensor([0.0]), p, l, 3, 32, 64), "int32 or int64"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda p, l, x: ops.lut_linear(x, p, l, 4, 32), "2\\*\\*bits = 16"),
+        (lambda p, l, x: ops.lut_linear(x, p[:-1], l, 3, 32), "bytes, but packed has"),
+        (lambda p, l, x: ops.lut_linear(x[:, :63], p, l, 3, 32), "a \\[32, 63\\] weight"),
+        (lambda p, l, x: ops.lut_linear(x, p, l, 3, 33), "cannot be cut|bytes, but packed"),
+        (lambda p, l, x: ops.lut_linear(x, p, l, 9, 32), "bits must be in 1..8"),
+        (lambda p, l, x: ops.lut_linear(x, p.to(torch.int32), l, 3, 32), "packed must be uint8"),
+        (lambda p, l, x: ops.lut_linear(x, p, l[:, :, 0], 3, 32), "lut must be \\[groups"),
+        (lambda p, l, x: ops.lut_linear(x, p, l.clone().fill_(float("nan")), 3, 32), "lut must be finite"),
+        (lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, torch.zeros(5)), "bias must be \\[out_features = 32\\]"),
+        (
+            lambda p, l, x: ops.lut_linear(
+                x, p, l, 3, 32, None, torch.tensor([5, 3], dtype=torch.int32), torch.ones(2)
+            ),
+            "strictly increasing",
+        ),
+        (
+            lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, None, torch.tensor([5, 32 * 64]), torch.ones(2)),
+            "must lie in \\[0, rows \\* cols\\)",
+        ),
+        (lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, None, torch.tensor([5]), None), "go together"),
+        (
+            lambda p, l, x: ops.lut_linear(x, p, l, 3, 32, None, torch.tensor([5]), torch.tensor([float("inf")])),
+            "outlier_values must be finite",
+        ),
+        (lambda p, l, x: ops.lut_embedding(torch.tensor([0, 32]), p, l, 3, 32, 64), "num_embeddings"),
+        (lambda p, l, x: ops.lut_embedding(torch.tensor([-1]), p, l, 3, 32, 64), "num_embeddings"),
+        (lambda p, l, x: ops.lut_embedding(torch.tensor([0.0]), p, l, 3, 32, 64), "int32 or int64"),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bad_input_one_clear_error(call, match, dtype):
     _, packed, lut, _, _ = make(32, 64, 3, 4)
@@ -154,7 +166,7 @@ def test_bad_input_one_clear_error(call, match, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("batch", [1, 4, 20])   # 20: unpacked tiles + cuBLAS
+@pytest.mark.parametrize("batch", [1, 4, 20])  # 20: unpacked tiles + cuBLAS
 @pytest.mark.parametrize("layout", [(256, 128, 16, 1, 30), (33, 77, 3, 1, 25), (16, 96, 2, 2, 0)])
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_cuda_matches_the_rebuilt_weight(batch, layout, bits):
@@ -163,29 +175,40 @@ def test_cuda_matches_the_rebuilt_weight(batch, layout, bits):
     w = naive_weight(idx, lut, rows, cols, oi, ov)
     x = torch.randn(batch, cols)
     bias = torch.randn(rows)
-    cu = {"packed": packed.cuda(), "lut": lut.cuda(), "oi": None if oi is None else oi.cuda(),
-          "ov": None if ov is None else ov.cuda()}
+    cu = {
+        "packed": packed.cuda(),
+        "lut": lut.cuda(),
+        "oi": None if oi is None else oi.cuda(),
+        "ov": None if ov is None else ov.cuda(),
+    }
     y = ops.lut_linear(x.cuda(), cu["packed"], cu["lut"], bits, rows, bias.cuda(), cu["oi"], cu["ov"])
     # float32 accumulation in warp-shuffle / cuBLAS order against the float64 oracle
-    torch.testing.assert_close(y.cpu().double(), F.linear(x.double(), w, bias.double()),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y.cpu().double(), F.linear(x.double(), w, bias.double()), rtol=1e-5, atol=1e-4)
     yb = ops.lut_linear(x.cuda().bfloat16(), cu["packed"], cu["lut"], bits, rows, None, cu["oi"], cu["ov"])
     assert yb.dtype == torch.bfloat16
     ids = torch.tensor([0, rows - 1, rows // 2])
-    e = ops.lut_embedding(ids.cuda(), cu["packed"], cu["lut"], bits, rows, cols, cu["oi"], cu["ov"],
-                          torch.float32)
+    e = ops.lut_embedding(ids.cuda(), cu["packed"], cu["lut"], bits, rows, cols, cu["oi"], cu["ov"], torch.float32)
     assert torch.equal(e.cpu().double(), w[ids])
     torch.cuda.synchronize()
 
 
 # ---- packed modules -------------------------------------------------------------------------
 
+
 def tiny_llama(tied: bool, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        max_position_embeddings=64,
+    )
     return cfg, LlamaForCausalLM(cfg)
 
 
@@ -195,6 +218,7 @@ def test_packed_model_equals_the_loaded_model(tmp_path, tied, outliers):
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
     from edkm.packed import PackedEmbedding, PackedLinear
+
     cfg, m = tiny_llama(tied)
     edkm.palettize_(m, edkm.Config(bits=3, group_size=8, outlier_fraction=outliers))
     edkm.finalize(m)
@@ -210,14 +234,16 @@ def test_packed_model_equals_the_loaded_model(tmp_path, tied, outliers):
     if tied:  # one copy of the tied weight
         assert packed.lm_head.weight_packed is packed.model.embed_tokens.weight_packed
     # the packed weights are the loaded ones, exactly
-    assert torch.equal(packed.model.layers[0].self_attn.q_proj.dense_weight(),
-                       dense.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        packed.model.layers[0].self_attn.q_proj.dense_weight(), dense.model.layers[0].self_attn.q_proj.weight
+    )
     assert not any(p.is_meta for p in packed.parameters())
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         # same weights, float32 both; only the products' summation order differs
         torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
     from edkm.generate import generate
+
     a = generate(packed, ids[:1, :5], 8)
     b = generate(dense, ids[:1, :5], 8)
     assert a.tokens == b.tokens
@@ -231,9 +257,17 @@ def test_load_packed_rejects_another_model(tmp_path):
     path = tmp_path / "m.safetensors"
     edkm.save(m, str(path))
     from transformers import LlamaConfig, LlamaForCausalLM
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                         num_hidden_layers=1, num_attention_heads=4,
-                                         num_key_value_heads=2))
+
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(edkm.FormatError, match="does not match the model"):
         edkm.load(str(path), other, packed=True)
     with pytest.raises(ValueError, match="packed=True needs the model"):
@@ -242,6 +276,7 @@ def test_load_packed_rejects_another_model(tmp_path):
 
 def test_generate_cli_packed_and_dense_agree(tmp_path, capsys):
     from edkm.cli import main
+
     cfg, m = tiny_llama(False)
     d = tmp_path / "tiny"
     m.save_pretrained(d)
@@ -250,8 +285,13 @@ def test_generate_cli_packed_and_dense_agree(tmp_path, capsys):
     capsys.readouterr()
     runs = {}
     for extra in ([], ["--dense"]):
-        assert main(["generate", str(out), "--prompt", "hello world", "--max-new-tokens", "6",
-                     "--threads", "1", "--json"] + extra) == 0
+        assert (
+            main(
+                ["generate", str(out), "--prompt", "hello world", "--max-new-tokens", "6", "--threads", "1", "--json"]
+                + extra
+            )
+            == 0
+        )
         r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         runs[bool(extra)] = r
     assert runs[False]["packed"] is True and runs[True]["packed"] is False

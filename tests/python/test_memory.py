@@ -1,5 +1,6 @@
 """What dkm saves for backward, counted with a saved-tensor hook: nothing N-sized for 16-bit
 weights (the weight itself is referenced, not copied), against >= 100 bytes/weight naive."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """Mixed precision by budget (edkm.mixed_precision): the knapsack against brute force, the
 predicted size against the real file, the per-matrix costs against palettize_ + finalize."""
+
 import itertools
 import math
 import random
@@ -18,10 +19,18 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama(layers=2, tie=True, dtype=torch.float32, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -37,6 +46,7 @@ def saved_data_bytes(model, tmp_path, name="m.safetensors"):
 
 
 # ---- the solver -----------------------------------------------------------------------------------
+
 
 def brute(costs, sizes, budget):
     best = None
@@ -77,14 +87,22 @@ def test_solve_infeasible():
 
 # ---- sizes: predicted = the file edkm.save writes ------------------------------------------------
 
-@pytest.mark.parametrize("dtype, tie, cfg", [
-    (torch.float32, True, dict(bits=3)),
-    (torch.float32, False, dict(bits=5, group_size=8)),
-    (torch.bfloat16, True, dict(bits=2, group_size=16, module_names={r"lm_head": None, r"model\.embed_tokens": None})),
-    (torch.float16, False, dict(bits=1, cluster_dim=2, init="kmeans++")),
-    (torch.float32, True, dict(bits=3, outlier_fraction=0.02)),
-    (torch.bfloat16, False, dict(bits=4, outlier_fraction=0.05)),
-])
+
+@pytest.mark.parametrize(
+    "dtype, tie, cfg",
+    [
+        (torch.float32, True, dict(bits=3)),
+        (torch.float32, False, dict(bits=5, group_size=8)),
+        (
+            torch.bfloat16,
+            True,
+            dict(bits=2, group_size=16, module_names={r"lm_head": None, r"model\.embed_tokens": None}),
+        ),
+        (torch.float16, False, dict(bits=1, cluster_dim=2, init="kmeans++")),
+        (torch.float32, True, dict(bits=3, outlier_fraction=0.02)),
+        (torch.bfloat16, False, dict(bits=4, outlier_fraction=0.05)),
+    ],
+)
 def test_predicted_file_bytes_equals_saved_file(tmp_path, dtype, tie, cfg):
     model = tiny_llama(tie=tie, dtype=dtype)
     config = Config(**cfg)
@@ -96,6 +114,7 @@ def test_predicted_file_bytes_equals_saved_file(tmp_path, dtype, tie, cfg):
 
 
 # ---- the per-matrix costs --------------------------------------------------------------------------
+
 
 def test_matrix_costs_are_the_fisher_weighted_error_of_palettize_and_finalize():
     model = tiny_llama()
@@ -127,6 +146,7 @@ def test_matrix_costs_with_sensitivity_init_are_no_worse():
 
 # ---- choose_bits ------------------------------------------------------------------------------------
 
+
 def test_choose_bits_is_optimal_on_a_brute_forceable_model():
     model = tiny_llama(layers=1)
     sens = fisher(model, BATCHES, progress=False)
@@ -157,8 +177,11 @@ def test_choose_bits_config_gives_the_predicted_file_and_info_shows_the_bits(tmp
     real, info = saved_data_bytes(model, tmp_path)
     assert real == r.data_bytes  # to the byte, header excluded
     assert 8 * real / r.weights == pytest.approx(r.bits_per_weight)
-    shown = {t["name"][: -len(".weight")]: t.get("bits", 16) for t in info["tensors"]
-             if t["name"].endswith(".weight") and t["name"][: -len(".weight")] in r.bits}
+    shown = {
+        t["name"][: -len(".weight")]: t.get("bits", 16)
+        for t in info["tensors"]
+        if t["name"].endswith(".weight") and t["name"][: -len(".weight")] in r.bits
+    }
     assert shown == r.bits  # edkm info reports each tensor's bits (16: stored as is)
     assert all(t["groups"] == t["shape"][0] // 16 for t in info["tensors"] if t["kind"] == "clustered")
 
@@ -180,8 +203,11 @@ def test_unreachable_target_states_the_smallest_achievable():
     model = tiny_llama()
     costs = {u.name: {2: 1.0, 3: 0.5} for u in mp.clusterable_units(model)}
     smallest = 8 * mp.predicted_file_bytes(model, Config(bits=2)) / sum(p.numel() for p in model.parameters())
-    with pytest.raises(ValueError, match=rf"target_bits 2 cannot be met: the smallest achievable file is "
-                                         rf"{smallest:.4f} bits/weight"):
+    with pytest.raises(
+        ValueError,
+        match=rf"target_bits 2 cannot be met: the smallest achievable file is "
+        rf"{smallest:.4f} bits/weight",
+    ):
         mp.choose_bits(model, 2, costs)
     r = mp.choose_bits(model, smallest + 1e-9, costs)
     assert set(r.bits.values()) == {2}

@@ -1,6 +1,7 @@
 """The N-domain (DKM over each group's weights directly, for small LUT groups on CPU) against the
 naive float64 reference and the U-domain; which path dkm / dkm_linear take; what it saves for
 backward (the centroid history only); gradcheck, opcheck, torch.compile, bad input."""
+
 import contextlib
 
 import pytest
@@ -182,11 +183,9 @@ def test_gradcheck(ndomain_mode):
     w = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     c = torch.sort(torch.randn(3, 3, generator=g, dtype=torch.float64), 1).values.requires_grad_()
     for distance in ("squared", "absolute"):
-        assert torch.autograd.gradcheck(
-            lambda w, c: tuple(edkm.dkm(w, c, 0.7, 2, 0.0, distance)[:2]), (w, c))
+        assert torch.autograd.gradcheck(lambda w, c: tuple(edkm.dkm(w, c, 0.7, 2, 0.0, distance)[:2]), (w, c))
     x = torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x, w, c: tuple(edkm.dkm_linear(x, w, c, None, 0.7, 2)[:2]), (x, w, c))
+    assert torch.autograd.gradcheck(lambda x, w, c: tuple(edkm.dkm_linear(x, w, c, None, 0.7, 2)[:2]), (x, w, c))
 
 
 def test_opcheck(ndomain_mode):
@@ -200,10 +199,12 @@ def test_opcheck(ndomain_mode):
         _, _, it, hist = torch.ops.edkm._ndomain_forward(w, c, 0.01, 3, 0.0, "absolute")
         gw = torch.randn(w.shape, generator=g).to(dtype)
         gc = torch.randn(c.shape, generator=g).to(c.dtype)
-        torch.library.opcheck(torch.ops.edkm._ndomain_backward.default,
-                              (gw, gc, w, hist, it, 0.01, "absolute", c.dtype))
-        torch.library.opcheck(torch.ops.edkm._ndomain_backward.default,
-                              (None, gc, w, hist, it, 0.01, "absolute", c.dtype))
+        torch.library.opcheck(
+            torch.ops.edkm._ndomain_backward.default, (gw, gc, w, hist, it, 0.01, "absolute", c.dtype)
+        )
+        torch.library.opcheck(
+            torch.ops.edkm._ndomain_backward.default, (None, gc, w, hist, it, 0.01, "absolute", c.dtype)
+        )
         torch.library.opcheck(torch.ops.edkm._ndomain_recompute.default, (w, hist, it, 0.01, "absolute"))
         if dtype == torch.float64:
             wr = w.detach().clone().requires_grad_()
@@ -254,8 +255,12 @@ def test_bad_input(ndomain_mode):
     it = torch.tensor(5)
     with pytest.raises(ValueError, match=r"_ndomain_backward: iterations out of range: 5"):
         torch.ops.edkm._ndomain_backward(None, None, wv, hist, it, 0.1, "squared", torch.float64)
-    with pytest.raises(ValueError, match=r"_ndomain_recompute: history's 3 groups do not divide the weight's 8 elements"):
-        torch.ops.edkm._ndomain_recompute(wv, torch.zeros(4, 3, 3, dtype=torch.float64), torch.tensor(1), 0.1, "squared")
+    with pytest.raises(
+        ValueError, match=r"_ndomain_recompute: history's 3 groups do not divide the weight's 8 elements"
+    ):
+        torch.ops.edkm._ndomain_recompute(
+            wv, torch.zeros(4, 3, 3, dtype=torch.float64), torch.tensor(1), 0.1, "squared"
+        )
     with pytest.raises(TypeError, match=r"_ndomain_recompute: history must be Double, got Float"):
         torch.ops.edkm._ndomain_recompute(wv, hist.float(), torch.tensor(1), 0.1, "squared")
     with pytest.raises(ValueError, match=r"_ndomain_backward: grad_clustered must have the weight's 8 elements"):

@@ -1,9 +1,9 @@
 """gradcheck, opcheck (schema, autograd registration, fake kernels, AOT dispatch) and
 torch.compile for every edkm op."""
+
 import pytest
 import torch
 
-import edkm
 from conftest import DEVICES, rel_error, sample_weight, spread_centroids
 
 
@@ -63,9 +63,13 @@ def test_opcheck_internal_ops(device):
             (g, None, w, lookup, values, counts, history, iterations, tau, dist, c.dtype),
         )
         # The in-place variant: the same gradients, the weight's written over grad_clustered.
-        gw, gcen = torch.ops.edkm._dkm_backward(g, gc, w, lookup, values, counts, history, iterations, tau, dist, c.dtype)
+        gw, gcen = torch.ops.edkm._dkm_backward(
+            g, gc, w, lookup, values, counts, history, iterations, tau, dist, c.dtype
+        )
         buf = g.clone()
-        gcen_ip = torch.ops.edkm._dkm_backward_(buf, gc, w, lookup, values, counts, history, iterations, tau, dist, c.dtype)
+        gcen_ip = torch.ops.edkm._dkm_backward_(
+            buf, gc, w, lookup, values, counts, history, iterations, tau, dist, c.dtype
+        )
         assert torch.equal(buf, gw) and torch.equal(gcen_ip, gcen)
         torch.library.opcheck(
             torch.ops.edkm._dkm_backward_.default,

@@ -1,6 +1,7 @@
 """Outliers kept exact (dense-and-sparse): which weights are chosen, the training forward and
 its gradient, eval / finalize, state_dict resume, the file round trip through both readers,
 and that they lower the clustering error on a heavy-tailed matrix."""
+
 import json
 
 import pytest
@@ -21,10 +22,18 @@ X = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
 
 def tiny_llama(dtype=torch.float32, tie=True, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -45,6 +54,7 @@ def brute_force_top(score: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ---- which weights -------------------------------------------------------------------------
+
 
 def test_positions_are_the_largest_magnitudes():
     m = linear()
@@ -68,8 +78,7 @@ def test_positions_by_sensitivity_times_w_squared():
     m = linear(seed=1)
     src = m.weight.detach().bfloat16().double()
     sens = torch.rand(48, 32, generator=torch.Generator().manual_seed(2)) ** 4
-    palettize_(m, Config(bits=3, outlier_fraction=0.05, outlier_criterion="sensitivity"),
-               sensitivity={"": sens})
+    palettize_(m, Config(bits=3, outlier_fraction=0.05, outlier_criterion="sensitivity"), sensitivity={"": sens})
     n = outlier_count(0.05, 48 * 32)
     want = brute_force_top(sens.double() * src.square(), n)
     assert torch.equal(m.edkm_outlier_positions, want)
@@ -91,6 +100,7 @@ def test_initial_centroids_are_the_exact_k_means_of_the_inliers():
 
 
 # ---- forward, gradient, eval, finalize -----------------------------------------------------
+
 
 def test_training_forward_is_clustered_dense_part_plus_exact_outliers():
     m = linear(seed=3, heavy=True)
@@ -171,6 +181,7 @@ def test_fused_linear_path_is_not_taken_with_outliers(monkeypatch):
 
 # ---- resume ---------------------------------------------------------------------------------
 
+
 def test_state_dict_resume_keeps_the_outliers():
     cfg = Config(bits=3, outlier_fraction=0.02)
     a = palettize_(tiny_llama(seed=0), cfg)
@@ -212,12 +223,16 @@ def test_outliers_are_chosen_at_the_milestone():
 
 # ---- the file --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype, cfg, tie", [
-    (torch.float32, dict(bits=3, outlier_fraction=0.02), True),
-    (torch.bfloat16, dict(bits=3, group_size=16, outlier_fraction=0.01), False),
-    (torch.float16, dict(bits=2, outlier_fraction=0.05), True),
-    (torch.float32, dict(bits=4, outlier_fraction=0.01, cluster_dtype=None), False),
-])
+
+@pytest.mark.parametrize(
+    "dtype, cfg, tie",
+    [
+        (torch.float32, dict(bits=3, outlier_fraction=0.02), True),
+        (torch.bfloat16, dict(bits=3, group_size=16, outlier_fraction=0.01), False),
+        (torch.float16, dict(bits=2, outlier_fraction=0.05), True),
+        (torch.float32, dict(bits=4, outlier_fraction=0.01, cluster_dtype=None), False),
+    ],
+)
 def test_round_trip_through_both_readers_is_bit_exact(tmp_path, dtype, cfg, tie):
     model = palettize_(tiny_llama(dtype, tie), Config(**cfg))
     model.train()
@@ -235,6 +250,7 @@ def test_round_trip_through_both_readers_is_bit_exact(tmp_path, dtype, cfg, tie)
         assert torch.equal(t, state[name]), name
 
     from edkm import _C
+
     cpp = _C._load_compressed_state_dict(str(path))
     py = fmt.load_state_dict(path)
     assert set(cpp) == set(py)
@@ -247,8 +263,9 @@ def test_round_trip_through_both_readers_is_bit_exact(tmp_path, dtype, cfg, tie)
     assert up.outliers == outlier_count(cfg["outlier_fraction"], 48 * 32)
     assert header.entries["model.layers.0.mlp.up_proj.weight.outlier_index"]["dtype"] == "I32"
     m = model.model.layers[0].mlp.up_proj
-    stored = fmt._read_tensor(open(path, "rb"), header.header_bytes,
-                              header.entries["model.layers.0.mlp.up_proj.weight.outlier_values"])
+    stored = fmt._read_tensor(
+        open(path, "rb"), header.header_bytes, header.entries["model.layers.0.mlp.up_proj.weight.outlier_values"]
+    )
     assert stored.dtype == m.edkm_outlier_dtype
     assert torch.equal(stored.to(dtype), m.weight.detach().reshape(-1)[m.edkm_outlier_positions])
 
@@ -282,15 +299,19 @@ def test_files_without_outliers_stay_version_1(tmp_path):
 
 # ---- bad input ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fields, match", [
-    (dict(outlier_fraction=-0.01), r"outlier_fraction must be a number in \[0, 0.1\]"),
-    (dict(outlier_fraction=0.11), r"outlier_fraction must be a number in \[0, 0.1\]"),
-    (dict(outlier_fraction=True), r"outlier_fraction must be a number in \[0, 0.1\]"),
-    (dict(outlier_fraction="0.01"), r"outlier_fraction must be a number in \[0, 0.1\]"),
-    (dict(outlier_fraction=float("nan")), r"outlier_fraction must be a number in \[0, 0.1\]"),
-    (dict(outlier_criterion="largest"), r"outlier_criterion must be one of"),
-    (dict(outlier_fraction=0.01, cluster_dim=2), r"outlier_fraction must be 0 when cluster_dim > 1"),
-])
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(outlier_fraction=-0.01), r"outlier_fraction must be a number in \[0, 0.1\]"),
+        (dict(outlier_fraction=0.11), r"outlier_fraction must be a number in \[0, 0.1\]"),
+        (dict(outlier_fraction=True), r"outlier_fraction must be a number in \[0, 0.1\]"),
+        (dict(outlier_fraction="0.01"), r"outlier_fraction must be a number in \[0, 0.1\]"),
+        (dict(outlier_fraction=float("nan")), r"outlier_fraction must be a number in \[0, 0.1\]"),
+        (dict(outlier_criterion="largest"), r"outlier_criterion must be one of"),
+        (dict(outlier_fraction=0.01, cluster_dim=2), r"outlier_fraction must be 0 when cluster_dim > 1"),
+    ],
+)
 def test_bad_config_is_a_clear_error(fields, match):
     with pytest.raises(ValueError, match=match):
         Config(**fields)

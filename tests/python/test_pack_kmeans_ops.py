@@ -1,9 +1,9 @@
 """pack_indices / unpack_indices against a bit-by-bit reference of docs/FORMAT.md, and
 optimal_kmeans_1d against brute force over every contiguous partition; bad input, opcheck,
 torch.compile."""
+
 import itertools
 import math
-import re
 
 import pytest
 import torch
@@ -62,38 +62,54 @@ def test_pack_large_parallel_chunks_match_reference_slices():
     assert torch.equal(edkm.unpack_indices(packed, 5, idx.numel()).int(), idx)
     # Indices 8*t .. 8*t+7 occupy bytes 5*t .. 5*t+4 exactly.
     t = 77_777
-    assert packed[5 * t: 5 * t + 5].tolist() == reference_pack(idx[8 * t: 8 * t + 8], 5)
+    assert packed[5 * t : 5 * t + 5].tolist() == reference_pack(idx[8 * t : 8 * t + 8], 5)
     # The last 3 indices (1_000_003 = 8 * 125_000 + 3) start on a byte: 15 bits, 2 bytes.
     assert packed[-2:].tolist() == reference_pack(idx[-3:], 5)
+
 
 def test_unused_high_bits_are_zero():
     packed = edkm.pack_indices(torch.full((3,), 7, dtype=torch.uint8), 3)  # 9 bits -> 2 bytes
     assert packed.tolist() == [0xFF, 0x01]
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: edkm.pack_indices(torch.tensor([0, 8]), 3), r"indices must lie in \[0, 2\^bits\) = \[0, 8\) for bits = 3, got values in \[0, 8\]"),
-    (lambda: edkm.pack_indices(torch.tensor([-1, 2], dtype=torch.int16), 3), r"got values in \[-1, 2\]"),
-    (lambda: edkm.pack_indices(torch.tensor([0, 1]), 0), r"bits must be in 1\.\.8, got 0"),
-    (lambda: edkm.pack_indices(torch.tensor([0, 1]), 9), r"bits must be in 1\.\.8, got 9"),
-    (lambda: edkm.unpack_indices(torch.zeros(1, dtype=torch.uint8), 3, 5), r"5 indices of 3 bits take ceil\(5 \* 3 / 8\) = 2 bytes, but packed has 1"),
-    (lambda: edkm.unpack_indices(torch.zeros(4, dtype=torch.uint8), 3, 8), r"= 3 bytes, but packed has 4"),
-    (lambda: edkm.unpack_indices(torch.zeros(2, dtype=torch.uint8), 3, 6), r"= 3 bytes, but packed has 2"),
-    (lambda: edkm.unpack_indices(torch.zeros(2, 1, dtype=torch.uint8), 8, 2), r"packed must be 1-D"),
-    (lambda: edkm.unpack_indices(torch.zeros(1, dtype=torch.uint8), 3, -1), r"count must be >= 0"),
-    (lambda: edkm.unpack_indices(torch.zeros(1, dtype=torch.uint8), 9, 1), r"bits must be in 1\.\.8, got 9"),
-    (lambda: edkm.unpack_indices(torch.tensor([0xFF, 0x03], dtype=torch.uint8), 3, 3), r"unused high bits .* must be zero .* got byte 3"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (
+            lambda: edkm.pack_indices(torch.tensor([0, 8]), 3),
+            r"indices must lie in \[0, 2\^bits\) = \[0, 8\) for bits = 3, got values in \[0, 8\]",
+        ),
+        (lambda: edkm.pack_indices(torch.tensor([-1, 2], dtype=torch.int16), 3), r"got values in \[-1, 2\]"),
+        (lambda: edkm.pack_indices(torch.tensor([0, 1]), 0), r"bits must be in 1\.\.8, got 0"),
+        (lambda: edkm.pack_indices(torch.tensor([0, 1]), 9), r"bits must be in 1\.\.8, got 9"),
+        (
+            lambda: edkm.unpack_indices(torch.zeros(1, dtype=torch.uint8), 3, 5),
+            r"5 indices of 3 bits take ceil\(5 \* 3 / 8\) = 2 bytes, but packed has 1",
+        ),
+        (lambda: edkm.unpack_indices(torch.zeros(4, dtype=torch.uint8), 3, 8), r"= 3 bytes, but packed has 4"),
+        (lambda: edkm.unpack_indices(torch.zeros(2, dtype=torch.uint8), 3, 6), r"= 3 bytes, but packed has 2"),
+        (lambda: edkm.unpack_indices(torch.zeros(2, 1, dtype=torch.uint8), 8, 2), r"packed must be 1-D"),
+        (lambda: edkm.unpack_indices(torch.zeros(1, dtype=torch.uint8), 3, -1), r"count must be >= 0"),
+        (lambda: edkm.unpack_indices(torch.zeros(1, dtype=torch.uint8), 9, 1), r"bits must be in 1\.\.8, got 9"),
+        (
+            lambda: edkm.unpack_indices(torch.tensor([0xFF, 0x03], dtype=torch.uint8), 3, 3),
+            r"unused high bits .* must be zero .* got byte 3",
+        ),
+    ],
+)
 def test_pack_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: edkm.pack_indices(torch.tensor([0.0, 1.0]), 3), r"indices must be an integer tensor .* got Float"),
-    (lambda: edkm.pack_indices(torch.tensor([True]), 1), r"indices must be an integer tensor .* got Bool"),
-    (lambda: edkm.unpack_indices(torch.zeros(2, dtype=torch.int32), 8, 2), r"packed must be uint8, got Int"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: edkm.pack_indices(torch.tensor([0.0, 1.0]), 3), r"indices must be an integer tensor .* got Float"),
+        (lambda: edkm.pack_indices(torch.tensor([True]), 1), r"indices must be an integer tensor .* got Bool"),
+        (lambda: edkm.unpack_indices(torch.zeros(2, dtype=torch.int32), 8, 2), r"packed must be uint8, got Int"),
+    ],
+)
 def test_pack_bad_types(bad, match):
     with pytest.raises(TypeError, match=match):
         bad()
@@ -212,22 +228,81 @@ def test_kmeans1d_large_is_fast_and_no_worse_than_lloyd():
     assert nearest_cost(values, counts, c) >= float(cost) * (1 - 1e-12)
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (lambda: edkm.optimal_kmeans_1d(torch.zeros(2, 2, dtype=torch.float64), torch.ones(4), 2), ValueError, r"values must be 1-D \[U\], got shape \[2, 2\]"),
-    (lambda: edkm.optimal_kmeans_1d(torch.arange(3.0).double(), torch.ones(1, 3), 2), ValueError, r"counts must be 1-D"),
-    (lambda: edkm.optimal_kmeans_1d(torch.arange(3.0).double(), torch.ones(4), 2), ValueError, r"counts must have values' length 3, got 4"),
-    (lambda: edkm.optimal_kmeans_1d(torch.zeros(0, dtype=torch.float64), torch.ones(0), 2), ValueError, r"values must hold at least one value"),
-    (lambda: edkm.optimal_kmeans_1d(torch.arange(3.0).double(), torch.ones(3), 0), ValueError, r"k must be >= 1, got 0"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 2.0, 1.0]).double(), torch.ones(3), 2), ValueError, r"sorted strictly increasing, got values\[1\] = 2 and values\[2\] = 1"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0, 1.0]).double(), torch.ones(3), 2), ValueError, r"sorted strictly increasing"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, float("nan")]).double(), torch.ones(2), 2), ValueError, r"values must be finite, got nan at index 1"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, float("inf")]).double(), torch.ones(2), 2), ValueError, r"values must be finite, got inf at index 1"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0]).double(), torch.tensor([1.0, 0.0]), 2), ValueError, r"counts must be finite and > 0, got 0 at index 1"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0]).double(), torch.tensor([-2, 1]), 2), ValueError, r"counts must be finite and > 0, got -2 at index 0"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0]).double(), torch.tensor([1.0, float("nan")]), 2), ValueError, r"counts must be finite and > 0, got nan"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0, 1]), torch.ones(2), 2), TypeError, r"values must be floating point"),
-    (lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0]).double(), torch.tensor([True, True]), 2), TypeError, r"counts must be floating point or integer, got Bool"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.zeros(2, 2, dtype=torch.float64), torch.ones(4), 2),
+            ValueError,
+            r"values must be 1-D \[U\], got shape \[2, 2\]",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.arange(3.0).double(), torch.ones(1, 3), 2),
+            ValueError,
+            r"counts must be 1-D",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.arange(3.0).double(), torch.ones(4), 2),
+            ValueError,
+            r"counts must have values' length 3, got 4",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.zeros(0, dtype=torch.float64), torch.ones(0), 2),
+            ValueError,
+            r"values must hold at least one value",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.arange(3.0).double(), torch.ones(3), 0),
+            ValueError,
+            r"k must be >= 1, got 0",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 2.0, 1.0]).double(), torch.ones(3), 2),
+            ValueError,
+            r"sorted strictly increasing, got values\[1\] = 2 and values\[2\] = 1",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0, 1.0]).double(), torch.ones(3), 2),
+            ValueError,
+            r"sorted strictly increasing",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, float("nan")]).double(), torch.ones(2), 2),
+            ValueError,
+            r"values must be finite, got nan at index 1",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, float("inf")]).double(), torch.ones(2), 2),
+            ValueError,
+            r"values must be finite, got inf at index 1",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0]).double(), torch.tensor([1.0, 0.0]), 2),
+            ValueError,
+            r"counts must be finite and > 0, got 0 at index 1",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0]).double(), torch.tensor([-2, 1]), 2),
+            ValueError,
+            r"counts must be finite and > 0, got -2 at index 0",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0]).double(), torch.tensor([1.0, float("nan")]), 2),
+            ValueError,
+            r"counts must be finite and > 0, got nan",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0, 1]), torch.ones(2), 2),
+            TypeError,
+            r"values must be floating point",
+        ),
+        (
+            lambda: edkm.optimal_kmeans_1d(torch.tensor([0.0, 1.0]).double(), torch.tensor([True, True]), 2),
+            TypeError,
+            r"counts must be floating point or integer, got Bool",
+        ),
+    ],
+)
 def test_kmeans1d_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()

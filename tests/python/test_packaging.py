@@ -1,5 +1,6 @@
 """`pip install --no-build-isolation -e .` works (into a scratch prefix, not the environment),
 and the command line answers."""
+
 import glob
 import os
 import subprocess
@@ -15,9 +16,23 @@ def test_pip_editable_install(tmp_path):
     prefix = tmp_path / "prefix"
     env = dict(os.environ, EDKM_BUILD_DIR=os.path.join(ROOT, "build"), EDKM_BUILD_TESTS="ON")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-         "--no-index", "--prefix", str(prefix), "-e", ROOT],
-        check=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "--prefix",
+            str(prefix),
+            "-e",
+            ROOT,
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
     )
     (site_dir,) = glob.glob(str(prefix / "lib" / "python3*" / "site-packages"))
     assert os.path.exists(prefix / "bin" / "edkm")
@@ -26,8 +41,7 @@ def test_pip_editable_install(tmp_path):
         "from edkm.cli import main; main(['demo', '--help'])"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", code, site_dir], env=env, cwd=tmp_path,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code, site_dir], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0] == os.path.join(ROOT, "python", "edkm", "__init__.py")
     assert "LLaMA-7B" in run.stdout or "--bits" in run.stdout
@@ -37,9 +51,25 @@ def test_cli_bench_dkm_json(tmp_path):
     import json
 
     run = subprocess.run(
-        [sys.executable, "-m", "edkm", "bench", "dkm", "--size", "64x128", "--repeats", "1",
-         "--device", "cpu", "--json", "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "edkm",
+            "bench",
+            "dkm",
+            "--size",
+            "64x128",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
@@ -50,8 +80,9 @@ def test_cli_bench_dkm_json(tmp_path):
 
 
 def test_cli_rejects_bad_size():
-    run = subprocess.run([sys.executable, "-m", "edkm", "bench", "dkm", "--size", "12"],
-                         capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "edkm", "bench", "dkm", "--size", "12"], capture_output=True, text=True, cwd=ROOT
+    )
     assert run.returncode == 2
     assert "--size must look like ROWSxCOLS" in run.stderr
 
@@ -65,8 +96,9 @@ def test_libedkm_uses_the_shared_libstdcxx():
 
     if shutil.which("readelf") is None:
         pytest.skip("readelf (binutils) is not installed")
-    dynamic = subprocess.run(["readelf", "-d", _native._library_path()], capture_output=True,
-                             text=True, check=True).stdout
+    dynamic = subprocess.run(
+        ["readelf", "-d", _native._library_path()], capture_output=True, text=True, check=True
+    ).stdout
     assert any("NEEDED" in line and "libstdc++" in line for line in dynamic.splitlines())
 
 
@@ -75,9 +107,23 @@ def test_cli_bench_memory_quick_json(tmp_path):
     import json
 
     run = subprocess.run(
-        [sys.executable, "-m", "edkm", "bench", "memory", "--quick", "--device", "cpu", "--json",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "edkm",
+            "bench",
+            "memory",
+            "--quick",
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout.strip().splitlines()[-1])

@@ -1,4 +1,5 @@
 """The model API: Config, palettize_, clustered modules, init, finalize, resume."""
+
 import copy
 import itertools
 
@@ -19,10 +20,18 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama(dtype=torch.float32, tie=True, seed=0, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -32,14 +41,24 @@ def tokens(seed=1, batch=2, length=12):
 
 # ---- Config ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(bits=0), "bits"), (dict(bits=9), "bits"), (dict(group_size=0), "group_size"),
-    (dict(cluster_dim=0), "cluster_dim"), (dict(temperature=0.0), "temperature"),
-    (dict(max_iter=0), "max_iter"), (dict(distance="cosine"), "distance"),
-    (dict(cluster_dtype=torch.float32), "cluster_dtype"), (dict(init="random"), "init"),
-    (dict(milestone=-1), "milestone"), (dict(cluster_dim=2, init="optimal"), "init"),
-    (dict(module_names={"(": None}), "regular expression"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(bits=0), "bits"),
+        (dict(bits=9), "bits"),
+        (dict(group_size=0), "group_size"),
+        (dict(cluster_dim=0), "cluster_dim"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(distance="cosine"), "distance"),
+        (dict(cluster_dtype=torch.float32), "cluster_dtype"),
+        (dict(init="random"), "init"),
+        (dict(milestone=-1), "milestone"),
+        (dict(cluster_dim=2, init="optimal"), "init"),
+        (dict(module_names={"(": None}), "regular expression"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, word):
     with pytest.raises(ValueError, match=word):
         Config(**kwargs)
@@ -54,8 +73,9 @@ def test_config_unknown_keys_are_named():
 
 
 def test_config_resolution_order():
-    cfg = Config(bits=3, module_types={nn.Embedding: {"bits": 6}},
-                 module_names={r"lm_head": None, r".*\.q_proj": {"bits": 5}})
+    cfg = Config(
+        bits=3, module_types={nn.Embedding: {"bits": 6}}, module_names={r"lm_head": None, r".*\.q_proj": {"bits": 5}}
+    )
     assert cfg.for_module("lm_head", nn.Linear(2, 2)) is None
     assert cfg.for_module("layers.0.q_proj", nn.Linear(2, 2)).bits == 5
     assert cfg.for_module("embed", nn.Embedding(3, 2)).bits == 6
@@ -63,6 +83,7 @@ def test_config_resolution_order():
 
 
 # ---- palettize_ ------------------------------------------------------------------------------
+
 
 def test_palettize_keeps_parameters_and_state_dict_names():
     model = tiny_llama()
@@ -99,8 +120,12 @@ def test_palettize_rejects_bad_configs():
 
 def test_skips_and_overrides():
     model = tiny_llama(tie=False)
-    palettize_(model, Config(bits=3, module_types={"Embedding": None},
-                             module_names={"lm_head": {"bits": 6}, r".*\.0\.mlp\..*": None}))
+    palettize_(
+        model,
+        Config(
+            bits=3, module_types={"Embedding": None}, module_names={"lm_head": {"bits": 6}, r".*\.0\.mlp\..*": None}
+        ),
+    )
     names = {n: m for n, m in clustered_modules(model)}
     assert "model.embed_tokens" not in names
     assert names["lm_head"].edkm_config.bits == 6 and names["lm_head"].centroids.shape == (1, 64)
@@ -221,6 +246,7 @@ def test_state_dict_with_another_config_is_refused():
 
 # ---- init ------------------------------------------------------------------------------------
 
+
 def brute_force_1d(values, counts, k):
     best = None
     u = values.numel()
@@ -258,7 +284,7 @@ def test_init_centroids_groups_and_auto_choice():
     assert torch.equal(pp.centroids, again.centroids), "k-means++ is seeded"
     # group g's centroids come from group g's rows only
     for gi in range(4):
-        vals = w[4 * gi:4 * gi + 4].double()
+        vals = w[4 * gi : 4 * gi + 4].double()
         assert opt.centroids[gi].min() >= vals.min() - 1e-12 and opt.centroids[gi].max() <= vals.max() + 1e-12
 
 
@@ -276,6 +302,7 @@ def test_init_rejects_nan():
 
 
 # ---- vector clustering -----------------------------------------------------------------------
+
 
 def test_vector_dkm_matches_naive_reference_values_and_gradients():
     g = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@
 Each case runs small Python programs in fresh processes (this file's CHILD script) so that a
 SIGKILL really interrupts a save or a training run.
 """
+
 import hashlib
 import os
 import signal
@@ -17,7 +18,7 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CHILD = r'''
+CHILD = r"""
 import os, sys, time, torch
 sys.path.insert(0, os.environ["EDKM_TEST_PYTHONPATH"])
 import edkm
@@ -80,15 +81,16 @@ elif mode in ("train", "train-killed", "resume"):
             open(out + ".stop", "w").close()
             time.sleep(60)
     torch.save(model.state_dict(), out)
-'''
+"""
 
 
 def run_child(tmp_path, *args, wait=True):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, EDKM_TEST_PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     if wait:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-3000:]
@@ -127,6 +129,7 @@ def test_killed_save_leaves_the_old_file_intact(tmp_path):
     proc.wait(timeout=60)
     assert sha(path) == before  # the real name still holds the complete old file
     import edkm
+
     edkm.load(path)  # and it loads
     # what the killed writer left is a hidden temporary file, never the real name
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.safetensors.")]
@@ -135,6 +138,7 @@ def test_killed_save_leaves_the_old_file_intact(tmp_path):
 
 def test_resume_after_kill_reaches_the_same_weights(tmp_path):
     import torch
+
     full = tmp_path / "full.pt"
     run_child(tmp_path, "train", full, 5)
     killed = tmp_path / "killed.pt"

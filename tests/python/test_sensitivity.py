@@ -1,5 +1,6 @@
 """Fisher sensitivity (edkm.sensitivity.fisher) against a hand computation, and the
 sensitivity-weighted exact 1-D k-means (init="sensitivity") against brute force."""
+
 import itertools
 
 import pytest
@@ -70,10 +71,18 @@ def test_fisher_equals_hand_computation(tie):
 
 def tiny_llama(seed=0, layers=2, tie=True):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -144,6 +153,7 @@ def test_fisher_bad_input():
 
 class CharTok:
     """A stand-in tokenizer: one id per character, EOS = 0."""
+
     eos_token_id, bos_token_id = 0, None
 
     def __call__(self, text, add_special_tokens=True, verbose=False):
@@ -154,8 +164,11 @@ def test_calibration_batches_shape_and_too_short():
     texts = ["the quick brown fox jumps over the lazy dog " * 3]
     b = calibration_batches(CharTok(), texts, 2, 3, 8)
     assert b.shape == (2, 3, 8) and b.dtype == torch.long
-    with pytest.raises(ValueError, match=r"calibration set is too short: it gives 16 blocks of 8 tokens, "
-                                         r"5 batches of 4 need 20"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibration set is too short: it gives 16 blocks of 8 tokens, "
+        r"5 batches of 4 need 20",
+    ):
         calibration_batches(CharTok(), texts, 5, 4, 8)
     with pytest.raises(ValueError, match=r"calibration set is too short for 1 batches of 1 x 400 tokens"):
         calibration_batches(CharTok(), texts, 1, 1, 400)
@@ -164,6 +177,7 @@ def test_calibration_batches_shape_and_too_short():
 
 
 # ---- weighted exact 1-D k-means against brute force ---------------------------------------------
+
 
 def brute_force(values: torch.Tensor, mass: torch.Tensor, k: int):
     """min over all ways to cut the sorted distinct values into k contiguous runs (fewer when
@@ -191,10 +205,18 @@ def distinct_with_mass(w: torch.Tensor, s: torch.Tensor):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("k, groups, zero_frac, seed", [
-    (3, 1, 0.0, 0), (4, 1, 0.0, 1), (4, 2, 0.0, 2), (2, 3, 0.0, 3), (4, 1, 0.3, 4), (3, 2, 0.3, 5),
-    (8, 1, 0.0, 6),
-])
+@pytest.mark.parametrize(
+    "k, groups, zero_frac, seed",
+    [
+        (3, 1, 0.0, 0),
+        (4, 1, 0.0, 1),
+        (4, 2, 0.0, 2),
+        (2, 3, 0.0, 3),
+        (4, 1, 0.3, 4),
+        (3, 2, 0.3, 5),
+        (8, 1, 0.0, 6),
+    ],
+)
 def test_sensitivity_init_equals_brute_force(dtype, k, groups, zero_frac, seed):
     g = torch.Generator().manual_seed(seed)
     w = ((torch.randn(6, 8, generator=g, dtype=torch.float64) * 3).round() / 4).to(dtype)  # repeats
@@ -213,8 +235,7 @@ def test_sensitivity_init_equals_brute_force(dtype, k, groups, zero_frac, seed):
         assert own == pytest.approx(cost, rel=1e-9, abs=1e-12)
         assert float(init.cost[gi]) == pytest.approx(cost, rel=1e-9, abs=1e-9)
         if zero_frac == 0:  # a unique optimum: the same centroids
-            torch.testing.assert_close(c, torch.tensor(sorted(cents), dtype=torch.float64),
-                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(c, torch.tensor(sorted(cents), dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 def test_sensitivity_init_differs_from_counts_when_weights_are_uneven():
@@ -233,8 +254,7 @@ def test_sensitivity_init_differs_from_counts_when_weights_are_uneven():
 def fisher_errors(model, sens, orig):
     """Per clustered matrix: F * (w - q(w))**2 summed, q = the finalized weight."""
     mods = dict(model.named_modules())
-    return {n: float((sens[n].double() * (orig[n] - mods[n].weight.detach().double()).square()).sum())
-            for n in sens}
+    return {n: float((sens[n].double() * (orig[n] - mods[n].weight.detach().double()).square()).sum()) for n in sens}
 
 
 def test_sensitivity_init_beats_optimal_on_fisher_weighted_error():
@@ -244,8 +264,9 @@ def test_sensitivity_init_beats_optimal_on_fisher_weighted_error():
     errors = {}
     for init in ("optimal", "sensitivity"):
         model = tiny_llama(seed=3)
-        palettize_(model, Config(bits=2, init=init, cluster_dtype=None),
-                   sensitivity=sens if init == "sensitivity" else None)
+        palettize_(
+            model, Config(bits=2, init=init, cluster_dtype=None), sensitivity=sens if init == "sensitivity" else None
+        )
         finalize(model)
         errors[init] = fisher_errors(model, sens, orig)
     # the weighted k-means minimizes exactly this error per matrix (up to the fp16 LUT rounding)
@@ -257,8 +278,10 @@ def test_sensitivity_init_beats_optimal_on_fisher_weighted_error():
 
 # ---- edkm bench sensitivity: its parts on a tiny model ------------------------------------------
 
+
 def test_layer_runner_reruns_from_a_layer_exactly_as_the_full_model():
     from edkm.bench.sensitivity import LayerRunner
+
     model = tiny_llama(layers=3).eval()
     ids = LLAMA_BATCHES[0]
     runner = LayerRunner(model, ids)
@@ -280,6 +303,7 @@ def test_layer_runner_reruns_from_a_layer_exactly_as_the_full_model():
 
 def test_spearman_and_layer_index():
     from edkm.bench.sensitivity import layer_index, spearman
+
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ties get their average rank: ranks (0.5, 0.5, 2, 3) against (0, 1, 2, 3)
@@ -289,24 +313,76 @@ def test_spearman_and_layer_index():
 
 def test_bench_report_renders(tmp_path):
     from edkm.bench import sensitivity as bench
-    rows = [{"name": "model.embed_tokens", "tied": ["lm_head"], "layer": None, "type": "embed_tokens",
-             "shape": [64, 32], "kl": 0.5, "ppl": 30.0, "sq_error": 3.0, "fisher_proxy": 0.01, "seconds": 1.0}]
-    rows += [{"name": f"model.layers.{l}.{t}", "tied": [], "layer": l, "type": t.split(".")[-1], "shape": [32, 32],
-              "kl": 1e-3 * (l + 1) * (i + 1), "ppl": 20.0, "sq_error": 1.0, "fisher_proxy": 1e-5 * (l + 1) * (i + 1),
-              "seconds": 0.5} for l in range(2) for i, t in enumerate(["self_attn.q_proj", "mlp.down_proj"])]
-    report = {"benchmark": "sensitivity", "date": "today", "machine": {"platform": "test"}, "command": "edkm bench sensitivity",
-              "settings": {"model": "tiny", "bits": 3, "group_size": None, "init": "optimal", "seqs": 2, "seq_len": 8,
-                           "fisher_batches": 2, "fisher_len": 8, "quick": True, "threads": 1,
-                           "validation_files": ["a.txt"], "calibration_files": ["b.txt"]},
-              "baseline": {"ppl": 20.0, "kl": 0.0, "replay_max_abs_diff": 0.0, "replay_from_layer": 1},
-              "summary": {"matrices": 5, "spearman_kl_fisher": 1.0, "spearman_kl_sq_error": 0.5,
-                          "pearson_log_kl_log_fisher": 1.0, "median_kl_over_second_order": 2.0, "top10_overlap": 5},
-              "rows": rows, "seconds": 1.0}
+
+    rows = [
+        {
+            "name": "model.embed_tokens",
+            "tied": ["lm_head"],
+            "layer": None,
+            "type": "embed_tokens",
+            "shape": [64, 32],
+            "kl": 0.5,
+            "ppl": 30.0,
+            "sq_error": 3.0,
+            "fisher_proxy": 0.01,
+            "seconds": 1.0,
+        }
+    ]
+    rows += [
+        {
+            "name": f"model.layers.{l}.{t}",
+            "tied": [],
+            "layer": l,
+            "type": t.split(".")[-1],
+            "shape": [32, 32],
+            "kl": 1e-3 * (l + 1) * (i + 1),
+            "ppl": 20.0,
+            "sq_error": 1.0,
+            "fisher_proxy": 1e-5 * (l + 1) * (i + 1),
+            "seconds": 0.5,
+        }
+        for l in range(2)
+        for i, t in enumerate(["self_attn.q_proj", "mlp.down_proj"])
+    ]
+    report = {
+        "benchmark": "sensitivity",
+        "date": "today",
+        "machine": {"platform": "test"},
+        "command": "edkm bench sensitivity",
+        "settings": {
+            "model": "tiny",
+            "bits": 3,
+            "group_size": None,
+            "init": "optimal",
+            "seqs": 2,
+            "seq_len": 8,
+            "fisher_batches": 2,
+            "fisher_len": 8,
+            "quick": True,
+            "threads": 1,
+            "validation_files": ["a.txt"],
+            "calibration_files": ["b.txt"],
+        },
+        "baseline": {"ppl": 20.0, "kl": 0.0, "replay_max_abs_diff": 0.0, "replay_from_layer": 1},
+        "summary": {
+            "matrices": 5,
+            "spearman_kl_fisher": 1.0,
+            "spearman_kl_sq_error": 0.5,
+            "pearson_log_kl_log_fisher": 1.0,
+            "median_kl_over_second_order": 2.0,
+            "top10_overlap": 5,
+        },
+        "rows": rows,
+        "seconds": 1.0,
+    }
     path = tmp_path / "r.json"
     path.write_text(__import__("json").dumps(report))
     bench.render(path)
     md = (tmp_path / "r.md").read_text()
-    assert "| model.embed_tokens (tied: lm_head) | 0.5 |" in md and "Spearman rank correlation, KL vs Fisher proxy | 1.000" in md
+    assert (
+        "| model.embed_tokens (tied: lm_head) | 0.5 |" in md
+        and "Spearman rank correlation, KL vs Fisher proxy | 1.000" in md
+    )
     assert (tmp_path / "r.png").stat().st_size > 1000
     labels, types, grid = bench._grid(rows, "kl")
     assert labels == ["embed_tokens (tied)", "0", "1"] and types == ["q_proj", "down_proj"]

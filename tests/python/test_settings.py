@@ -1,20 +1,30 @@
 """edkm.settings / get_settings / set_settings: values take effect in the block and come back
 afterwards whatever happens; bad names and values get one clear error and change nothing."""
+
 import pytest
 import torch
 
 import edkm
 from edkm import _C
 
-DEFAULTS = {"deterministic_scatter": True, "fused_udomain": True, "fused_udomain_cuda": False,
-            "privatized_slot_atomics": False, "ndomain": "auto", "simd_attention": True}
+DEFAULTS = {
+    "deterministic_scatter": True,
+    "fused_udomain": True,
+    "fused_udomain_cuda": False,
+    "privatized_slot_atomics": False,
+    "ndomain": "auto",
+    "simd_attention": True,
+}
 
 
 def test_defaults_and_getters_agree():
     s = edkm.get_settings()
     assert s == DEFAULTS
-    assert (s["ndomain"], s["fused_udomain"], s["deterministic_scatter"]) == \
-        (_C.ndomain(), _C.fused_udomain(), _C.deterministic_scatter())
+    assert (s["ndomain"], s["fused_udomain"], s["deterministic_scatter"]) == (
+        _C.ndomain(),
+        _C.fused_udomain(),
+        _C.deterministic_scatter(),
+    )
 
 
 def test_block_sets_and_restores_even_on_error():
@@ -56,18 +66,23 @@ def test_a_setting_changes_what_runs():
     counts = {}
     for mode in ("never", "always"):
         saved = []
-        with edkm.settings(ndomain=mode), torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with (
+            edkm.settings(ndomain=mode),
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t),
+        ):
             edkm.dkm(w, c, 0.1, 2)
         counts[mode] = sum(saved)
     assert counts["never"] != counts["always"]
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"fused": True}, TypeError, "unknown setting 'fused'; the settings are"),
-    ({"fused_udomain": 1}, TypeError, "fused_udomain must be True or False, got 1"),
-    ({"ndomain": "sometimes"}, ValueError, "ndomain must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"fused": True}, TypeError, "unknown setting 'fused'; the settings are"),
+        ({"fused_udomain": 1}, TypeError, "fused_udomain must be True or False, got 1"),
+        ({"ndomain": "sometimes"}, ValueError, "ndomain must be one of"),
+    ],
+)
 def test_bad_settings_change_nothing(kwargs, error, message):
     with pytest.raises(error, match=message):
         with edkm.settings(simd_attention=False, **kwargs):

@@ -4,11 +4,11 @@ with the deterministic scatter's scale found on the device. Checked against the 
 kernels on the same GPU and against the CPU kernels: the same slot tables, the same bits in
 deterministic mode, NaN/Inf gradients summed as IEEE sums, the missing-slot error, and dkm end
 to end. They were written without a GPU; these tests are what a GPU run checks first."""
+
 import pytest
 import torch
 
 import edkm
-from edkm import _C
 from conftest import rel_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -22,11 +22,11 @@ def with_privatized(on, fn, *args, deterministic=True):
 
 
 SHAPES = [
-    ((512, 1024), 1),      # 16 full tiles of 32768 weights
-    ((8, 70000), 2),       # tiles cut by the group end: 8 x 32768 + 17856 per group
-    ((64, 300), 64),       # 64 groups of 300: one partial tile each, dense maps
-    ((100, 50), 100),      # more than 64 groups: generic table, binary-search look-ups
-    ((1, 7), 1),           # fewer weights than a warp
+    ((512, 1024), 1),  # 16 full tiles of 32768 weights
+    ((8, 70000), 2),  # tiles cut by the group end: 8 x 32768 + 17856 per group
+    ((64, 300), 64),  # 64 groups of 300: one partial tile each, dense maps
+    ((100, 50), 100),  # more than 64 groups: generic table, binary-search look-ups
+    ((1, 7), 1),  # fewer weights than a warp
 ]
 IDS = ["one-table", "tiles-cut-by-groups", "64-groups", "100-groups", "tiny"]
 
@@ -107,8 +107,9 @@ def test_non_finite_gradients_sum_like_ieee(deterministic):
         for idx, v in zip(where, values):
             flat_g[idx] = v
     want = torch.ops.edkm._slot_scatter_add(w, slots, grad)  # CPU: sums in order, IEEE rules
-    got = with_privatized(True, torch.ops.edkm._slot_scatter_add, w.cuda(), slots.cuda(), grad.cuda(),
-                          deterministic=deterministic).cpu()
+    got = with_privatized(
+        True, torch.ops.edkm._slot_scatter_add, w.cuda(), slots.cuda(), grad.cuda(), deterministic=deterministic
+    ).cpu()
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(torch.isposinf(got), torch.isposinf(want))
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
@@ -125,8 +126,7 @@ def test_weight_values_missing_from_the_table_are_refused():
     grad = torch.ones_like(w)
     for deterministic in (True, False):
         with pytest.raises(ValueError, match="missing from its slot table"):
-            with_privatized(True, torch.ops.edkm._slot_scatter_add, other, slots, grad,
-                            deterministic=deterministic)
+            with_privatized(True, torch.ops.edkm._slot_scatter_add, other, slots, grad, deterministic=deterministic)
     # The public gather still checks (only dkm's own forward skips the read-back).
     table = torch.zeros(slots.shape, device="cuda")
     with pytest.raises(ValueError, match="missing from its slot table"):

@@ -1,6 +1,5 @@
 """The saved-tensor store: exact round trips, dedup of views, in-place safety, uniquify only
 when smaller, and gradients unchanged when a real graph runs through it."""
-import math
 
 import pytest
 import torch
@@ -108,9 +107,11 @@ def test_parameters_are_referenced_not_copied():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("opts", [dict(offload=True), dict(offload=True, uniquify=True),
-                                  dict(offload=False, uniquify=True), dict(dedup=False)],
-                         ids=["M", "M+U", "U", "no-dedup"])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(offload=True), dict(offload=True, uniquify=True), dict(offload=False, uniquify=True), dict(dedup=False)],
+    ids=["M", "M+U", "U", "no-dedup"],
+)
 def test_gradients_through_the_store_are_bitwise_unchanged(device, opts):
     w = (torch.randn(96, 64, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16()
     w = w.to(device).requires_grad_()

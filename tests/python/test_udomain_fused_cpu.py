@@ -1,6 +1,7 @@
 """The fused CPU U-domain loops (csrc/cpu/udomain_kernel.cpp) against the ATen composition that
 every device runs (csrc/udomain.cpp): same tables in, the same numbers out, forward and backward,
 both distances, padding, several groups, early stop, more than one chunk per group."""
+
 import pytest
 import torch
 
@@ -11,9 +12,11 @@ from edkm import _C
 @pytest.fixture
 def aten_path():
     """Run the body with the fused CPU loops off; restore the setting afterwards."""
+
     def run(fn, *args):
         with edkm.settings(fused_udomain=False):
             return fn(*args)
+
     return run
 
 
@@ -21,8 +24,8 @@ def tables(groups, width, k, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     values = torch.randn(groups, width, generator=g, dtype=torch.float64).sort(1).values
     counts = torch.randint(0, 6, (groups, width), generator=g).double()
-    counts[:, width - width // 5:] = 0  # padding at the end, as dkm's tables have
-    values[:, width - width // 5:] = 0.0
+    counts[:, width - width // 5 :] = 0  # padding at the end, as dkm's tables have
+    values[:, width - width // 5 :] = 0.0
     c = torch.linspace(-1.5, 1.5, k, dtype=torch.float64).repeat(groups, 1)
     c = c + 0.05 * torch.randn(c.shape, generator=g, dtype=torch.float64)
     return values.to(dtype), counts.to(dtype), c.to(dtype)
@@ -36,9 +39,9 @@ def close(a, b, dtype):
 
 CASES = [  # groups, width, k, temperature, max_iter, epsilon
     (1, 40, 4, 0.3, 3, 0.0),
-    (3, 5000, 8, 0.05, 3, 0.0),      # several 2048-entry chunks per group
-    (16, 300, 16, 0.2, 5, 1e-3),     # early stop
-    (2, 100, 2, 1e-3, 4, 0.0),       # a sharp softmax: centroids no value attends to
+    (3, 5000, 8, 0.05, 3, 0.0),  # several 2048-entry chunks per group
+    (16, 300, 16, 0.2, 5, 1e-3),  # early stop
+    (2, 100, 2, 1e-3, 4, 0.0),  # a sharp softmax: centroids no value attends to
 ]
 
 
@@ -75,8 +78,16 @@ def test_fused_loops_match_the_aten_composition(case, distance, dtype, aten_path
     for extra in (None, grad_c):  # histories that differ in the last bit give visibly different gradients)
         got_b = bwd(v, n, history, exact[3], tau, distance, grad_soft, extra)
         want_b = aten_path(bwd, v, n, history, exact[3], tau, distance, grad_soft, extra)
-        exact_b = bwd(v.double(), n.double(), history.double(), exact[3], tau, distance, grad_soft.double(),
-                      None if extra is None else extra.double())
+        exact_b = bwd(
+            v.double(),
+            n.double(),
+            history.double(),
+            exact[3],
+            tau,
+            distance,
+            grad_soft.double(),
+            None if extra is None else extra.double(),
+        )
         check(got_b, want_b, exact_b, dtype)
 
 
@@ -112,7 +123,7 @@ def test_dkm_with_many_groups_matches_the_aten_path(aten_path):
     # bf16 outputs: the two float32 computations round to the same bf16 value almost everywhere,
     # one ulp apart at most where they straddle a rounding boundary
     a, b = fused[0].float(), aten[0].float()
-    assert ((a - b).abs() <= b.abs() * 2.0 ** -7).all()
+    assert ((a - b).abs() <= b.abs() * 2.0**-7).all()
     assert (a != b).float().mean() < 0.01
     assert close(fused[1], aten[1], torch.float32)
     assert (fused[2].float() - aten[2].float()).abs().max() <= 1e-2 * aten[2].float().abs().max()

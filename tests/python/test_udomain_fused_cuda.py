@@ -2,6 +2,7 @@
 against the ATen composition on the same GPU and the float64 reference: forward and backward,
 both distances, padding, several groups, early stop, K above 16, same bits on every run, and
 dkm end to end. They were written without a GPU; these tests are what a GPU run checks first."""
+
 import pytest
 import torch
 
@@ -23,8 +24,10 @@ def with_kernels(on, fn, *args):
         return fn(*args)
 
 
-CUDA_CASES = CASES + [(2, 700, 32, 0.1, 3, 0.0),     # K = 32: the 64-entry arrays
-                      (1, 3000, 128, 0.1, 3, 0.0)]   # K = 128: the 256-entry arrays
+CUDA_CASES = CASES + [
+    (2, 700, 32, 0.1, 3, 0.0),  # K = 32: the 64-entry arrays
+    (1, 3000, 128, 0.1, 3, 0.0),
+]  # K = 128: the 256-entry arrays
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -47,8 +50,16 @@ def test_cuda_kernels_match_the_aten_composition(case, distance, dtype):
     for extra in (None, grad_c):
         got_b = with_kernels(True, bwd, v, n, history, it, tau, distance, grad_soft, extra)
         want_b = with_kernels(False, bwd, v, n, history, it, tau, distance, grad_soft, extra)
-        exact_b = bwd(v.double().cpu(), n.double().cpu(), history.double().cpu(), exact[3], tau, distance,
-                      grad_soft.double().cpu(), None if extra is None else extra.double().cpu())
+        exact_b = bwd(
+            v.double().cpu(),
+            n.double().cpu(),
+            history.double().cpu(),
+            exact[3],
+            tau,
+            distance,
+            grad_soft.double().cpu(),
+            None if extra is None else extra.double().cpu(),
+        )
         check([x.cpu() for x in got_b], [x.cpu() for x in want_b], exact_b, dtype)
 
 
@@ -88,8 +99,12 @@ def test_dkm_on_the_cuda_kernels_matches_the_reference(eps):
     ref = run(edkm.dkm_reference)
     assert int(ours[0].iterations) == int(ref[0].iterations)
     assert (int(ours[0].iterations) < 30) == (eps > 0)
-    for a, b in [(ours[0].clustered, ref[0].clustered), (ours[0].centroids, ref[0].centroids),
-                 (ours[1], ref[1]), (ours[2], ref[2])]:
+    for a, b in [
+        (ours[0].clustered, ref[0].clustered),
+        (ours[0].centroids, ref[0].centroids),
+        (ours[1], ref[1]),
+        (ours[2], ref[2]),
+    ]:
         assert float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) <= 1e-10
 
 

@@ -1,4 +1,5 @@
 """_udomain_forward / _udomain_backward: the U-domain as ops (used by edkm.distributed)."""
+
 import pytest
 import torch
 
@@ -21,8 +22,9 @@ def test_opcheck():
     c_out, soft, hist, it = fwd(v, n, c, 0.3, 3, 0.0, "squared")
     grad_soft = torch.randn_like(soft)
     torch.library.opcheck(torch.ops.edkm._udomain_backward, (v, n, hist, it, 0.3, "squared", grad_soft, None))
-    torch.library.opcheck(torch.ops.edkm._udomain_backward,
-                          (v, n, hist, it, 0.3, "absolute", grad_soft, torch.randn_like(c)))
+    torch.library.opcheck(
+        torch.ops.edkm._udomain_backward, (v, n, hist, it, 0.3, "absolute", grad_soft, torch.randn_like(c))
+    )
 
 
 @pytest.mark.parametrize("distance", ["squared", "absolute"])
@@ -32,7 +34,7 @@ def test_tables_reproduce_dkm_on_the_expanded_weight(distance):
     c_out, soft, hist, it = torch.ops.edkm._udomain_forward(v, n, c, 0.3, 3, 0.0, distance)
     for g in range(2):
         w = torch.repeat_interleave(v[g], n[g].long())
-        ref = edkm.dkm_reference(w.view(1, -1), c[g:g + 1], 0.3, 3, 0.0, distance)
+        ref = edkm.dkm_reference(w.view(1, -1), c[g : g + 1], 0.3, 3, 0.0, distance)
         assert torch.allclose(c_out[g], ref.centroids[0], rtol=1e-12, atol=1e-12)
         expected = torch.repeat_interleave(soft[g], n[g].long())
         assert torch.allclose(ref.clustered[0], expected, rtol=1e-12, atol=1e-12)

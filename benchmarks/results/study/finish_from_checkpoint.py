@@ -6,7 +6,10 @@ loaded, finalized and saved; train.json records the step it stopped at.
 usage: python finish_from_checkpoint.py TARGET_BITS STEPS OUT_DIR [THREADS]
 (the arguments the run was started with)
 """
-import json, sys, time
+
+import json
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,20 +43,33 @@ done = int(ckpt["step"])
 lr = list(ckpt["lr"])
 tokens = done * train.batch_size * train.accumulate * train.block_len
 # the run's own training time: the fine-tuning progress bar's last elapsed time in its log
-import re
+import re  # noqa: E402  (a script: it reads its log only at this point)
+
 log = out.parent / (out.name + ".log")
 elapsed = None
 if log.is_file():
     stamps = re.findall(r"fine-tuning:[^\[]*\[((?:\d+:)?\d+:\d+)<", log.read_text(errors="replace"))
     if stamps:
         parts = [int(x) for x in stamps[-1].split(":")]
-        elapsed = sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
-report = dict(target_bits=target, steps=done, planned_steps=steps, stopped_early=done < steps,
-              lr_at_stop=lr[-1] if lr else None, file_bytes=size, train=train.to_dict(),
-              losses=list(ckpt["losses"]), tokens=tokens, validation=list(ckpt["validation"]),
-              bits=dict(mp.bits), train_seconds=elapsed,
-              tokens_per_second=tokens / elapsed if elapsed else None, finish_seconds=time.perf_counter() - t0,
-              command="PYTHONPATH=python python benchmarks/results/study/train_edkm.py " + " ".join(sys.argv[1:])
-                      + f"  (stopped after step {done}; finalized by finish_from_checkpoint.py)")
+        elapsed = sum(v * 60**i for i, v in enumerate(reversed(parts)))
+report = dict(
+    target_bits=target,
+    steps=done,
+    planned_steps=steps,
+    stopped_early=done < steps,
+    lr_at_stop=lr[-1] if lr else None,
+    file_bytes=size,
+    train=train.to_dict(),
+    losses=list(ckpt["losses"]),
+    tokens=tokens,
+    validation=list(ckpt["validation"]),
+    bits=dict(mp.bits),
+    train_seconds=elapsed,
+    tokens_per_second=tokens / elapsed if elapsed else None,
+    finish_seconds=time.perf_counter() - t0,
+    command="PYTHONPATH=python python benchmarks/results/study/train_edkm.py "
+    + " ".join(sys.argv[1:])
+    + f"  (stopped after step {done}; finalized by finish_from_checkpoint.py)",
+)
 (out / "train.json").write_text(json.dumps(report, indent=1, default=str))
 print(json.dumps({k: v for k, v in report.items() if k not in ("losses", "bits", "train")}, default=str))

@@ -7,7 +7,10 @@ chosen on validation loss in accuracy_part1/distill_study); validation = 5% of t
 usage: python train_edkm.py TARGET_BITS STEPS OUT_DIR [THREADS] [GROUP_SIZE]
 (GROUP_SIZE: output rows per LUT; default one LUT per matrix)
 """
-import json, sys, time
+
+import json
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,26 +26,56 @@ torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
 out.mkdir(parents=True, exist_ok=True)
 t0 = time.perf_counter()
 model, tok = load_model("smollm2-135m", torch.float32)
-train_files, _test = corpus_split(default_data_dir())     # the test split is never read here
-train = TrainConfig(lr=1e-4, schedule="cosine", warmup=0.1, batch_size=4, block_len=256, alpha=1.0,
-                    temperature=1.0, validation_fraction=0.05, validation_tokens=4096,
-                    validation_interval=max(1, steps // 10), checkpoint_interval=5, seed=0)
+train_files, _test = corpus_split(default_data_dir())  # the test split is never read here
+train = TrainConfig(
+    lr=1e-4,
+    schedule="cosine",
+    warmup=0.1,
+    batch_size=4,
+    block_len=256,
+    alpha=1.0,
+    temperature=1.0,
+    validation_fraction=0.05,
+    validation_tokens=4096,
+    validation_interval=max(1, steps // 10),
+    checkpoint_interval=5,
+    seed=0,
+)
 texts, vtexts = pick_train_and_validation_texts(train_files, steps, train)
 group_size = int(sys.argv[5]) if len(sys.argv) > 5 else None
-cfg = edkm.Config(bits=3, init="sensitivity", outlier_fraction=0.005, outlier_criterion="sensitivity",
-                  group_size=group_size)
-res = compress_model(model, tok, cfg, steps=steps, train=train, texts=texts, validation_texts=vtexts,
-                     target_bits=target, checkpoint=out / "checkpoint.pt", cache_dir=out / "cache",
-                     progress=True)
+cfg = edkm.Config(
+    bits=3, init="sensitivity", outlier_fraction=0.005, outlier_criterion="sensitivity", group_size=group_size
+)
+res = compress_model(
+    model,
+    tok,
+    cfg,
+    steps=steps,
+    train=train,
+    texts=texts,
+    validation_texts=vtexts,
+    target_bits=target,
+    checkpoint=out / "checkpoint.pt",
+    cache_dir=out / "cache",
+    progress=True,
+)
 path = out / "model.safetensors"
 size = edkm.save(model, str(path), metadata={"edkm.base_model": "smollm2-135m"})
 tr = res.training
-report = dict(target_bits=target, steps=steps, group_size=group_size, file_bytes=size, seconds=time.perf_counter() - t0,
-              stage_seconds=res.seconds, train=train.to_dict(),
-              bits={k: v for k, v in (res.mixed_precision.bits.items() if res.mixed_precision else [])},
-              losses=list(tr) if tr else [], tokens=tr.tokens if tr else 0,
-              tokens_per_second=tr.tokens_per_second if tr else 0,
-              validation=tr.validation if tr else [],
-              command="PYTHONPATH=python python benchmarks/results/study/train_edkm.py " + " ".join(sys.argv[1:]))
+report = dict(
+    target_bits=target,
+    steps=steps,
+    group_size=group_size,
+    file_bytes=size,
+    seconds=time.perf_counter() - t0,
+    stage_seconds=res.seconds,
+    train=train.to_dict(),
+    bits={k: v for k, v in (res.mixed_precision.bits.items() if res.mixed_precision else [])},
+    losses=list(tr) if tr else [],
+    tokens=tr.tokens if tr else 0,
+    tokens_per_second=tr.tokens_per_second if tr else 0,
+    validation=tr.validation if tr else [],
+    command="PYTHONPATH=python python benchmarks/results/study/train_edkm.py " + " ".join(sys.argv[1:]),
+)
 (out / "train.json").write_text(json.dumps(report, indent=1, default=str))
 print(json.dumps({k: v for k, v in report.items() if k not in ("losses", "bits")}, default=str))

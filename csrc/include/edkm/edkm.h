@@ -18,8 +18,7 @@ namespace edkm {
 //   distance: "squared" (squared Euclidean) or "absolute".
 // Dtypes: weight bf16/fp16/fp32/fp64; centroids of weight's dtype, or fp32 for 16-bit weights.
 // Computed exactly over the weight's distinct values (docs/DESIGN.md section 2).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm(const at::Tensor& weight,
-                                                   const at::Tensor& centroids,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm(const at::Tensor& weight, const at::Tensor& centroids,
                                                    double temperature, int64_t max_iter = 3,
                                                    double epsilon = 0.0,
                                                    const std::string& distance = "squared");
@@ -28,15 +27,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm(const at::Tensor& weight,
 // backward (it is rebuilt there from the U-domain tables), so a clustered layer's train-time
 // memory is that of a plain linear. weight: [out_features, in_features]. Returns
 // (output, final centroids, iterations).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_linear(
-    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& centroids,
-    const c10::optional<at::Tensor>& bias, double temperature, int64_t max_iter = 3,
-    double epsilon = 0.0, const std::string& distance = "squared");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_linear(const at::Tensor& input, const at::Tensor& weight,
+                                                          const at::Tensor& centroids,
+                                                          const c10::optional<at::Tensor>& bias,
+                                                          double temperature, int64_t max_iter = 3,
+                                                          double epsilon = 0.0,
+                                                          const std::string& distance = "squared");
 
 // The naive N x K DKM with plain ATen ops and autograd: the oracle and the baseline.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(
-    const at::Tensor& weight, const at::Tensor& centroids, double temperature,
-    int64_t max_iter = 3, double epsilon = 0.0, const std::string& distance = "squared");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkm_reference(const at::Tensor& weight,
+                                                             const at::Tensor& centroids, double temperature,
+                                                             int64_t max_iter = 3, double epsilon = 0.0,
+                                                             const std::string& distance = "squared");
 
 // Index of the nearest centroid for every weight (shape of weight; uint8 when K <= 256, else
 // int32). Ties go to the lower index.
@@ -63,8 +65,8 @@ at::Tensor unpack_indices(const at::Tensor& packed, int64_t bits, int64_t count)
 // float64 [k] ascending and the optimal cost (0-d float64). When k >= U the centroids are the
 // values padded by repeating the last one (cost 0). O(k U log U) time (divide-and-conquer DP)
 // and (k - 1) * (U - k + 1) int32 of memory; runs on the CPU (other devices copy there and back).
-std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d(const at::Tensor& values,
-                                                     const at::Tensor& counts, int64_t k);
+std::tuple<at::Tensor, at::Tensor> optimal_kmeans_1d(const at::Tensor& values, const at::Tensor& counts,
+                                                     int64_t k);
 
 // True when this build of libedkm has CUDA kernels.
 bool cuda_compiled();

@@ -18,13 +18,13 @@ namespace edkm {
 
 // One clustered tensor as stored.
 struct ClusteredTensor {
-  at::Tensor lut;              // float16 [groups, 2^bits, cluster_dim]
-  at::Tensor packed;           // uint8 [ceil(numel / cluster_dim * bits / 8)], FORMAT.md packing
-  int64_t bits = 0;            // 1..8
-  std::vector<int64_t> shape;  // the weight's shape (every dimension > 0)
+  at::Tensor lut;                     // float16 [groups, 2^bits, cluster_dim]
+  at::Tensor packed;                  // uint8 [ceil(numel / cluster_dim * bits / 8)], FORMAT.md packing
+  int64_t bits = 0;                   // 1..8
+  std::vector<int64_t> shape;         // the weight's shape (every dimension > 0)
   at::ScalarType dtype = at::kFloat;  // the weight's dtype: bfloat16, float16, float32, float64
-  int64_t groups = 1;          // G: numel splits into G equal contiguous groups, one LUT each
-  int64_t cluster_dim = 1;     // d: vectors of d consecutive elements (d divides shape.back())
+  int64_t groups = 1;                 // G: numel splits into G equal contiguous groups, one LUT each
+  int64_t cluster_dim = 1;            // d: vectors of d consecutive elements (d divides shape.back())
   // Outliers kept exact (format version 2; both undefined when there are none): flat row-major
   // positions, 1-D, strictly increasing, in [0, numel) -- int32 when numel <= 2^31, else int64 --
   // and their values, 1-D of the same length, finite, in the weight's dtype when that is 16-bit,
@@ -52,10 +52,10 @@ struct ClusteredTensor {
 };
 
 struct CompressedFile {
-  std::map<std::string, at::Tensor> tensors;           // stored as is
+  std::map<std::string, at::Tensor> tensors;  // stored as is
   // stored as NAME.lut + NAME.indices (+ NAME.outlier_index + NAME.outlier_values)
   std::map<std::string, ClusteredTensor> clustered;
-  std::map<std::string, std::string> aliases;          // alias name -> stored name (tied tensors)
+  std::map<std::string, std::string> aliases;  // alias name -> stored name (tied tensors)
   // __metadata__ entries besides those edkm writes itself ("format", "edkm.version",
   // "edkm.layout", "edkm.aliases"). Loading a plain (non-edkm) safetensors file keeps all of
   // its metadata here.

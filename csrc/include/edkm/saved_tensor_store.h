@@ -14,10 +14,10 @@
 namespace edkm {
 
 struct StoreOptions {
-  bool offload = true;            // copy to host at pack (pinned, non-blocking from CUDA)
-  bool dedup = true;              // one copy per (storage, version); views are geometry only
-  bool uniquify = false;          // distinct values / rows + index, when that is smaller
-  bool keep_parameters = true;    // leaves that require grad (and views of them) are referenced
+  bool offload = true;          // copy to host at pack (pinned, non-blocking from CUDA)
+  bool dedup = true;            // one copy per (storage, version); views are geometry only
+  bool uniquify = false;        // distinct values / rows + index, when that is smaller
+  bool keep_parameters = true;  // leaves that require grad (and views of them) are referenced
 };
 
 struct StoreCounters {

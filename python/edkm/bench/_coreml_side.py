@@ -12,6 +12,7 @@ so its peak RSS is subtracted from the run's; "run" does one warm-up and `repeat
 forward+backward passes of the layer's FakePalettize module on the weight, each from the same
 initial centroids.
 """
+
 import json
 import os
 import resource
@@ -56,11 +57,17 @@ def main(request_path: str) -> int:
         import torch
         import coremltools
         from coremltools.optimize.torch.palettization import (
-            DKMPalettizer, DKMPalettizerConfig, FakePalettize, ModuleDKMPalettizerConfig,
+            DKMPalettizer,
+            DKMPalettizerConfig,
+            FakePalettize,
+            ModuleDKMPalettizerConfig,
         )
 
-        result["versions"] = {"torch": torch.__version__, "coremltools": coremltools.__version__,
-                              "python": sys.version.split()[0]}
+        result["versions"] = {
+            "torch": torch.__version__,
+            "coremltools": coremltools.__version__,
+            "python": sys.version.split()[0],
+        }
         result["torch_threads"] = torch.get_num_threads()
         d = req["inputs"]
         w = torch.load(os.path.join(d, "weight.pt"), weights_only=True)

@@ -29,6 +29,7 @@ test numbers.
 
 Results: benchmarks/results/accuracy/<model>_<bits>bit_<layout>[_quick].{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,13 @@ TASK_LABELS = {"piqa": "PIQA", "arc_easy": "ARC-Easy", "lambada_openai": "LAMBAD
 CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "lambada_openai": 0.0}
 PAIRS = (("edkm", "kmeans"), ("edkm", "rtn"), ("kmeans", "rtn"))
 # (task, metric) pairs that are per-item right/wrong, for the paired comparison
-PAIRED_METRICS = (("piqa", "acc"), ("piqa", "acc_norm"), ("arc_easy", "acc"), ("arc_easy", "acc_norm"),
-                  ("lambada_openai", "acc"))
+PAIRED_METRICS = (
+    ("piqa", "acc"),
+    ("piqa", "acc_norm"),
+    ("arc_easy", "acc"),
+    ("arc_easy", "acc_norm"),
+    ("lambada_openai", "acc"),
+)
 FULL = dict(limit=500, eval_tokens=16384, steps=40)
 QUICK = dict(limit=10, eval_tokens=1024, steps=2)
 CONTEXT_LEN, STRIDE = 512, 256
@@ -62,39 +68,75 @@ CONTEXT_LEN, STRIDE = 512, 256
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model (default smollm2-135m, loaded in fp32)")
     p.add_argument("--bits", type=int, default=3, help="bits per weight, every quantized variant (default 3)")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="output channels per LUT, every quantized variant (default: one LUT per matrix)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of %s (default: all)" % ",".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"fine-tuning steps for edkm and finetune (default {FULL['steps']}; --quick {QUICK['steps']})")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="output channels per LUT, every quantized variant (default: one LUT per matrix)",
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of %s (default: all)" % ",".join(VARIANTS),
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"fine-tuning steps for edkm and finetune (default {FULL['steps']}; --quick {QUICK['steps']})",
+    )
     p.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (default 5e-4)")
     p.add_argument("--batch-size", type=int, default=4, help="fine-tuning batch (default 4)")
     p.add_argument("--block-len", type=int, default=256, help="fine-tuning block length (default 256)")
-    p.add_argument("--limit", type=int, default=None,
-                   help=f"first N items of each zero-shot task (default {FULL['limit']}; --quick "
-                        f"{QUICK['limit']}; 0 = the full sets)")
-    p.add_argument("--eval-tokens", type=int, default=None,
-                   help=f"held-out tokens for perplexity (default {FULL['eval_tokens']}; --quick "
-                        f"{QUICK['eval_tokens']}; context {CONTEXT_LEN}, stride {STRIDE})")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help=f"first N items of each zero-shot task (default {FULL['limit']}; --quick "
+        f"{QUICK['limit']}; 0 = the full sets)",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=None,
+        help=f"held-out tokens for perplexity (default {FULL['eval_tokens']}; --quick "
+        f"{QUICK['eval_tokens']}; context {CONTEXT_LEN}, stride {STRIDE})",
+    )
     p.add_argument("--zero-shot-batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="data folder (corpus/, eval/); default $EDKM_DATA_DIR, else ../shared/data")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default 0: torch's default, one per core). On a CPU shared "
-                        "with other busy processes, 1 can be several times faster than 2: every parallel "
-                        "op waits for its slowest thread to be scheduled")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data folder (corpus/, eval/); default $EDKM_DATA_DIR, else ../shared/data",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: torch's default, one per core). On a CPU shared "
+        "with other busy processes, 1 can be several times faster than 2: every parallel "
+        "op waits for its slowest thread to be scheduled",
+    )
     p.add_argument("--seed", type=int, default=0, help="k-means++ seed, fine-tuning data order (default 0)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: limit {QUICK['limit']}, {QUICK['eval_tokens']} tokens, "
-                        f"{QUICK['steps']} steps (a few minutes); results get a _quick suffix")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: limit {QUICK['limit']}, {QUICK['eval_tokens']} tokens, "
+        f"{QUICK['steps']} steps (a few minutes); results get a _quick suffix",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON results (the table goes to stderr)")
-    p.add_argument("--render", type=Path, default=None, metavar="JSON",
-                   help="run nothing: rewrite the markdown and PNG beside a results JSON this command wrote")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: rewrite the markdown and PNG beside a results JSON this command wrote",
+    )
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results/accuracy)")
 
 
 # ----------------------------------------------------------------------------- variant builders
+
 
 @torch.no_grad()
 def uniform_grid(source: torch.Tensor, groups: int, k: int) -> torch.Tensor:
@@ -123,8 +165,10 @@ def rtn_(model: torch.nn.Module) -> torch.nn.Module:
             raise ValueError(f"rtn_: {name} is already finalized")
         cfg = m.edkm_config
         if cfg.cluster_dim != 1:
-            raise ValueError(f"rtn_: {name} clusters vectors (cluster_dim {cfg.cluster_dim}); "
-                             f"a uniform scalar grid needs cluster_dim 1")
+            raise ValueError(
+                f"rtn_: {name} clusters vectors (cluster_dim {cfg.cluster_dim}); "
+                f"a uniform scalar grid needs cluster_dim 1"
+            )
         grid = uniform_grid(m.edkm_source(), m.edkm_groups, cfg.k)
         m.edkm_centroids.copy_(grid.to(m.edkm_centroids))
         n += 1
@@ -182,8 +226,11 @@ def weight_count(model) -> int:
 
 def lut_layout(info: dict) -> List[tuple]:
     """(name, shape, bits, groups, cluster_dim) of every clustered tensor of an edkm.info()."""
-    return sorted((t["name"], tuple(t["shape"]), t["bits"], t["groups"], t["cluster_dim"])
-                  for t in info["tensors"] if t["kind"] == "clustered")
+    return sorted(
+        (t["name"], tuple(t["shape"]), t["bits"], t["groups"], t["cluster_dim"])
+        for t in info["tensors"]
+        if t["kind"] == "clustered"
+    )
 
 
 def sample_batch(tokenizer, texts: Sequence[str], length: int) -> torch.LongTensor:
@@ -221,24 +268,30 @@ def save_and_check(model, fresh, batch, directory, base_model: Optional[str] = N
     edkm.load(path, fresh)
     a, b = _logits(model, batch), _logits(fresh, batch)
     os.unlink(path)
-    return {"bytes": size, "file_bytes": info["file_bytes"], "clustered_bytes": info["clustered_bytes"],
-            "plain_bytes": info["plain_bytes"], "layout": lut_layout(info),
-            "reload_exact": bool(torch.equal(a, b)),
-            "reload_max_abs_diff": float((a.double() - b.double()).abs().max()),
-            "save_seconds": seconds}
+    return {
+        "bytes": size,
+        "file_bytes": info["file_bytes"],
+        "clustered_bytes": info["clustered_bytes"],
+        "plain_bytes": info["plain_bytes"],
+        "layout": lut_layout(info),
+        "reload_exact": bool(torch.equal(a, b)),
+        "reload_max_abs_diff": float((a.double() - b.double()).abs().max()),
+        "save_seconds": seconds,
+    }
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def zero_shot_items(model, tokenizer, task_file, limit: Optional[int], batch_size: int = 8,
-                    progress: bool = True):
+
+def zero_shot_items(model, tokenizer, task_file, limit: Optional[int], batch_size: int = 8, progress: bool = True):
     """(edkm.evaluate.zero_shot's result, per-item outcomes): outcomes is {"acc": [bool],
     "acc_norm": [bool]} (multiple choice), {"acc": [bool], "logprob": [float]} (LAMBADA) or
     {"acc": [bool]} (schema), in item order."""
     from edkm.evaluate import zero_shot
 
-    result = zero_shot(model, tokenizer, task_file, limit=limit, batch_size=batch_size, progress=progress,
-                       per_item=True)
+    result = zero_shot(
+        model, tokenizer, task_file, limit=limit, batch_size=batch_size, progress=progress, per_item=True
+    )
     items = result.pop("items")
     out: Dict[str, list] = {"acc": [it["acc"] for it in items]}
     if result["format"] == "multiple_choice":
@@ -248,14 +301,23 @@ def zero_shot_items(model, tokenizer, task_file, limit: Optional[int], batch_siz
     return result, out
 
 
-def evaluate_model(model, tokenizer, test_texts, task_files: Dict[str, Path], limit: Optional[int],
-                   eval_tokens: int, batch_size: int = 8, progress: bool = True):
+def evaluate_model(
+    model,
+    tokenizer,
+    test_texts,
+    task_files: Dict[str, Path],
+    limit: Optional[int],
+    eval_tokens: int,
+    batch_size: int = 8,
+    progress: bool = True,
+):
     """(metrics {"ppl": perplexity result, task: zero_shot result}, items {task: outcomes})."""
     from edkm.evaluate import perplexity
 
     metrics, items = {}, {}
-    ppl = perplexity(model, tokenizer, test_texts, context_len=CONTEXT_LEN, stride=STRIDE,
-                     max_tokens=eval_tokens, progress=progress)
+    ppl = perplexity(
+        model, tokenizer, test_texts, context_len=CONTEXT_LEN, stride=STRIDE, max_tokens=eval_tokens, progress=progress
+    )
     metrics["ppl"] = ppl
     for task, path in task_files.items():
         metrics[task], items[task] = zero_shot_items(model, tokenizer, path, limit, batch_size, progress)
@@ -282,9 +344,16 @@ def paired(a: Sequence[bool], b: Sequence[bool]) -> dict:
     b_only = sum(1 for x, y in zip(a, b) if y and not x)
     d = a_only - b_only
     se = math.sqrt(max(a_only + b_only - d * d / n, 0.0)) / n if n else 0.0
-    return {"n": n, "both_right": both, "a_only": a_only, "b_only": b_only,
-            "both_wrong": n - both - a_only - b_only, "diff": d / n if n else 0.0, "diff_stderr": se,
-            "mcnemar_p": mcnemar_p(a_only, b_only)}
+    return {
+        "n": n,
+        "both_right": both,
+        "a_only": a_only,
+        "b_only": b_only,
+        "both_wrong": n - both - a_only - b_only,
+        "diff": d / n if n else 0.0,
+        "diff_stderr": se,
+        "mcnemar_p": mcnemar_p(a_only, b_only),
+    }
 
 
 def _hits(s: str) -> List[bool]:
@@ -307,16 +376,24 @@ def paired_comparisons(variants: Dict[str, dict]) -> List[dict]:
 
 # ----------------------------------------------------------------------------- the run
 
+
 def _settings(args) -> dict:
     base = QUICK if args.quick else FULL
     s = {
-        "model": args.model, "bits": args.bits, "group_size": args.group_size,
+        "model": args.model,
+        "bits": args.bits,
+        "group_size": args.group_size,
         "steps": base["steps"] if args.steps is None else args.steps,
-        "lr": args.lr, "batch_size": args.batch_size, "block_len": args.block_len,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "block_len": args.block_len,
         "limit": base["limit"] if args.limit is None else args.limit,
         "eval_tokens": base["eval_tokens"] if args.eval_tokens is None else args.eval_tokens,
-        "zero_shot_batch_size": args.zero_shot_batch_size, "seed": args.seed, "quick": bool(args.quick),
-        "context_len": CONTEXT_LEN, "stride": STRIDE,
+        "zero_shot_batch_size": args.zero_shot_batch_size,
+        "seed": args.seed,
+        "quick": bool(args.quick),
+        "context_len": CONTEXT_LEN,
+        "stride": STRIDE,
     }
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
@@ -386,6 +463,7 @@ def run(args, loaded=None) -> dict:
 
     if loaded is None:
         from edkm.models import load_model
+
         log(f"loading {s['model']} (fp32)")
         model, tok = load_model(s["model"], torch.float32)
     else:
@@ -402,10 +480,12 @@ def run(args, loaded=None) -> dict:
         ft_texts = pick_texts(train_files, s["steps"] * s["batch_size"] * s["block_len"], seed=s["seed"])
         s["finetune_tokens"] = s["steps"] * s["batch_size"] * s["block_len"]
         s["finetune_texts"] = len(ft_texts)
-    log(f"{n_weights:,} weights; variants {','.join(s['variants'])}; {s['bits']} bits, "
+    log(
+        f"{n_weights:,} weights; variants {','.join(s['variants'])}; {s['bits']} bits, "
         f"{'one LUT per %d output channels' % s['group_size'] if s['group_size'] else 'one LUT per matrix'}; "
         f"zero-shot limit {limit or 'none (full sets)'}, {s['eval_tokens']} held-out tokens, "
-        f"{s['steps']} fine-tuning steps; {torch.get_num_threads()} threads")
+        f"{s['steps']} fine-tuning steps; {torch.get_num_threads()} threads"
+    )
 
     results: Dict[str, dict] = {}
     clustered = None
@@ -442,41 +522,57 @@ def run(args, loaded=None) -> dict:
             if losses is not None:
                 r["train_losses"] = losses
             if v in QUANTIZED:
-                r["file"] = save_and_check(m, copy.deepcopy(model), batch, tmp,
-                                           s["model"] if loaded is None else None)
+                r["file"] = save_and_check(m, copy.deepcopy(model), batch, tmp, s["model"] if loaded is None else None)
                 r["bytes"] = r["file"]["bytes"]
                 r["size_kind"] = "edkm file"
                 if not r["file"]["reload_exact"]:
-                    log(f"WARNING: {v}: the saved file's logits differ from the evaluated model's "
-                        f"(max |diff| {r['file']['reload_max_abs_diff']:.3g})")
+                    log(
+                        f"WARNING: {v}: the saved file's logits differ from the evaluated model's "
+                        f"(max |diff| {r['file']['reload_max_abs_diff']:.3g})"
+                    )
             else:
                 r["bytes"] = 2 * n_weights
                 r["size_kind"] = "bf16"
             r["bits_per_weight"] = 8 * r["bytes"] / n_weights
             te = time.perf_counter()
-            metrics, items = evaluate_model(m, tok, test_texts, task_files, limit, s["eval_tokens"],
-                                            s["zero_shot_batch_size"], progress)
+            metrics, items = evaluate_model(
+                m, tok, test_texts, task_files, limit, s["eval_tokens"], s["zero_shot_batch_size"], progress
+            )
             r["eval_seconds"] = time.perf_counter() - te
             r["metrics"] = metrics
-            r["items"] = {t: {k: ("".join("1" if x else "0" for x in vals) if k != "logprob" else vals)
-                              for k, vals in o.items()} for t, o in items.items()}
+            r["items"] = {
+                t: {k: ("".join("1" if x else "0" for x in vals) if k != "logprob" else vals) for k, vals in o.items()}
+                for t, o in items.items()
+            }
             results[v] = r
             loads.append(os.getloadavg()[0])
-            log(f"{v}: ppl {metrics['ppl']['ppl']:.2f}, " + ", ".join(
-                f"{TASK_LABELS[t]} {metrics[t]['acc']:.3f}" for t in TASKS)
-                + f" (build {r['build_seconds']:.0f} s, eval {r['eval_seconds']:.0f} s)")
+            log(
+                f"{v}: ppl {metrics['ppl']['ppl']:.2f}, "
+                + ", ".join(f"{TASK_LABELS[t]} {metrics[t]['acc']:.3f}" for t in TASKS)
+                + f" (build {r['build_seconds']:.0f} s, eval {r['eval_seconds']:.0f} s)"
+            )
             if m is not model:
                 del m
-    report = {"benchmark": "accuracy", "settings": s, "n_weights": n_weights,
-              "palettize_seconds": palettize_seconds, "variants": results,
-              "paired": paired_comparisons(results), "checks": _checks(results),
-              "data": {"data_dir": str(data_dir), "train_files": len(train_files),
-                       "test_files": len(test_files),
-                       "tasks": {t: str(p) for t, p in task_files.items()}},
-              **_results.stamp()}
+    report = {
+        "benchmark": "accuracy",
+        "settings": s,
+        "n_weights": n_weights,
+        "palettize_seconds": palettize_seconds,
+        "variants": results,
+        "paired": paired_comparisons(results),
+        "checks": _checks(results),
+        "data": {
+            "data_dir": str(data_dir),
+            "train_files": len(train_files),
+            "test_files": len(test_files),
+            "tasks": {t: str(p) for t, p in task_files.items()},
+        },
+        **_results.stamp(),
+    }
     report["machine"] = _machine()
     if s["model"] == "smollm2-135m":
         from edkm.models import smollm2_path
+
         d, name = smollm2_path()
         report["source_file_bytes"] = os.path.getsize(os.path.join(d, name))
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -506,6 +602,7 @@ def _checks(results: Dict[str, dict]) -> dict:
 
 # ----------------------------------------------------------------------------- output
 
+
 def _pct(x):
     return f"{100 * x:.1f}"
 
@@ -521,9 +618,11 @@ def _size(b):
 
 def table(report: dict) -> str:
     """The main table (markdown)."""
-    lines = ["| variant | size | bits/weight | held-out ppl | PIQA acc | PIQA acc_norm | ARC-E acc | "
-             "ARC-E acc_norm | LAMBADA acc | LAMBADA ppl | build | eval |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | size | bits/weight | held-out ppl | PIQA acc | PIQA acc_norm | ARC-E acc | "
+        "ARC-E acc_norm | LAMBADA acc | LAMBADA ppl | build | eval |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for v, r in report["variants"].items():
         m = r["metrics"]
         size = _size(r["bytes"]) + (" (file)" if r["size_kind"] == "edkm file" else " (bf16)")
@@ -531,19 +630,23 @@ def table(report: dict) -> str:
             f"| {v} | {size} | {r['bits_per_weight']:.2f} | {_num(m['ppl']['ppl'])} | "
             f"{_pct(m['piqa']['acc'])} | {_pct(m['piqa']['acc_norm'])} | {_pct(m['arc_easy']['acc'])} | "
             f"{_pct(m['arc_easy']['acc_norm'])} | {_pct(m['lambada_openai']['acc'])} | "
-            f"{_num(m['lambada_openai']['ppl'])} | {r['build_seconds']:.0f} s | {r['eval_seconds']:.0f} s |")
+            f"{_num(m['lambada_openai']['ppl'])} | {r['build_seconds']:.0f} s | {r['eval_seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 
 def paired_table(report: dict) -> str:
-    lines = ["| A vs B | task, metric | n | both right | A right, B wrong | B right, A wrong | both wrong | "
-             "A - B (paired s.e.) | McNemar exact p |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| A vs B | task, metric | n | both right | A right, B wrong | B right, A wrong | both wrong | "
+        "A - B (paired s.e.) | McNemar exact p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in report["paired"]:
         lines.append(
             f"| {p['a']} vs {p['b']} | {TASK_LABELS[p['task']]} {p['metric']} | {p['n']} | {p['both_right']} | "
             f"{p['a_only']} | {p['b_only']} | {p['both_wrong']} | {100 * p['diff']:+.1f} pp "
-            f"(±{100 * p['diff_stderr']:.1f}) | {p['mcnemar_p']:.3g} |")
+            f"(±{100 * p['diff_stderr']:.1f}) | {p['mcnemar_p']:.3g} |"
+        )
     return "\n".join(lines)
 
 
@@ -567,11 +670,17 @@ def markdown(report: dict) -> str:
         f"{report['palettize_seconds']:.0f} s, included in their build times); peak RSS "
         f"{report['peak_rss_bytes'] / 2**30:.2f} GiB; 1-minute load average sampled at the start and "
         f"after each variant: {', '.join('%.1f' % x for x in report['loadavg'])}"
-        + (" (above the CPU count: other processes shared the CPU, times are inflated)"
-           if max(report['loadavg']) > report['machine']['cpu_count'] + 1 else "")
-        + (f"; --threads {s['threads']}: on a CPU shared with other busy processes fewer threads run "
-           f"faster (each parallel op waits for its slowest thread to be scheduled)"
-           if s.get("threads", 0) < (report["machine"]["cpu_count"] or 0) else ""),
+        + (
+            " (above the CPU count: other processes shared the CPU, times are inflated)"
+            if max(report["loadavg"]) > report["machine"]["cpu_count"] + 1
+            else ""
+        )
+        + (
+            f"; --threads {s['threads']}: on a CPU shared with other busy processes fewer threads run "
+            f"faster (each parallel op waits for its slowest thread to be scheduled)"
+            if s.get("threads", 0) < (report["machine"]["cpu_count"] or 0)
+            else ""
+        ),
         f"- quantized variants: {s['bits']} bits per weight, {layout}, tied embedding/lm_head clustered "
         f"like the rest (config {json.dumps(s['config'])})",
         f"- fine-tuning (edkm and finetune alike): {s['steps']} AdamW steps, lr {s['lr']:g} (10% linear "
@@ -590,34 +699,51 @@ def markdown(report: dict) -> str:
         "baseline and finetune = the same weights in bf16.",
     ]
     if "source_file_bytes" in report:
-        lines.append(f"The baseline's source, the Q4_1 GGUF, is {_size(report['source_file_bytes'])} "
-                     f"({8 * report['source_file_bytes'] / report['n_weights']:.2f} bits per weight: Q4_1, "
-                     f"5.0 bits per weight, for the decoder matrices; Q8_0, 8.5, for the tied embedding).")
+        lines.append(
+            f"The baseline's source, the Q4_1 GGUF, is {_size(report['source_file_bytes'])} "
+            f"({8 * report['source_file_bytes'] / report['n_weights']:.2f} bits per weight: Q4_1, "
+            f"5.0 bits per weight, for the decoder matrices; Q8_0, 8.5, for the tied embedding)."
+        )
     lines += ["", "Checks:", ""]
     for v, ok in ck["reload_exact"].items():
         r = report["variants"][v]["file"]
-        lines.append(f"- {v}: the saved file, loaded into a fresh model, gives the evaluated model's logits "
-                     + ("bit for bit" if ok else f"NOT exactly (max |diff| {r['reload_max_abs_diff']:.3g})"))
+        lines.append(
+            f"- {v}: the saved file, loaded into a fresh model, gives the evaluated model's logits "
+            + ("bit for bit" if ok else f"NOT exactly (max |diff| {r['reload_max_abs_diff']:.3g})")
+        )
     if ck["reload_exact"]:
-        lines.append(f"- same LUT layout in every quantized file: {'yes' if ck['same_layout'] else 'NO'} "
-                     f"({next(iter(ck['clustered_tensors'].values()))} clustered tensors, "
-                     f"{next(iter(ck['luts'].values()))} LUTs); same file size: "
-                     f"{'yes' if ck['same_file_bytes'] else 'NO'}")
+        lines.append(
+            f"- same LUT layout in every quantized file: {'yes' if ck['same_layout'] else 'NO'} "
+            f"({next(iter(ck['clustered_tensors'].values()))} clustered tensors, "
+            f"{next(iter(ck['luts'].values()))} LUTs); same file size: "
+            f"{'yes' if ck['same_file_bytes'] else 'NO'}"
+        )
     if report["paired"]:
-        lines += ["", "## Paired comparison (the same items)", "",
-                  f"With n = {n_items['piqa']} items a single accuracy has a standard error of about "
-                  f"{100 * max(stderr.values()):.0f} pp, so differences between two variants are judged on "
-                  "the items where they disagree: counts, the paired difference with its standard error, and "
-                  "the exact McNemar test on the disagreements.", "",
-                  paired_table(report)]
+        lines += [
+            "",
+            "## Paired comparison (the same items)",
+            "",
+            f"With n = {n_items['piqa']} items a single accuracy has a standard error of about "
+            f"{100 * max(stderr.values()):.0f} pp, so differences between two variants are judged on "
+            "the items where they disagree: counts, the paired difference with its standard error, and "
+            "the exact McNemar test on the disagreements.",
+            "",
+            paired_table(report),
+        ]
     losses = {v: r["train_losses"] for v, r in report["variants"].items() if "train_losses" in r}
     if losses:
-        lines += ["", "Training loss (first -> last step): " + "; ".join(
-            f"{v} {l[0]:.3f} -> {l[-1]:.3f}" for v, l in losses.items())]
+        lines += [
+            "",
+            "Training loss (first -> last step): "
+            + "; ".join(f"{v} {l[0]:.3f} -> {l[-1]:.3f}" for v, l in losses.items()),
+        ]
     lines += ["", "## Key numbers", ""] + [f"- {x}" for x in key_numbers(report)]
     lines += ["", "## What these numbers show and do not show", ""] + [f"- {x}" for x in reading(report["settings"])]
-    lines += ["", f"Raw numbers, per-item outcomes and losses: `{os.path.basename(report['files']['json'])}`; "
-              f"chart: `{os.path.basename(report['files']['png'])}`."]
+    lines += [
+        "",
+        f"Raw numbers, per-item outcomes and losses: `{os.path.basename(report['files']['json'])}`; "
+        f"chart: `{os.path.basename(report['files']['png'])}`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -625,26 +751,42 @@ def key_numbers(report: dict) -> List[str]:
     """Facts read off the results (no interpretation): NLL per token, distance from chance, the
     paired differences that pass p < 0.05, and how many comparisons were made."""
     V = report["variants"]
-    out = ["Held-out NLL per token (nats; ppl = exp(NLL), so ppl differences of orders of magnitude are "
-           "differences of a few nats): " + ", ".join(f"{v} {r['metrics']['ppl']['nll']:.2f}" for v, r in V.items())]
+    out = [
+        "Held-out NLL per token (nats; ppl = exp(NLL), so ppl differences of orders of magnitude are "
+        "differences of a few nats): " + ", ".join(f"{v} {r['metrics']['ppl']['nll']:.2f}" for v, r in V.items())
+    ]
     for t in ("piqa", "arc_easy"):
-        out.append(f"{TASK_LABELS[t]} acc minus chance ({100 * CHANCE[t]:.0f}%), in standard errors: " + ", ".join(
-            f"{v} {(r['metrics'][t]['acc'] - CHANCE[t]) / max(r['metrics'][t]['acc_stderr'], 1e-12):+.1f}"
-            for v, r in V.items()))
+        out.append(
+            f"{TASK_LABELS[t]} acc minus chance ({100 * CHANCE[t]:.0f}%), in standard errors: "
+            + ", ".join(
+                f"{v} {(r['metrics'][t]['acc'] - CHANCE[t]) / max(r['metrics'][t]['acc_stderr'], 1e-12):+.1f}"
+                for v, r in V.items()
+            )
+        )
     if "finetune" in V and "baseline" in V:
         f, b = V["finetune"]["metrics"], V["baseline"]["metrics"]
-        out.append("finetune minus baseline (what the loop does without clustering): held-out NLL "
-                   f"{f['ppl']['nll'] - b['ppl']['nll']:+.2f} nats, " + ", ".join(
-                       f"{TASK_LABELS[t]} acc {100 * (f[t]['acc'] - b[t]['acc']):+.1f} pp" for t in TASKS))
+        out.append(
+            "finetune minus baseline (what the loop does without clustering): held-out NLL "
+            f"{f['ppl']['nll'] - b['ppl']['nll']:+.2f} nats, "
+            + ", ".join(f"{TASK_LABELS[t]} acc {100 * (f[t]['acc'] - b[t]['acc']):+.1f} pp" for t in TASKS)
+        )
     pairs = report["paired"]
     if pairs:
         m = len(pairs)
         sig = [p for p in pairs if p["mcnemar_p"] < 0.05]
-        listed = "; ".join(f"{p['a']} vs {p['b']} {TASK_LABELS[p['task']]} {p['metric']} {100 * p['diff']:+.1f} pp "
-                           f"(p = {p['mcnemar_p']:.2g})" for p in sig) or "none"
-        out.append(f"Paired differences with McNemar p < 0.05, out of {m} comparisons: {listed}. With {m} "
-                   f"comparisons about {0.05 * m:.1f} would pass by chance alone; a Bonferroni threshold is "
-                   f"p < {0.05 / m:.2g}.")
+        listed = (
+            "; ".join(
+                f"{p['a']} vs {p['b']} {TASK_LABELS[p['task']]} {p['metric']} {100 * p['diff']:+.1f} pp "
+                f"(p = {p['mcnemar_p']:.2g})"
+                for p in sig
+            )
+            or "none"
+        )
+        out.append(
+            f"Paired differences with McNemar p < 0.05, out of {m} comparisons: {listed}. With {m} "
+            f"comparisons about {0.05 * m:.1f} would pass by chance alone; a Bonferroni threshold is "
+            f"p < {0.05 / m:.2g}."
+        )
     return out
 
 
@@ -653,11 +795,18 @@ def reading(settings: dict) -> List[str]:
     steps, batch, block = settings["steps"], settings["batch_size"], settings["block_len"]
     tokens = steps * batch * block
     gs = settings.get("group_size")
-    layout = ("One LUT per matrix at {b} bits is the harshest layout there is ({k} values for a whole matrix, "
-              "including the 49152 x 576 embedding). Finer LUT groups (--group-size) are the usual remedy for "
-              "post-training quantization; this run does not use them.") if gs is None else (
-              "A LUT per {gs} output channels at {b} bits ({k} values per LUT): finer groups than one LUT per "
-              "matrix, at the cost of more LUT bytes (counted in the file sizes).")
+    layout = (
+        (
+            "One LUT per matrix at {b} bits is the harshest layout there is ({k} values for a whole matrix, "
+            "including the 49152 x 576 embedding). Finer LUT groups (--group-size) are the usual remedy for "
+            "post-training quantization; this run does not use them."
+        )
+        if gs is None
+        else (
+            "A LUT per {gs} output channels at {b} bits ({k} values per LUT): finer groups than one LUT per "
+            "matrix, at the cost of more LUT bytes (counted in the file sizes)."
+        )
+    )
     return [
         "Every quantized variant stores the same thing: the same bits per weight and LUT layout, "
         "checked on the files; only how the LUTs and assignments are chosen differs.",
@@ -695,8 +844,13 @@ def _plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     variants = list(report["variants"])
-    acc_metrics = [("piqa", "acc"), ("piqa", "acc_norm"), ("arc_easy", "acc"), ("arc_easy", "acc_norm"),
-                   ("lambada_openai", "acc")]
+    acc_metrics = [
+        ("piqa", "acc"),
+        ("piqa", "acc_norm"),
+        ("arc_easy", "acc"),
+        ("arc_easy", "acc_norm"),
+        ("lambada_openai", "acc"),
+    ]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
     width = 0.8 / max(len(variants), 1)
     for j, v in enumerate(variants):
@@ -718,8 +872,10 @@ def _plot(report: dict, path: str) -> None:
     ax2.set_ylabel("perplexity (log)")
     s = report["settings"]
     layout = f"LUT per {s['group_size']} rows" if s["group_size"] else "one LUT per matrix"
-    fig.suptitle(f"{s['model']}, {s['bits']} bits ({layout}), {s['steps']} fine-tuning steps"
-                 + (" — quick smoke run" if s["quick"] else ""))
+    fig.suptitle(
+        f"{s['model']}, {s['bits']} bits ({layout}), {s['steps']} fine-tuning steps"
+        + (" — quick smoke run" if s["quick"] else "")
+    )
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -759,11 +915,16 @@ def summary(report: dict) -> str:
         lines += ["", paired_table(report)]
     ck = report["checks"]
     if ck["reload_exact"]:
-        lines += ["", f"files reload bit-exact: {all(ck['reload_exact'].values())}; same LUT layout: "
-                  f"{ck['same_layout']}; same file size: {ck['same_file_bytes']}"]
-    lines += [f"written: {', '.join(report['files'].values())}",
-              f"total {report['seconds'] / 60:.1f} min; tuned on the train split only, nothing chosen "
-              "by looking at test numbers"]
+        lines += [
+            "",
+            f"files reload bit-exact: {all(ck['reload_exact'].values())}; same LUT layout: "
+            f"{ck['same_layout']}; same file size: {ck['same_file_bytes']}",
+        ]
+    lines += [
+        f"written: {', '.join(report['files'].values())}",
+        f"total {report['seconds'] / 60:.1f} min; tuned on the train split only, nothing chosen "
+        "by looking at test numbers",
+    ]
     return "\n".join(lines)
 
 

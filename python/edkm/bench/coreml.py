@@ -12,6 +12,7 @@ semantics, computed exactly over the distinct values of the weight.
 If coremltools cannot be installed or run, the report says exactly why (every step's command
 and output) and still measures edkm.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,26 +44,46 @@ MAPPING = [
     ("enable_per_channel_scale", "False", "no per-channel scaling"),
     ("lut_dtype", "'f32'", "LUT not quantized; edkm's centroids are float32"),
     ("kmeans_max_iter", "max_iter", "max_iter: the same number of centroid updates"),
-    ("palett_tau", "temperature", "temperature, absolute, with distance='squared': both use softmax(-(w - c)^2 / tau) "
-     "(edkm.Config's temperature is relative to var(w); edkm.dkm's is not)"),
+    (
+        "palett_tau",
+        "temperature",
+        "temperature, absolute, with distance='squared': both use softmax(-(w - c)^2 / tau) "
+        "(edkm.Config's temperature is relative to var(w); edkm.dkm's is not)",
+    ),
     ("palett_mode", "'dkm'", "softmax attention"),
-    ("palett_epsilon", "-1.0", "epsilon=0.0: no early stop on either side (theirs stops when the inertia "
-     "changes by <= epsilon, ours when no centroid moves by more than epsilon)"),
+    (
+        "palett_epsilon",
+        "-1.0",
+        "epsilon=0.0: no early stop on either side (theirs stops when the inertia "
+        "changes by <= epsilon, ours when no centroid moves by more than epsilon)",
+    ),
     ("prune_threshold", "0.0", "(default 1e-7 is subtracted from every distance to centroid 0: off)"),
     ("zero_threshold", "0.0", "(default 1e-7 clamps the attention from below: off)"),
     ("enforce_zero / add_extra_centroid", "False / False", "no centroid pinned to 0, no extra centroid"),
     ("palett_cluster_tol", "0.0", "(duplicate-centroid repair; the initial centroids are distinct)"),
-    ("kmeans_init", "'auto', overridden", "the same initial centroids on both sides: set as a tensor before "
-     "the first forward, which skips their k-means init"),
-    ("palett_max_mem / palett_unique / palett_shard / palett_batch_mode / palett_dist",
-     "1.0 / False / False / False / False", "their eDKM memory options off (probed separately: variant "
-     "'coremltools_edkm_options')"),
+    (
+        "kmeans_init",
+        "'auto', overridden",
+        "the same initial centroids on both sides: set as a tensor before "
+        "the first forward, which skips their k-means init",
+    ),
+    (
+        "palett_max_mem / palett_unique / palett_shard / palett_batch_mode / palett_dist",
+        "1.0 / False / False / False / False",
+        "their eDKM memory options off (probed separately: variant 'coremltools_edkm_options')",
+    ),
     ("milestone / weight_threshold", "0 / 0", "clustering from the first forward, whatever the size"),
-    ("(not an option) output", "attention(C_{T-1}) @ C_T",
-     "edkm: attention(C_T) @ C_T; the last attention is recomputed with the final centroids. "
-     "Centroids C_T are the same map on both sides."),
-    ("(not an option) arithmetic", "the weight's dtype (bf16 in, bf16 cdist/softmax/matmul)",
-     "float32 for 16-bit weights (float64 for float64)"),
+    (
+        "(not an option) output",
+        "attention(C_{T-1}) @ C_T",
+        "edkm: attention(C_T) @ C_T; the last attention is recomputed with the final centroids. "
+        "Centroids C_T are the same map on both sides.",
+    ),
+    (
+        "(not an option) arithmetic",
+        "the weight's dtype (bf16 in, bf16 cdist/softmax/matmul)",
+        "float32 for 16-bit weights (float64 for float64)",
+    ),
 ]
 
 
@@ -110,8 +131,15 @@ def coreml_edkm_options_config(k: int, iters: int, temperature: float) -> dict:
 
 # --- float64 oracles and comparisons (no coremltools needed) ---------------------------------
 
-def dkm_oracle(weight: torch.Tensor, centroids: torch.Tensor, temperature: float, iters: int,
-               final: str = "recompute", grad_output: torch.Tensor | None = None) -> dict:
+
+def dkm_oracle(
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    temperature: float,
+    iters: int,
+    final: str = "recompute",
+    grad_output: torch.Tensor | None = None,
+) -> dict:
     """DKM in float64, exactly, over the distinct values of `weight` with their counts (one table,
     squared distance, no early stop). final="recompute": output attention(C_T) @ C_T (edkm.dkm);
     final="last": the attention of the last iteration, attention(C_{T-1}) @ C_T (coremltools).
@@ -130,7 +158,7 @@ def dkm_oracle(weight: torch.Tensor, centroids: torch.Tensor, temperature: float
     c0 = centroids.detach().double().flatten()
 
     def attention(values, cent):
-        return torch.softmax(-(values.unsqueeze(1) - cent) ** 2 / temperature, dim=1)
+        return torch.softmax(-((values.unsqueeze(1) - cent) ** 2) / temperature, dim=1)
 
     with torch.enable_grad():
         vv = v.clone().requires_grad_(grad_output is not None)
@@ -152,10 +180,10 @@ def dkm_oracle(weight: torch.Tensor, centroids: torch.Tensor, temperature: float
         }
         if grad_output is not None:
             g = grad_output.detach().double().flatten()
-            G = torch.zeros_like(v).index_add_(0, inv, g)          # upstream gradient per value
+            G = torch.zeros_like(v).index_add_(0, inv, g)  # upstream gradient per value
             vd = v.clone().requires_grad_()
             direct = (attention(vd, c_att.detach()) * c_T.detach()).sum(1)
-            (D,) = torch.autograd.grad(direct.sum(), vd)           # row u depends on v_u only
+            (D,) = torch.autograd.grad(direct.sum(), vd)  # row u depends on v_u only
             through = (attention(v, c_att) * c_T).sum(1)
             (I,) = torch.autograd.grad((G * through).sum(), vv, allow_unused=True)
             if I is None:
@@ -164,9 +192,15 @@ def dkm_oracle(weight: torch.Tensor, centroids: torch.Tensor, temperature: float
     return out
 
 
-def coreml_dkm_transcription(weight: torch.Tensor, centroids: torch.Tensor, temperature: float,
-                             iters: int, zero_threshold: float = 0.0, prune_threshold: float = 0.0,
-                             epsilon: float = -1.0):
+def coreml_dkm_transcription(
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    temperature: float,
+    iters: int,
+    zero_threshold: float = 0.0,
+    prune_threshold: float = 0.0,
+    epsilon: float = -1.0,
+):
     """A line-by-line transcription of coremltools 9.0 FakePalettize.diff_palettize_seq for one
     partition, cluster_dim 1, palett_mode 'dkm' (N x K tensors, plain autograd), in the dtype of
     `weight`; used by the tests to check that dkm_oracle(final='last') is their map. Returns
@@ -216,6 +250,7 @@ def index_agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 # --- inputs and the two sides -----------------------------------------------------------------
+
 
 def make_inputs(size, k: int, dtype: str, directory: str) -> None:
     """weight (seed 0, N(0, 0.02^2), rounded to bf16 then cast to `dtype`, so the float32 case is
@@ -337,14 +372,14 @@ def _run_coreml(python: str, req: dict, workdir: str, timeout: float) -> dict:
         json.dump(req, f)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     try:
-        p = subprocess.run([python, _SIDE_SCRIPT, path], capture_output=True, text=True,
-                           timeout=timeout, env=env)
+        p = subprocess.run([python, _SIDE_SCRIPT, path], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"coremltools side timed out after {timeout:.0f} s"}
     if not os.path.exists(req["result"]):
         tail = (p.stdout + p.stderr)[-3000:]
-        return {"error": f"coremltools side exited with {p.returncode} and wrote no result "
-                f"(killed for memory?): {tail}"}
+        return {
+            "error": f"coremltools side exited with {p.returncode} and wrote no result (killed for memory?): {tail}"
+        }
     with open(req["result"]) as f:
         r = json.load(f)
     stderr = p.stderr.strip()
@@ -364,8 +399,10 @@ def agreement(inputs: str, ours: str, theirs: str | None, temperature: float, it
     w = _load(inputs, "weight")
     c0 = _load(inputs, "centroids")
     g = _load(inputs, "grad")
-    exact = {"edkm": dkm_oracle(w, c0, temperature, iters, "recompute", g),
-             "coremltools": dkm_oracle(w, c0, temperature, iters, "last", g)}
+    exact = {
+        "edkm": dkm_oracle(w, c0, temperature, iters, "recompute", g),
+        "coremltools": dkm_oracle(w, c0, temperature, iters, "last", g),
+    }
     rec = exact["edkm"]
     out = {
         # the two maps against each other, both exact: what the semantics alone change
@@ -405,25 +442,36 @@ def agreement(inputs: str, ours: str, theirs: str | None, temperature: float, it
 
 # --- the benchmark -----------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=parse_size, default=(4096, 4096), help="weight shape ROWSxCOLS")
     p.add_argument("--k", type=int, default=8, help="centroids per table, a power of two (2^n_bits)")
     p.add_argument("--iters", type=int, default=3, help="k-means iterations (no early stop)")
-    p.add_argument("--temperature", type=float, default=1e-5,
-                   help="softmax temperature on the squared distance (absolute: palett_tau)")
-    p.add_argument("--dtypes", default="bfloat16,float32",
-                   help="comma-separated: bfloat16 and/or float32 (the same matrix's values)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1e-5,
+        help="softmax temperature on the squared distance (absolute: palett_tau)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default="bfloat16,float32",
+        help="comma-separated: bfloat16 and/or float32 (the same matrix's values)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs of coremltools (median)")
     p.add_argument("--edkm-repeats", type=int, default=10, help="timed runs of edkm (median)")
     p.add_argument("--coremltools-version", default=coreml_env.COREMLTOOLS_VERSION)
-    p.add_argument("--coreml-torch", default=coreml_env.COREML_TORCH_VERSION,
-                   help="torch version of coremltools' environment")
+    p.add_argument(
+        "--coreml-torch", default=coreml_env.COREML_TORCH_VERSION, help="torch version of coremltools' environment"
+    )
     p.add_argument("--coreml-numpy", default=coreml_env.COREML_NUMPY_VERSION)
     p.add_argument("--skip-coreml", action="store_true", help="measure edkm only")
-    p.add_argument("--skip-edkm-options", action="store_true",
-                   help="do not try coremltools' own eDKM options (palett_max_mem/palett_unique)")
-    p.add_argument("--timeout", type=float, default=3600.0,
-                   help="seconds allowed to each coremltools process")
+    p.add_argument(
+        "--skip-edkm-options",
+        action="store_true",
+        help="do not try coremltools' own eDKM options (palett_max_mem/palett_unique)",
+    )
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each coremltools process")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
 
@@ -485,8 +533,14 @@ def run(args) -> dict:
         "mapping": [{"coremltools": a, "value": b, "edkm": c} for a, b, c in MAPPING],
         "coremltools_config": cfg,
         "coremltools_edkm_options_config": coreml_edkm_options_config(args.k, args.iters, args.temperature),
-        "environments": {"edkm": {"torch": torch.__version__, "edkm": edkm.__version__,
-                                  "python": sys.version.split()[0], "torch_threads": torch.get_num_threads()}},
+        "environments": {
+            "edkm": {
+                "torch": torch.__version__,
+                "edkm": edkm.__version__,
+                "python": sys.version.split()[0],
+                "torch_threads": torch.get_num_threads(),
+            }
+        },
         "cases": {},
     }
     reqs = coreml_env.requirements(args.coremltools_version, args.coreml_torch, args.coreml_numpy)
@@ -512,8 +566,7 @@ def run(args) -> dict:
             for side in ("edkm", "coremltools"):
                 dirs[side] = os.path.join(tmp, dtype, side)
                 os.makedirs(dirs[side], exist_ok=True)
-            common = {"inputs": inputs, "repeats": args.repeats, "temperature": args.temperature,
-                      "iters": args.iters}
+            common = {"inputs": inputs, "repeats": args.repeats, "temperature": args.temperature, "iters": args.iters}
 
             _log(args, f"edkm bench coreml: {dtype}: edkm")
             base = _run_edkm({**common, "mode": "baseline"})
@@ -525,8 +578,7 @@ def run(args) -> dict:
                 _log(args, f"edkm bench coreml: {dtype}: coremltools (a few minutes: N x K tensors)")
                 creq = {**common, "config": cfg, "variant": "coremltools"}
                 base = _run_coreml(ct["python"], {**creq, "mode": "baseline"}, wd, args.timeout)
-                r = _run_coreml(ct["python"], {**creq, "mode": "run", "outputs": dirs["coremltools"]},
-                                wd, args.timeout)
+                r = _run_coreml(ct["python"], {**creq, "mode": "run", "outputs": dirs["coremltools"]}, wd, args.timeout)
                 if "error" in base and "error" not in r:
                     r["baseline_error"] = base["error"]
                 case["variants"]["coremltools"] = _finish_variant(r, base)
@@ -534,8 +586,12 @@ def run(args) -> dict:
                     _log(args, f"edkm bench coreml: {dtype}: coremltools with its eDKM options")
                     opt_dir = os.path.join(tmp, dtype, "coremltools_edkm_options")
                     os.makedirs(opt_dir, exist_ok=True)
-                    oreq = {**common, "config": report["coremltools_edkm_options_config"],
-                            "variant": "coremltools_edkm_options", "repeats": 1}
+                    oreq = {
+                        **common,
+                        "config": report["coremltools_edkm_options_config"],
+                        "variant": "coremltools_edkm_options",
+                        "repeats": 1,
+                    }
                     r = _run_coreml(ct["python"], {**oreq, "mode": "run", "outputs": opt_dir}, wd, args.timeout)
                     case["variants"]["coremltools_edkm_options"] = _finish_variant(r, base)
             elif ct is not None:
@@ -548,15 +604,21 @@ def run(args) -> dict:
                 case["time_ratio"] = t["median_seconds"] / d["median_seconds"]
                 case["cpu_time_ratio"] = t["median_cpu_seconds"] / d["median_cpu_seconds"]
                 case["time_ratio_min"] = min(t["seconds"]) / min(d["seconds"])
-                for key, name in (("peak_rss_growth_bytes", "peak_memory_ratio"),
-                                  ("peak_rss_above_inputs_bytes", "peak_memory_ratio_vs_baseline_process")):
+                for key, name in (
+                    ("peak_rss_growth_bytes", "peak_memory_ratio"),
+                    ("peak_rss_above_inputs_bytes", "peak_memory_ratio_vs_baseline_process"),
+                ):
                     # below 1 MiB the denominator is measurement noise: no ratio
                     if t.get(key) is not None and d.get(key) is not None and d[key] >= 2**20:
                         case[name] = t[key] / d[key]
             _log(args, f"edkm bench coreml: {dtype}: agreement (float64 oracles)")
             case["agreement"] = agreement(
-                inputs, dirs["edkm"], dirs["coremltools"] if "median_seconds" in t else None,
-                args.temperature, args.iters)
+                inputs,
+                dirs["edkm"],
+                dirs["coremltools"] if "median_seconds" in t else None,
+                args.temperature,
+                args.iters,
+            )
             report["cases"][dtype] = case
 
     report["load_average_end"] = list(os.getloadavg())
@@ -568,6 +630,7 @@ def run(args) -> dict:
 
 
 # --- the table ---------------------------------------------------------------------------------
+
 
 def _mb(b):
     return "-" if b is None else f"{b / 2**20:,.1f} MiB"
@@ -603,8 +666,10 @@ def table(report: dict) -> str:
     ]
     if "versions" in ct_env:
         v = ct_env["versions"]
-        lines.append(f"- coremltools {v['coremltools']} on torch {v['torch']}, numpy {v['numpy']} "
-                     f"(own environment: `{ct_env['path']}`)")
+        lines.append(
+            f"- coremltools {v['coremltools']} on torch {v['torch']}, numpy {v['numpy']} "
+            f"(own environment: `{ct_env['path']}`)"
+        )
     elif "skipped" in ct_env:
         lines.append(f"- coremltools: skipped ({ct_env['skipped']})")
     elif "error" in ct_env:
@@ -636,13 +701,18 @@ def table(report: dict) -> str:
                 f"| {dtype} | {side} | {r['median_seconds'] * 1e3:,.1f} ms ({min(r['seconds']) * 1e3:,.1f} ms, n={n}) | "
                 f"{r['median_cpu_seconds'] * 1e3:,.1f} ms | "
                 f"{_mb(r.get('peak_rss_growth_bytes'))} | {_mb(r.get('peak_rss_above_inputs_bytes'))} | "
-                f"{ratio_t} | {ratio_c} | {ratio_m} |")
-    lines += ["", "Agreement: relative L2 error ||a - b|| / ||b|| in float64 (labels: fraction of "
-              "weights given the same centroid). \"exact\": each side's own map computed exactly "
-              "(float64, over the distinct values with their counts, from the same initial centroids).",
-              "", "| dtype | quantity | coremltools vs edkm | edkm vs its exact map | "
-              "coremltools vs its exact map | exact maps: coremltools vs edkm |",
-              "|---|---|---|---|---|---|"]
+                f"{ratio_t} | {ratio_c} | {ratio_m} |"
+            )
+    lines += [
+        "",
+        "Agreement: relative L2 error ||a - b|| / ||b|| in float64 (labels: fraction of "
+        'weights given the same centroid). "exact": each side\'s own map computed exactly '
+        "(float64, over the distinct values with their counts, from the same initial centroids).",
+        "",
+        "| dtype | quantity | coremltools vs edkm | edkm vs its exact map | "
+        "coremltools vs its exact map | exact maps: coremltools vs edkm |",
+        "|---|---|---|---|---|---|",
+    ]
     for dtype, case in report["cases"].items():
         ag = case["agreement"]
         x, o, t = ag.get("coremltools_vs_edkm"), ag.get("edkm"), ag.get("coremltools")
@@ -654,36 +724,52 @@ def table(report: dict) -> str:
             v = block[key]
             return f"{v['fraction_same']:.6f}" if "fraction_same" in v else _e(v["rel_l2"])
 
-        rows_ = [("soft-clustered weight", "soft", "soft_vs_exact", "soft"),
-                 (f"centroids after {report['iterations']} iterations", "centroids", "centroids_vs_exact", None),
-                 ("weight gradient", "grad", "grad_vs_exact", "grad"),
-                 ("hard-assigned weight", "hard", "hard_vs_exact", None),
-                 ("hard labels (same centroid)", "labels", "labels_vs_exact", None)]
+        rows_ = [
+            ("soft-clustered weight", "soft", "soft_vs_exact", "soft"),
+            (f"centroids after {report['iterations']} iterations", "centroids", "centroids_vs_exact", None),
+            ("weight gradient", "grad", "grad_vs_exact", "grad"),
+            ("hard-assigned weight", "hard", "hard_vs_exact", None),
+            ("hard labels (same centroid)", "labels", "labels_vs_exact", None),
+        ]
         for name, kx, ko, kg in rows_:
             g = cell(gap, kg) if kg else "same map"
             lines.append(f"| {dtype} | {name} | {cell(x, kx)} | {cell(o, ko)} | {cell(t, ko)} | {g} |")
-    lines += ["", "The maps differ in one place: coremltools returns attention(C_(T-1)) @ C_T (the "
-              "attention of the last iteration), edkm attention(C_T) @ C_T (recomputed with the final "
-              "centroids); the centroids C_T and the hard assignment are the same map on both sides. "
-              "Hard-assigned weights are compared with the exact C_T's nearest-centroid weights.", ""]
+    lines += [
+        "",
+        "The maps differ in one place: coremltools returns attention(C_(T-1)) @ C_T (the "
+        "attention of the last iteration), edkm attention(C_T) @ C_T (recomputed with the final "
+        "centroids); the centroids C_T and the hard assignment are the same map on both sides. "
+        "Hard-assigned weights are compared with the exact C_T's nearest-centroid weights.",
+        "",
+    ]
     lines += notes
     la, lb = report.get("load_average_start"), report.get("load_average_end")
     if la and lb:
-        lines.append(f"- load average (1, 5, 15 min) at start {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, "
-                     f"at end {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f}")
-    lines += ["", "Times: wall clock of one forward+backward (after one warm-up): median of n runs, and "
-              "the fastest run; CPU time: the process's CPU time over the same pass (all threads). On "
-              "a machine that other work keeps busy (see the load average) the median and the CPU "
-              "time are inflated (threads wait for a core, and spin); the fastest run is the nearest "
-              "to an idle machine.", "", "Each side runs in its own fresh process. Peak RSS growth in the run: the kernel's "
-              "peak-RSS mark (VmHWM) is reset once the inputs are loaded (and, for coremltools, the "
-              "model prepared), then read after the warm-up and the timed forward+backward passes; "
-              "it is the ratio's measure. Peak RSS above a baseline process (as `edkm bench dkm`): "
-              "the process's peak RSS minus that of a process of the same side that only loaded the "
-              "inputs; it cannot go below the loading's own transient peak, so it under-counts runs "
-              "that need less than that.",
-              "", "Option mapping (coremltools `ModuleDKMPalettizerConfig` -> `edkm.dkm`):", "",
-              "| coremltools | value | edkm |", "|---|---|---|"]
+        lines.append(
+            f"- load average (1, 5, 15 min) at start {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, "
+            f"at end {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f}"
+        )
+    lines += [
+        "",
+        "Times: wall clock of one forward+backward (after one warm-up): median of n runs, and "
+        "the fastest run; CPU time: the process's CPU time over the same pass (all threads). On "
+        "a machine that other work keeps busy (see the load average) the median and the CPU "
+        "time are inflated (threads wait for a core, and spin); the fastest run is the nearest "
+        "to an idle machine.",
+        "",
+        "Each side runs in its own fresh process. Peak RSS growth in the run: the kernel's "
+        "peak-RSS mark (VmHWM) is reset once the inputs are loaded (and, for coremltools, the "
+        "model prepared), then read after the warm-up and the timed forward+backward passes; "
+        "it is the ratio's measure. Peak RSS above a baseline process (as `edkm bench dkm`): "
+        "the process's peak RSS minus that of a process of the same side that only loaded the "
+        "inputs; it cannot go below the loading's own transient peak, so it under-counts runs "
+        "that need less than that.",
+        "",
+        "Option mapping (coremltools `ModuleDKMPalettizerConfig` -> `edkm.dkm`):",
+        "",
+        "| coremltools | value | edkm |",
+        "|---|---|---|",
+    ]
     for m in report["mapping"]:
         lines.append(f"| `{m['coremltools']}` | `{m['value']}` | {m['edkm']} |")
     return "\n".join(lines) + "\n"

@@ -16,12 +16,12 @@ same number of new tokens and the same number of threads:
 Reported per row: prefill tokens/s, median decode step (and tokens/s), weights in memory, peak
 RSS; the ratios against dense fp32 and bf16 are measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 
-PROMPT = ("The history of the city begins with a small settlement by the river, where farmers and "
-          "traders met to exchange grain, wool and salt. Over the centuries it grew")
+PROMPT = (
+    "The history of the city begins with a small settlement by the river, where farmers and "
+    "traders met to exchange grain, wool and salt. Over the centuries it grew"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,42 +42,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row (default 32)")
     p.add_argument("--file3", default=None, help="a 3-bit edkm file of smollm2-135m (default: made here)")
     p.add_argument("--file4", default=None, help="a 4-bit edkm file of smollm2-135m (default: made here)")
-    p.add_argument("--rows", default="packed3,packed4,dense-fp32,dense-bf16,llamacpp-Q4_1,llamacpp-Q3_K_S",
-                   help="comma-separated rows")
-    p.add_argument("--llama7b-layers", type=int, default=0,
-                   help="also run the synthetic LLaMA-7B cut to this many layers, packed 3-bit vs dense bf16")
+    p.add_argument(
+        "--rows",
+        default="packed3,packed4,dense-fp32,dense-bf16,llamacpp-Q4_1,llamacpp-Q3_K_S",
+        help="comma-separated rows",
+    )
+    p.add_argument(
+        "--llama7b-layers",
+        type=int,
+        default=0,
+        help="also run the synthetic LLaMA-7B cut to this many layers, packed 3-bit vs dense bf16",
+    )
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the result files (decode_cpu_TAG.json)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--row", default=None, help=argparse.SUPPRESS)        # child process: one row
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # child process: one row
     p.add_argument("--row-file", default=None, help=argparse.SUPPRESS)
 
 
 def _peak_rss() -> int:
     from edkm.generate import _peak_rss as peak
+
     return peak()
 
 
 def _torch_row(model, tok, args, packed: bool, dtype_name: str) -> dict:
     from edkm.generate import generate, model_bytes, prompt_ids
+
     ids = prompt_ids(tok, PROMPT, model.config.vocab_size)
     if tok is None:  # the synthetic LLaMA: its prompt is the text's bytes; 16 of them
         ids = ids[:, :16]
     generate(model, ids[:, :8], 2)  # warm-up
     g = generate(model, ids, args.new_tokens)
-    return {"prompt_tokens": g.prompt_tokens, "new_tokens": len(g.tokens),
-            "prefill_tokens_per_second": g.prefill_tokens_per_second,
-            "decode_step_ms_median": 1e3 * statistics.median(g.step_seconds),
-            "decode_tokens_per_second": 1.0 / statistics.median(g.step_seconds),
-            "weights_bytes": model_bytes(model), "packed": packed, "dtype": dtype_name,
-            "tokens": g.tokens[:8]}
+    return {
+        "prompt_tokens": g.prompt_tokens,
+        "new_tokens": len(g.tokens),
+        "prefill_tokens_per_second": g.prefill_tokens_per_second,
+        "decode_step_ms_median": 1e3 * statistics.median(g.step_seconds),
+        "decode_tokens_per_second": 1.0 / statistics.median(g.step_seconds),
+        "weights_bytes": model_bytes(model),
+        "packed": packed,
+        "dtype": dtype_name,
+        "tokens": g.tokens[:8],
+    }
 
 
 def _llamacpp_row(gguf: str, args) -> dict:
     from edkm.bench.study import use_study_extras
+
     Llama = use_study_extras("llama_cpp").Llama
-    llm = Llama(model_path=gguf, n_ctx=512, n_batch=512, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False)
+    llm = Llama(
+        model_path=gguf, n_ctx=512, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
+    )
     ids = llm.tokenize(PROMPT.encode(), add_bos=False)
     llm.eval(ids[:8])  # warm-up
     llm.reset()
@@ -83,6 +101,7 @@ def _llamacpp_row(gguf: str, args) -> dict:
     llm.eval(ids)
     prefill = time.perf_counter() - t0
     import numpy as np
+
     tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     steps, tokens = [], [tok]
     for _ in range(args.new_tokens - 1):
@@ -92,20 +111,28 @@ def _llamacpp_row(gguf: str, args) -> dict:
         steps.append(time.perf_counter() - t)
         tokens.append(tok)
     from edkm.bench.study import gguf_tensor_bytes
-    return {"prompt_tokens": len(ids), "new_tokens": len(tokens),
-            "prefill_tokens_per_second": len(ids) / prefill,
-            "decode_step_ms_median": 1e3 * statistics.median(steps),
-            "decode_tokens_per_second": 1.0 / statistics.median(steps),
-            "weights_bytes": gguf_tensor_bytes(gguf)["bytes"], "packed": True, "dtype": "gguf",
-            "tokens": tokens[:8]}
+
+    return {
+        "prompt_tokens": len(ids),
+        "new_tokens": len(tokens),
+        "prefill_tokens_per_second": len(ids) / prefill,
+        "decode_step_ms_median": 1e3 * statistics.median(steps),
+        "decode_tokens_per_second": 1.0 / statistics.median(steps),
+        "weights_bytes": gguf_tensor_bytes(gguf)["bytes"],
+        "packed": True,
+        "dtype": "gguf",
+        "tokens": tokens[:8],
+    }
 
 
 def _gguf(qtype: str) -> str:
     from edkm.models import smollm2_path
+
     directory, name = smollm2_path()
     if qtype == "Q4_1":
         return os.path.join(directory, name)
     from edkm.bench.study import quantize_gguf
+
     gdir = Path(os.environ.get("EDKM_CACHE") or Path.home() / ".cache" / "edkm") / "study-gguf"
     gdir.mkdir(parents=True, exist_ok=True)
     dst = str(gdir / f"smollm2-135m.{qtype}.gguf")
@@ -118,6 +145,7 @@ def run_row(row: str, args) -> dict:
     """One row, in this process."""
     torch.set_num_threads(args.threads)
     from edkm import models
+
     t0 = time.perf_counter()
     if row in ("packed3", "packed4", "llama7b-packed3"):
         model, tok = models.load_packed_model(args.row_file, torch.float32)
@@ -133,8 +161,7 @@ def run_row(row: str, args) -> dict:
         r = _llamacpp_row(_gguf(row.removeprefix("llamacpp-")), args)
     else:
         raise ValueError(f"edkm bench decode: unknown row {row!r}")
-    r.update(row=row, threads=args.threads, peak_rss_bytes=_peak_rss(),
-             seconds=time.perf_counter() - t0)
+    r.update(row=row, threads=args.threads, peak_rss_bytes=_peak_rss(), seconds=time.perf_counter() - t0)
     return r
 
 
@@ -142,9 +169,11 @@ def _llama7b_dense(layers: int):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from edkm import models
+
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(models.llama7b_config(layers), dtype=torch.bfloat16)
     from edkm.packed import _set_tensor
+
     for name, _shape, make in models.llama7b_synthetic_tensors(layers):
         _set_tensor(model, name, make())
     return model.eval()
@@ -157,16 +186,31 @@ def _make_file(bits: int, directory: str) -> str:
         from edkm.compress import main as compress_main
         import argparse as ap
         from edkm.compress import add_arguments as ca
+
         p = ap.ArgumentParser()
         ca(p)
-        compress_main(p.parse_args(["smollm2-135m", "--bits", str(bits), "--group-size", "16",
-                                    "--out", path, "--data", "none"]))
+        compress_main(
+            p.parse_args(["smollm2-135m", "--bits", str(bits), "--group-size", "16", "--out", path, "--data", "none"])
+        )
     return path
 
 
 def _child(row: str, args, row_file=None) -> dict:
-    cmd = [sys.executable, "-m", "edkm", "bench", "decode", "--row", row, "--threads", str(args.threads),
-           "--new-tokens", str(args.new_tokens), "--llama7b-layers", str(args.llama7b_layers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edkm",
+        "bench",
+        "decode",
+        "--row",
+        row,
+        "--threads",
+        str(args.threads),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--llama7b-layers",
+        str(args.llama7b_layers),
+    ]
     if row_file:
         cmd += ["--row-file", row_file]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -185,6 +229,7 @@ def main(args) -> int:
         return 0
     from edkm._results import default_results_dir, stamp, write_atomic, write_json
     from tqdm import tqdm
+
     cache = Path(os.environ.get("EDKM_CACHE") or Path.home() / ".cache" / "edkm") / "decode-bench"
     cache.mkdir(parents=True, exist_ok=True)
     files = {"packed3": args.file3, "packed4": args.file4}
@@ -198,6 +243,7 @@ def main(args) -> int:
     if args.llama7b_layers:
         from edkm.compress import compress_synthetic
         from edkm.config import Config
+
         f7 = str(cache / f"llama7b-{args.llama7b_layers}layers-3bit.safetensors")
         if not os.path.exists(f7):
             compress_synthetic(f7, Config(bits=3), layers=args.llama7b_layers)
@@ -214,25 +260,37 @@ def main(args) -> int:
                     continue
                 r[f"decode_speedup_vs_{base}"] = r["decode_tokens_per_second"] / b["decode_tokens_per_second"]
                 r[f"memory_ratio_vs_{base}"] = b["weights_bytes"] / r["weights_bytes"]
-    payload = {**stamp(), "prompt": PROMPT, "threads": args.threads, "new_tokens": args.new_tokens,
-               "files": files, "rows": results}
+    payload = {
+        **stamp(),
+        "prompt": PROMPT,
+        "threads": args.threads,
+        "new_tokens": args.new_tokens,
+        "files": files,
+        "rows": results,
+    }
     out = args.out or default_results_dir()
     stem = "decode_cpu" + (f"_{args.tag}" if args.tag else "")
     write_json(os.path.join(out, stem + ".json"), payload)
-    lines = [f"# Decode speed on CPU ({args.threads} threads, {args.new_tokens} new tokens)", "",
-             f"`{payload['command']}` ({payload['date']})", "",
-             "| row | prefill tok/s | decode step ms (median) | decode tok/s | weights MiB | peak RSS MiB | decode vs dense fp32 | vs dense bf16 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Decode speed on CPU ({args.threads} threads, {args.new_tokens} new tokens)",
+        "",
+        f"`{payload['command']}` ({payload['date']})",
+        "",
+        "| row | prefill tok/s | decode step ms (median) | decode tok/s | weights MiB | peak RSS MiB | decode vs dense fp32 | vs dense bf16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "skipped" in r:
             lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | | | |")
             continue
         f32 = r.get("decode_speedup_vs_dense-fp32") or r.get("decode_speedup_vs_llama7b-dense-bf16")
         b16 = r.get("decode_speedup_vs_dense-bf16")
-        lines.append(f"| {r['row']} | {r['prefill_tokens_per_second']:.1f} | {r['decode_step_ms_median']:.1f} | "
-                     f"{r['decode_tokens_per_second']:.1f} | {r['weights_bytes'] / 2**20:.1f} | "
-                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {'' if f32 is None else f'{f32:.2f}x'} | "
-                     f"{'' if b16 is None else f'{b16:.2f}x'} |")
+        lines.append(
+            f"| {r['row']} | {r['prefill_tokens_per_second']:.1f} | {r['decode_step_ms_median']:.1f} | "
+            f"{r['decode_tokens_per_second']:.1f} | {r['weights_bytes'] / 2**20:.1f} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} | {'' if f32 is None else f'{f32:.2f}x'} | "
+            f"{'' if b16 is None else f'{b16:.2f}x'} |"
+        )
     lines.append("")
     lines.append("llama7b rows: the speedup column is against llama7b-dense-bf16.")
     write_atomic(os.path.join(out, stem + ".md"), "\n".join(lines) + "\n")
@@ -246,13 +304,21 @@ def _plot(rows, path: str, args) -> None:
     if not rows:
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
     names = [r["row"] for r in rows]
     vals = [r["decode_tokens_per_second"] for r in rows]
-    colors = ["tab:green" if n.startswith(("packed", "llama7b-packed")) else
-              "tab:orange" if n.startswith("llamacpp") else "tab:gray" for n in names]
+    colors = [
+        "tab:green"
+        if n.startswith(("packed", "llama7b-packed"))
+        else "tab:orange"
+        if n.startswith("llamacpp")
+        else "tab:gray"
+        for n in names
+    ]
     ax.barh(names[::-1], vals[::-1], color=colors[::-1])
     for i, (v, r) in enumerate(zip(vals[::-1], rows[::-1])):
         ax.text(v, i, f" {v:.1f} tok/s, {r['weights_bytes'] / 2**20:.0f} MiB", va="center", fontsize=8)

@@ -5,6 +5,7 @@ is its own. Reports medians, the time ratio (reference / dkm) and the ratio of b
 for backward (reference / dkm), counted with a saved-tensor hook (the weight itself, which
 autograd references, is not counted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
-    p.add_argument("--skip-reference", action="store_true",
-                   help="time dkm only (the reference may not fit in memory)")
+    p.add_argument("--skip-reference", action="store_true", help="time dkm only (the reference may not fit in memory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
 
@@ -95,14 +95,16 @@ def _worker(variant: str, args, queue) -> None:
             _sync(args.device)
             times.append(time.perf_counter() - t0)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        queue.put({
-            "variant": variant,
-            "median_seconds": statistics.median(times),
-            "seconds": times,
-            "saved_bytes": saved.bytes,
-            "peak_rss_bytes": rss,
-            "peak_cuda_bytes": peak,
-        })
+        queue.put(
+            {
+                "variant": variant,
+                "median_seconds": statistics.median(times),
+                "seconds": times,
+                "saved_bytes": saved.bytes,
+                "peak_rss_bytes": rss,
+                "peak_cuda_bytes": peak,
+            }
+        )
     except BaseException as e:  # report, never hang the parent
         queue.put({"variant": variant, "error": f"{type(e).__name__}: {e}"})
 
@@ -201,8 +203,11 @@ def table(report: dict) -> str:
             f"saved-bytes ratio: **{report['saved_bytes_ratio']:,.0f}x**; "
             f"peak-memory ratio: **{report['peak_memory_ratio']:.1f}x**",
         ]
-    lines += ["", "Peak memory: CUDA peak allocated above the inputs, or (CPU) peak RSS of the "
-              "variant's own process minus that of a process that only built the inputs."]
+    lines += [
+        "",
+        "Peak memory: CUDA peak allocated above the inputs, or (CPU) peak RSS of the "
+        "variant's own process minus that of a process that only built the inputs.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ gradient) + gradient pass 2+2+2 (bits, gradient in, gradient out) = 16, plus 2 f
 deterministic mode's max-|gradient| pass. Floor = bytes / (device-to-device copy bandwidth,
 measured here as bytes read + written per second).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per matrix and variant")
     p.add_argument("--iters", type=int, default=3, help="DKM iterations")
     p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--skip-layer-step", action="store_true",
-                   help="skip the decoder-layer training step (plain vs clustered)")
+    p.add_argument(
+        "--skip-layer-step", action="store_true", help="skip the decoder-layer training step (plain vs clustered)"
+    )
     p.add_argument("--tokens", type=int, default=2048, help="tokens per training step (batch 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
@@ -91,8 +93,12 @@ def run(args) -> dict:
             with edkm.settings(deterministic_scatter=mode == "deterministic"):
                 t, peak = time_fwd_bwd(edkm.dkm, w, c, grad, args.iters, args.repeats)
             floor = FLOOR_BYTES_PER_WEIGHT[mode] * w.numel() / bandwidth
-            row[f"dkm_{mode}"] = {"seconds": t, "peak_bytes": peak, "floor_seconds": floor,
-                                  "fraction_of_floor": floor / t}
+            row[f"dkm_{mode}"] = {
+                "seconds": t,
+                "peak_bytes": peak,
+                "floor_seconds": floor,
+                "fraction_of_floor": floor / t,
+            }
         if not args.skip_reference:
             t, peak = time_fwd_bwd(edkm.dkm_reference, w, c, grad, args.iters, max(3, args.repeats // 3))
             row["reference"] = {"seconds": t, "peak_bytes": peak}
@@ -114,7 +120,8 @@ def run(args) -> dict:
         report["layer_seconds"]["reference"] = sum(r["reference"]["seconds"] for r in rows)
         report["time_ratio"] = report["layer_seconds"]["reference"] / total["dkm_deterministic"]
         report["peak_memory_ratio"] = max(r["reference"]["peak_bytes"] for r in rows) / max(
-            max(r["dkm_deterministic"]["peak_bytes"] for r in rows), 1)
+            max(r["dkm_deterministic"]["peak_bytes"] for r in rows), 1
+        )
     if not args.skip_layer_step:
         from edkm.bench.llama_layer import training_step_report
 
@@ -151,18 +158,31 @@ def table(report: dict) -> str:
             + (f"{ref['seconds'] * 1e3:.1f} ms | {ref['peak_bytes'] / mib:,.0f} MiB |" if ref else "- | - |")
         )
     ls = report["layer_seconds"]
-    lines += ["", f"Layer: dkm {ls['dkm_deterministic'] * 1e3:.1f} ms deterministic, "
-              f"{ls['dkm_fast'] * 1e3:.1f} ms fast (deterministic costs {report['deterministic_cost']:+.0%})"]
+    lines += [
+        "",
+        f"Layer: dkm {ls['dkm_deterministic'] * 1e3:.1f} ms deterministic, "
+        f"{ls['dkm_fast'] * 1e3:.1f} ms fast (deterministic costs {report['deterministic_cost']:+.0%})",
+    ]
     if "time_ratio" in report:
-        lines[-1] += (f"; reference {ls['reference'] * 1e3:.1f} ms: time ratio **{report['time_ratio']:.1f}x**, "
-                      f"peak-memory ratio (largest matrix) **{report['peak_memory_ratio']:.1f}x**")
+        lines[-1] += (
+            f"; reference {ls['reference'] * 1e3:.1f} ms: time ratio **{report['time_ratio']:.1f}x**, "
+            f"peak-memory ratio (largest matrix) **{report['peak_memory_ratio']:.1f}x**"
+        )
     if "training_step" in report:
         from edkm.bench.llama_layer import training_step_table
 
-        lines += ["", "Decoder-layer training step (batch 1 x tokens, bf16, attention + SwiGLU MLP, "
-                  "all seven projections clustered to K=8):", "", *training_step_table(report["training_step"])]
-    lines += ["", "Floor fraction = bandwidth-floor time / measured time (1.0 = at the floor); "
-              "peaks are CUDA peak allocated above the inputs during one forward+backward."]
+        lines += [
+            "",
+            "Decoder-layer training step (batch 1 x tokens, bf16, attention + SwiGLU MLP, "
+            "all seven projections clustered to K=8):",
+            "",
+            *training_step_table(report["training_step"]),
+        ]
+    lines += [
+        "",
+        "Floor fraction = bandwidth-floor time / measured time (1.0 = at the floor); "
+        "peaks are CUDA peak allocated above the inputs during one forward+backward.",
+    ]
     return "\n".join(lines) + "\n"
 
 

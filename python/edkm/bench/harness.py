@@ -6,6 +6,7 @@ harnesses evaluate that directory in float32 on the first ``--limit`` items of P
 accuracies, their difference in standard errors, how many items the two decide differently and
 the largest difference of a choice's log-likelihood.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,16 @@ def compare(ours: dict, theirs: dict, samples: list) -> dict:
     for metric in ("acc", "acc_norm"):
         a, b = ours[metric], theirs[metric]
         se = ours[f"{metric}_stderr"]
-        row[metric] = {"edkm": a, "lm_eval": b, "stderr": se, "diff_in_stderr": (b - a) / se if se else 0.0,
-                       "items_decided_differently": sum(
-                           bool(s[metric]) != it[metric] for s, it in zip(samples, ours["items"]))}
+        row[metric] = {
+            "edkm": a,
+            "lm_eval": b,
+            "stderr": se,
+            "diff_in_stderr": (b - a) / se if se else 0.0,
+            "items_decided_differently": sum(bool(s[metric]) != it[metric] for s, it in zip(samples, ours["items"])),
+        }
     row["max_abs_logprob_diff"] = max(
-        abs(r[0] - lp) for s, it in zip(samples, ours["items"])
-        for r, lp in zip(s["filtered_resps"], it["logprobs"]))
+        abs(r[0] - lp) for s, it in zip(samples, ours["items"]) for r, lp in zip(s["filtered_resps"], it["logprobs"])
+    )
     return row
 
 
@@ -61,36 +66,63 @@ def main(args) -> int:
         if os.path.isfile(args.file):
             model_dir = export_hf(args.file, os.path.join(tmp, "hf"), dtype="bfloat16")
         t0 = time.perf_counter()
-        theirs = lm_eval_harness.run(model_dir, tasks, data_dir, limit=args.limit, batch_size=args.batch_size,
-                                     dtype="float32", log_samples=True)
+        theirs = lm_eval_harness.run(
+            model_dir, tasks, data_dir, limit=args.limit, batch_size=args.batch_size, dtype="float32", log_samples=True
+        )
         theirs_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         model, tok = load_model(model_dir, torch.float32)
-        ours = {t: evaluate.zero_shot(model, tok, evaluate.resolve_task(t, data_dir)[1], limit=args.limit,
-                                      batch_size=args.batch_size, per_item=True) for t in tasks}
+        ours = {
+            t: evaluate.zero_shot(
+                model,
+                tok,
+                evaluate.resolve_task(t, data_dir)[1],
+                limit=args.limit,
+                batch_size=args.batch_size,
+                per_item=True,
+            )
+            for t in tasks
+        }
         ours_s = time.perf_counter() - t0
         del model
     for t in tasks:
         rows[t] = compare(ours[t], theirs["tasks"][t], theirs["samples"][t])
-    payload = {**stamp(), "file": os.path.basename(args.file), "limit": args.limit,
-               "harness": theirs["settings"]["harness"], "seconds": {"edkm": ours_s, "lm_eval": theirs_s},
-               "tasks": rows}
+    payload = {
+        **stamp(),
+        "file": os.path.basename(args.file),
+        "limit": args.limit,
+        "harness": theirs["settings"]["harness"],
+        "seconds": {"edkm": ours_s, "lm_eval": theirs_s},
+        "tasks": rows,
+    }
     out = args.out or default_results_dir()
     write_json(os.path.join(out, "harness_agreement.json"), payload)
-    lines = [f"# Zero-shot harness agreement: edkm eval vs {payload['harness']}", "",
-             f"Model: `{payload['file']}` exported with `edkm export --hf` (bf16), both harnesses in float32; "
-             f"first {args.limit} items of each task; zero-shot.", "",
-             "| task | metric | edkm eval | lm-eval | stderr | diff / stderr | items decided differently |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Zero-shot harness agreement: edkm eval vs {payload['harness']}",
+        "",
+        f"Model: `{payload['file']}` exported with `edkm export --hf` (bf16), both harnesses in float32; "
+        f"first {args.limit} items of each task; zero-shot.",
+        "",
+        "| task | metric | edkm eval | lm-eval | stderr | diff / stderr | items decided differently |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t, r in rows.items():
         for metric in ("acc", "acc_norm"):
             m = r[metric]
-            lines.append(f"| {t} | {metric} | {m['edkm']:.4f} | {m['lm_eval']:.4f} | {m['stderr']:.4f} | "
-                         f"{m['diff_in_stderr']:+.2f} | {m['items_decided_differently']} of {r['n']} |")
-    lines += ["", "Largest difference of one choice's log-likelihood: " + ", ".join(
-        f"{t} {r['max_abs_logprob_diff']:.2e}" for t, r in rows.items()) + ".",
-        f"Time: edkm eval {ours_s:.0f} s, lm-eval {theirs_s:.0f} s.", "",
-        f"Command: `{payload['command']}`", ""]
+            lines.append(
+                f"| {t} | {metric} | {m['edkm']:.4f} | {m['lm_eval']:.4f} | {m['stderr']:.4f} | "
+                f"{m['diff_in_stderr']:+.2f} | {m['items_decided_differently']} of {r['n']} |"
+            )
+    lines += [
+        "",
+        "Largest difference of one choice's log-likelihood: "
+        + ", ".join(f"{t} {r['max_abs_logprob_diff']:.2e}" for t, r in rows.items())
+        + ".",
+        f"Time: edkm eval {ours_s:.0f} s, lm-eval {theirs_s:.0f} s.",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+    ]
     write_atomic(os.path.join(out, "harness_agreement.md"), "\n".join(lines))
     print("\n".join(lines))
     print(json.dumps(rows, indent=1))

@@ -4,6 +4,7 @@ Seven bf16 matrices (q, k, v, o: 4096x4096; gate, up: 11008x4096; down: 4096x110
 with a fixed seed. For each: soft clustering forward + backward with edkm.dkm, then the hard
 3-bit assignment; prints time, what autograd saved, peak memory and distinct values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ NAIVE_BYTES_PER_WEIGHT = {1: 132, 3: 260, 5: 388}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=3, help="bits per weight (K = 2^bits centroids)")
     p.add_argument("--iters", type=int, default=3, help="DKM iterations")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="fraction of each matrix's rows to use (1.0 = the full 7B layer)")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="fraction of each matrix's rows to use (1.0 = the full 7B layer)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -82,29 +84,53 @@ def main(args) -> int:
         hard = edkm.dequantize(indices, out.centroids, torch.bfloat16)
         err = ((hard.float() - w.detach().float()).norm() / w.detach().float().norm()).item()
         n = w.numel()
-        rows_out.append((name, f"{rows}x{cols}", torch.unique(w.detach()).numel(),
-                         torch.unique(hard).numel(), seconds, saved.bytes, err))
+        rows_out.append(
+            (
+                name,
+                f"{rows}x{cols}",
+                torch.unique(w.detach()).numel(),
+                torch.unique(hard).numel(),
+                seconds,
+                saved.bytes,
+                err,
+            )
+        )
         total_n += n
         total_saved += saved.bytes
         del w, out, hard, indices
     elapsed = time.perf_counter() - t_start
 
-    print(f"\nedkm bench layer: one LLaMA-7B decoder layer, bf16, {args.bits} bits (K={k}), "
-          f"{args.iters} DKM iterations, device {device}\n")
-    print(f"{'matrix':<10} {'shape':>11} {'distinct':>9} {'after':>6} {'fwd+bwd':>9} "
-          f"{'saved for bwd':>14} {'rel. error':>10}")
+    print(
+        f"\nedkm bench layer: one LLaMA-7B decoder layer, bf16, {args.bits} bits (K={k}), "
+        f"{args.iters} DKM iterations, device {device}\n"
+    )
+    print(
+        f"{'matrix':<10} {'shape':>11} {'distinct':>9} {'after':>6} {'fwd+bwd':>9} "
+        f"{'saved for bwd':>14} {'rel. error':>10}"
+    )
     for name, shape, distinct, after, seconds, saved_b, err in rows_out:
-        print(f"{name:<10} {shape:>11} {distinct:>9,} {after:>6} {seconds:>8.2f}s "
-              f"{saved_b / 2**20:>11.2f} MiB {err:>10.4f}")
+        print(
+            f"{name:<10} {shape:>11} {distinct:>9,} {after:>6} {seconds:>8.2f}s "
+            f"{saved_b / 2**20:>11.2f} MiB {err:>10.4f}"
+        )
     naive = NAIVE_BYTES_PER_WEIGHT.get(args.iters)
-    print(f"\n{total_n:,} weights in {elapsed:.1f} s; autograd kept {total_saved / 2**20:.1f} MiB "
-          f"({total_saved / total_n:.4f} bytes/weight) besides the weights themselves.")
+    print(
+        f"\n{total_n:,} weights in {elapsed:.1f} s; autograd kept {total_saved / 2**20:.1f} MiB "
+        f"({total_saved / total_n:.4f} bytes/weight) besides the weights themselves."
+    )
     if naive and k == 8:
-        print(f"Naive DKM would keep about {naive} bytes/weight: {naive * total_n / 2**30:.1f} GiB "
-              f"({naive * total_n / max(total_saved, 1):,.0f}x more).")
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(f"Peak {'GPU memory allocated' if device == 'cuda' else 'RSS'}: {peak / 2**30:.2f} GiB. "
-          f"Packed size at {args.bits} bits: {total_n * args.bits / 8 / 2**20:,.0f} MiB "
-          f"(bf16: {total_n * 2 / 2**20:,.0f} MiB).")
+        print(
+            f"Naive DKM would keep about {naive} bytes/weight: {naive * total_n / 2**30:.1f} GiB "
+            f"({naive * total_n / max(total_saved, 1):,.0f}x more)."
+        )
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    print(
+        f"Peak {'GPU memory allocated' if device == 'cuda' else 'RSS'}: {peak / 2**30:.2f} GiB. "
+        f"Packed size at {args.bits} bits: {total_n * args.bits / 8 / 2**20:,.0f} MiB "
+        f"(bf16: {total_n * 2 / 2**20:,.0f} MiB)."
+    )
     return 0

@@ -1,6 +1,7 @@
 """A LLaMA decoder layer (RMSNorm, causal multi-head attention through SDPA, SwiGLU MLP) whose
 seven projections go through a chosen linear, for measuring a training step with and without
 clustering. Rotary embeddings are left out: they cost the same in every variant."""
+
 from __future__ import annotations
 
 import statistics
@@ -12,12 +13,18 @@ import torch.nn.functional as F
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_weights(hidden: int, intermediate: int, device, dtype=torch.bfloat16, seed: int = 0) -> Dict[str, torch.Tensor]:
+def make_weights(
+    hidden: int, intermediate: int, device, dtype=torch.bfloat16, seed: int = 0
+) -> Dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shapes = {
-        "q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-        "o_proj": (hidden, hidden), "gate_proj": (intermediate, hidden),
-        "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate),
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, hidden),
+        "v_proj": (hidden, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (intermediate, hidden),
+        "up_proj": (intermediate, hidden),
+        "down_proj": (hidden, intermediate),
     }
     return {
         name: (torch.randn(shape, generator=g) * 0.02).to(dtype).to(device).requires_grad_()
@@ -77,8 +84,9 @@ def linear_variants(weights: Dict[str, torch.Tensor], k: int = 8, temperature: f
     return {"plain": plain, "dkm_linear": fused, "dkm+linear": unfused, "palettize_": palettized}
 
 
-def time_steps(run: Callable[[], None], zero: Callable[[], None], repeats: int, device,
-               held_bytes: int = 0) -> tuple[float, int]:
+def time_steps(
+    run: Callable[[], None], zero: Callable[[], None], repeats: int, device, held_bytes: int = 0
+) -> tuple[float, int]:
     """Median seconds of a step (`zero` clears the gradients, `run` does forward and backward)
     and the peak memory of one step, in total: weights, gradients, activations and temporaries.
     CUDA: the allocator's peak. CPU: `held_bytes` (held before the step, gradients cleared) plus
@@ -113,8 +121,9 @@ def time_steps(run: Callable[[], None], zero: Callable[[], None], repeats: int, 
     return statistics.median(times), peak
 
 
-def training_step_report(hidden=4096, intermediate=11008, heads=32, tokens=2048, repeats=5, device="cuda",
-                         progress=None):
+def training_step_report(
+    hidden=4096, intermediate=11008, heads=32, tokens=2048, repeats=5, device="cuda", progress=None
+):
     """Step time and peak memory of a decoder-layer training step, plain and with each clustered
     variant, and their ratios to plain. `progress(name)` is called before each variant."""
     weights = make_weights(hidden, intermediate, device)
@@ -134,7 +143,8 @@ def training_step_report(hidden=4096, intermediate=11008, heads=32, tokens=2048,
             y.float().square().mean().backward()
 
         held = x.numel() * x.element_size() + sum(
-            {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}.values())
+            {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}.values()
+        )
         seconds, peak = time_steps(run, zero, repeats, device, held)
         out[name] = {"seconds": seconds, "peak_bytes": peak}
     for name in ("dkm_linear", "dkm+linear", "palettize_"):
@@ -148,10 +158,15 @@ def training_step_table(steps: dict) -> list:
     mib = 2**20
     lines = ["| variant | step time | ratio | peak memory | ratio |", "|---|---|---|---|---|"]
     for name, r in steps.items():
-        lines.append(f"| {name} | {r['seconds'] * 1e3:,.1f} ms | {r.get('time_ratio', 1.0):.2f}x | "
-                     f"{r['peak_bytes'] / mib:,.1f} MiB | {r.get('memory_ratio', 1.0):.3f}x |")
-    return lines + ["", "dkm_linear keeps no clustered weight for backward (one gather rebuilds it) and "
-                    "writes the weight's gradient over the clustered weight's; dkm+linear is edkm.dkm "
-                    "then F.linear, which saves the clustered weight; palettize_ is the model API "
-                    "(nn.Linear modules made ClusteredLinear, optimal 1-D k-means init, relative "
-                    "temperature)."]
+        lines.append(
+            f"| {name} | {r['seconds'] * 1e3:,.1f} ms | {r.get('time_ratio', 1.0):.2f}x | "
+            f"{r['peak_bytes'] / mib:,.1f} MiB | {r.get('memory_ratio', 1.0):.3f}x |"
+        )
+    return lines + [
+        "",
+        "dkm_linear keeps no clustered weight for backward (one gather rebuilds it) and "
+        "writes the weight's gradient over the clustered weight's; dkm+linear is edkm.dkm "
+        "then F.linear, which saves the clustered weight; palettize_ is the model API "
+        "(nn.Linear modules made ClusteredLinear, optimal 1-D k-means init, relative "
+        "temperature).",
+    ]

@@ -16,6 +16,7 @@ The naive reference needs ~260 bytes per weight (49 GiB for the full layer), mor
 machine has: by default every matrix keeps 1/16 of its rows, and full-layer numbers are
 extrapolated linearly (bytes scale with the number of weights), labelled as such.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,17 @@ SHARD_RANKS = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale", type=float, default=None,
-                   help="fraction of each matrix's rows (default 1/16 on CPU, 1 on CUDA)")
+    p.add_argument(
+        "--scale", type=float, default=None, help="fraction of each matrix's rows (default 1/16 on CPU, 1 on CUDA)"
+    )
     p.add_argument("--quick", action="store_true", help="a reduced size (1/256 of the rows), under a minute")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list, one object per variant (variant, saved_device_bytes, "
-                        "saved_host_bytes, peak_bytes, seconds)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list, one object per variant (variant, saved_device_bytes, "
+        "saved_host_bytes, peak_bytes, seconds)",
+    )
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
 
 
@@ -68,8 +73,7 @@ def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port:
             import torch.distributed as dist
 
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-            dist.init_process_group("gloo", rank=rank, world_size=SHARD_RANKS,
-                                    timeout=datetime.timedelta(seconds=300))
+            dist.init_process_group("gloo", rank=rank, world_size=SHARD_RANKS, timeout=datetime.timedelta(seconds=300))
             group = dist.group.WORLD
         import edkm
         from edkm.bench.layer import quantile_centroids
@@ -96,8 +100,7 @@ def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port:
                 outs = [fn(w, c, 1e-5, 3).clustered for w, c in zip(params, centroids)]
             device_bytes = saved.bytes
         else:
-            with edkm.saved_tensors(offload=True, uniquify=variant != "M",
-                                    shard_group=group) as store:
+            with edkm.saved_tensors(offload=True, uniquify=variant != "M", shard_group=group) as store:
                 outs = [edkm.dkm_reference(w, c, 1e-5, 3).clustered for w, c in zip(params, centroids)]
             counters = store.counters()
             device_bytes, host_bytes = counters["device_bytes"], counters["host_bytes"]
@@ -113,9 +116,15 @@ def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port:
             dist.destroy_process_group()
             if rank != 0:
                 return
-        queue.put({"variant": variant, "saved_device_bytes": device_bytes,
-                   "saved_host_bytes": host_bytes, "peak_bytes": _peak(device) - base,
-                   "seconds": seconds})
+        queue.put(
+            {
+                "variant": variant,
+                "saved_device_bytes": device_bytes,
+                "saved_host_bytes": host_bytes,
+                "peak_bytes": _peak(device) - base,
+                "seconds": seconds,
+            }
+        )
     except BaseException as e:  # report, never hang the parent
         queue.put({"variant": variant, "error": f"{type(e).__name__}: {e}"})
 
@@ -180,8 +189,14 @@ def run(args) -> dict:
     ref_full = rows[0]["full_layer_kept_bytes"]
     for r in rows:
         r["saved_ratio_to_reference"] = ref_full / max(r["full_layer_kept_bytes"], 1)
-    report = {"benchmark": "memory", "device": args.device, "scale": scale,
-              "full_layer_numel": full, "variants": rows, **_results.stamp()}
+    report = {
+        "benchmark": "memory",
+        "device": args.device,
+        "scale": scale,
+        "full_layer_numel": full,
+        "variants": rows,
+        **_results.stamp(),
+    }
     out_dir = args.out or _results.default_results_dir()
     tag = f"memory_{args.device.split(':')[0]}" + ("_quick" if args.quick else "")
     _results.write_json(os.path.join(out_dir, tag + ".json"), report)
@@ -214,15 +229,20 @@ def table(report: dict) -> str:
         lines.append(
             f"| {r['variant']} | {r['numel']:,} | {r['saved_device_bytes'] / mib:,.1f} MiB | "
             f"{r['saved_host_bytes'] / mib:,.1f} MiB | {r['peak_bytes'] / mib:,.0f} MiB | {r['seconds']:.2f} s | "
-            f"{r['full_layer_kept_bytes'] / 2**30:,.3f} GiB{label} | {r['saved_ratio_to_reference']:,.0f}x less |")
-    lines += ["", "JSON keys: saved_device_bytes = kept where autograd put it (on a CPU run that is CPU "
-              "memory), saved_host_bytes = the store's host copies.",
-              "", "Kept = bytes held for backward after the whole layer's forward (weights themselves "
-              "excluded). Naive variants are measured on a fraction of the layer and extrapolated "
-              "linearly (their bytes grow with the weights); dkm's tables do not grow with the weights "
-              "and are measured at full size. On a CPU the 'host' copies share memory with everything "
-              "else: M shows what offloading moves off a GPU, U what uniquification removes, S what "
-              "each of 2 ranks keeps when they shard (rank 0 shown; its peak includes the all-gather)."]
+            f"{r['full_layer_kept_bytes'] / 2**30:,.3f} GiB{label} | {r['saved_ratio_to_reference']:,.0f}x less |"
+        )
+    lines += [
+        "",
+        "JSON keys: saved_device_bytes = kept where autograd put it (on a CPU run that is CPU "
+        "memory), saved_host_bytes = the store's host copies.",
+        "",
+        "Kept = bytes held for backward after the whole layer's forward (weights themselves "
+        "excluded). Naive variants are measured on a fraction of the layer and extrapolated "
+        "linearly (their bytes grow with the weights); dkm's tables do not grow with the weights "
+        "and are measured at full size. On a CPU the 'host' copies share memory with everything "
+        "else: M shows what offloading moves off a GPU, U what uniquification removes, S what "
+        "each of 2 ranks keeps when they shard (rank 0 shown; its peak includes the all-gather).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +253,7 @@ def _plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["variant"] for r in report["variants"]]
+
     # Full-layer bytes (naive variants extrapolated), split by where they are kept.
     def part(r, key):
         kept = max(r["saved_device_bytes"] + r["saved_host_bytes"], 1)
@@ -248,8 +269,15 @@ def _plot(report: dict, path: str) -> None:
     ax.set_ylim(bottom=0.5)
     for i, r in enumerate(report["variants"]):
         total = r["full_layer_kept_bytes"] / 2**20
-        ax.annotate(f"{total:,.0f} MiB" if total >= 10 else f"{total:.1f} MiB", (i, total),
-                    ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+        ax.annotate(
+            f"{total:,.0f} MiB" if total >= 10 else f"{total:.1f} MiB",
+            (i, total),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
     ax.set_xticks(list(x), names)
     ax.set_ylabel("MiB kept for backward, full layer (log)")
     ax.set_title(f"DKM memory ablation, one LLaMA-7B layer ({report['device']})")
@@ -264,8 +292,14 @@ def _plot(report: dict, path: str) -> None:
 def main(args) -> int:
     report = run(args)
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("variant", "saved_device_bytes", "saved_host_bytes",
-                                             "peak_bytes", "seconds")} for r in report["variants"]]))
+        print(
+            json.dumps(
+                [
+                    {k: r[k] for k in ("variant", "saved_device_bytes", "saved_host_bytes", "peak_bytes", "seconds")}
+                    for r in report["variants"]
+                ]
+            )
+        )
     else:
         print(table(report))
     return 0

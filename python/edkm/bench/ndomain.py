@@ -8,6 +8,7 @@ for each --dtype. Each variant of each case runs in a fresh process, so its peak
 which path set_ndomain('auto') takes for the case, so the rule in csrc/ndomain.h can be checked
 against the times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,20 @@ def _dtype(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--case", type=parse_case, action="append", default=None,
-                   help="ROWSxCOLS:ROWS_PER_LUT, repeatable (default: " + ", ".join(DEFAULT_CASES) + ")")
-    p.add_argument("--dtype", type=_dtype, action="append", default=None,
-                   help="weight dtype, repeatable: float32, bfloat16 (default: both)")
+    p.add_argument(
+        "--case",
+        type=parse_case,
+        action="append",
+        default=None,
+        help="ROWSxCOLS:ROWS_PER_LUT, repeatable (default: " + ", ".join(DEFAULT_CASES) + ")",
+    )
+    p.add_argument(
+        "--dtype",
+        type=_dtype,
+        action="append",
+        default=None,
+        help="weight dtype, repeatable: float32, bfloat16 (default: both)",
+    )
     p.add_argument("--k", type=int, default=8, help="centroids per LUT (default 8)")
     p.add_argument("--iters", type=int, default=3, help="DKM iterations (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median; default 3)")
@@ -69,8 +80,7 @@ def _worker(variant, case, dtype, args, queue) -> None:
         import edkm
 
         # a worker process of its own: the settings end with it
-        edkm.set_settings(ndomain="never" if variant == "udomain" else "always",
-                          simd_attention=variant != "scalar")
+        edkm.set_settings(ndomain="never" if variant == "udomain" else "always", simd_attention=variant != "scalar")
         w, c, grad = _inputs(case, dtype, args.k)
         tau = 0.02 * w.float().var().item()  # Config's default temperature, relative to var(w)
 
@@ -85,8 +95,14 @@ def _worker(variant, case, dtype, args, queue) -> None:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        queue.put({"variant": variant, "median_seconds": statistics.median(times), "seconds": times,
-                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+        queue.put(
+            {
+                "variant": variant,
+                "median_seconds": statistics.median(times),
+                "seconds": times,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
     except BaseException as e:  # report, never hang the parent
         queue.put({"variant": variant, "error": f"{type(e).__name__}: {e}"})
 
@@ -110,14 +126,18 @@ def run(args) -> dict:
     cases = args.case or [parse_case(c) for c in DEFAULT_CASES]
     dtypes = args.dtype or list(DTYPES)
     rows = []
-    with tqdm(total=len(cases) * len(dtypes) * (1 + len(VARIANTS)), desc="bench ndomain",
-              unit="process") as bar:
+    with tqdm(total=len(cases) * len(dtypes) * (1 + len(VARIANTS)), desc="bench ndomain", unit="process") as bar:
         for dtype in dtypes:
             for case in cases:
                 base = _in_fresh_process(_baseline, case, dtype, args)["peak_rss_bytes"]
                 bar.update()
-                row = {"case": "%dx%d:%d" % case, "dtype": dtype, "groups": case[0] // case[2],
-                       "weights_per_lut": case[1] * case[2], "auto": _auto_path(case, dtype)}
+                row = {
+                    "case": "%dx%d:%d" % case,
+                    "dtype": dtype,
+                    "groups": case[0] // case[2],
+                    "weights_per_lut": case[1] * case[2],
+                    "auto": _auto_path(case, dtype),
+                }
                 for v in VARIANTS:
                     r = _in_fresh_process(_worker, v, case, dtype, args)
                     bar.update()
@@ -129,8 +149,15 @@ def run(args) -> dict:
                 row["scalar_ratio"] = row["scalar"]["median_seconds"] / fast
                 row["udomain_ratio"] = row["udomain"]["median_seconds"] / fast
                 rows.append(row)
-    report = {"benchmark": "ndomain_simd_cpu", "k": args.k, "iters": args.iters, "repeats": args.repeats,
-              "torch_threads": torch.get_num_threads(), **_results.stamp(), "cases": rows}
+    report = {
+        "benchmark": "ndomain_simd_cpu",
+        "k": args.k,
+        "iters": args.iters,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        **_results.stamp(),
+        "cases": rows,
+    }
     out = args.out or _results.default_results_dir()
     base = f"{out}/ndomain_simd_cpu"
     _results.write_json(base + ".json", report)
@@ -144,36 +171,42 @@ def _mb(b):
 
 
 def table(report: dict) -> str:
-    lines = ["| dtype | case (rows x cols : rows per LUT) | weights per LUT | N-domain AVX2 | N-domain float64 loops | "
-             "U-domain | float64 loops / AVX2 | U-domain / AVX2 | auto takes | peak RSS AVX2 / loops / U |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dtype | case (rows x cols : rows per LUT) | weights per LUT | N-domain AVX2 | N-domain float64 loops | "
+        "U-domain | float64 loops / AVX2 | U-domain / AVX2 | auto takes | peak RSS AVX2 / loops / U |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["cases"]:
         ms = {v: f"{r[v]['median_seconds'] * 1e3:,.0f} ms" for v in VARIANTS}
         rss = " / ".join(_mb(r[v]["peak_rss_above_inputs_bytes"]) for v in VARIANTS)
-        lines.append(f"| {r['dtype']} | {r['case']} | {r['weights_per_lut']:,} | {ms['avx2']} | {ms['scalar']} | "
-                     f"{ms['udomain']} | **{r['scalar_ratio']:.1f}x** | **{r['udomain_ratio']:.2f}x** | "
-                     f"{r['auto']} | {rss} |")
+        lines.append(
+            f"| {r['dtype']} | {r['case']} | {r['weights_per_lut']:,} | {ms['avx2']} | {ms['scalar']} | "
+            f"{ms['udomain']} | **{r['scalar_ratio']:.1f}x** | **{r['udomain_ratio']:.2f}x** | "
+            f"{r['auto']} | {rss} |"
+        )
     return "\n".join(lines)
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    return "\n".join([
-        f"# dkm on CPU by LUT group size: N-domain AVX2 vs its float64 loops vs the U-domain — "
-        f"forward+backward, K={report['k']}, {report['iters']} iterations",
-        "",
-        f"- date: {report['date']}",
-        f"- command: `{report['command']}`",
-        f"- machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {report['torch_threads']} threads",
-        f"- medians of {report['repeats']} runs after a warm-up; every variant in its own process; peak RSS "
-        "above a process that only built the inputs; tau = 0.02 var(w) (Config's default)",
-        "",
-        table(report),
-        "",
-        "Ratios are other / AVX2 (above 1: the AVX2 N-domain is faster). 'auto takes' is the path "
-        "set_ndomain('auto') picks for the case (csrc/ndomain.h).",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# dkm on CPU by LUT group size: N-domain AVX2 vs its float64 loops vs the U-domain — "
+            f"forward+backward, K={report['k']}, {report['iters']} iterations",
+            "",
+            f"- date: {report['date']}",
+            f"- command: `{report['command']}`",
+            f"- machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {report['torch_threads']} threads",
+            f"- medians of {report['repeats']} runs after a warm-up; every variant in its own process; peak RSS "
+            "above a process that only built the inputs; tau = 0.02 var(w) (Config's default)",
+            "",
+            table(report),
+            "",
+            "Ratios are other / AVX2 (above 1: the AVX2 N-domain is faster). 'auto takes' is the path "
+            "set_ndomain('auto') picks for the case (csrc/ndomain.h).",
+            "",
+        ]
+    )
 
 
 def main(args) -> int:

@@ -3,6 +3,7 @@ any device: CUDA from the caching allocator's statistics, CPU from the profiler'
 events (every tensor allocation and free, by address). Deterministic: it counts tensor bytes,
 not the process's resident memory. On CPU, blocks that existed before the call and were freed
 during it are not subtracted (callers free what they can first, as the step bench does)."""
+
 from __future__ import annotations
 
 import json

@@ -18,6 +18,7 @@ Results: benchmarks/results/sensitivity/<model>_<bits>bit_<layout>[_quick].{json
 table, the exact command, and a heatmap (layers x matrix types, log colour scale) of the KL and
 of the proxy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ import shlex
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -43,31 +44,54 @@ TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model (default smollm2-135m, loaded in fp32)")
     p.add_argument("--bits", type=int, default=3, help="bits of the one clustered matrix (default 3)")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="output channels per LUT (default: one LUT per matrix)")
-    p.add_argument("--init", default="optimal", choices=("optimal", "auto", "kmeans++"),
-                   help="centroid initialization, i.e. the post-training clustering (default optimal: exact k-means)")
-    p.add_argument("--seqs", type=int, default=None,
-                   help=f"validation sequences (default {FULL['seqs']}; --quick {QUICK['seqs']})")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help=f"tokens per validation sequence (default {FULL['seq_len']}; --quick {QUICK['seq_len']})")
-    p.add_argument("--fisher-batches", type=int, default=None,
-                   help=f"calibration sequences for the Fisher proxy, one per batch (default "
-                        f"{FULL['fisher_batches']}; --quick {QUICK['fisher_batches']}; 0: no proxy)")
-    p.add_argument("--fisher-len", type=int, default=None,
-                   help=f"tokens per calibration sequence (default {FULL['fisher_len']}; --quick {QUICK['fisher_len']})")
+    p.add_argument("--group-size", type=int, default=None, help="output channels per LUT (default: one LUT per matrix)")
+    p.add_argument(
+        "--init",
+        default="optimal",
+        choices=("optimal", "auto", "kmeans++"),
+        help="centroid initialization, i.e. the post-training clustering (default optimal: exact k-means)",
+    )
+    p.add_argument(
+        "--seqs", type=int, default=None, help=f"validation sequences (default {FULL['seqs']}; --quick {QUICK['seqs']})"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"tokens per validation sequence (default {FULL['seq_len']}; --quick {QUICK['seq_len']})",
+    )
+    p.add_argument(
+        "--fisher-batches",
+        type=int,
+        default=None,
+        help=f"calibration sequences for the Fisher proxy, one per batch (default "
+        f"{FULL['fisher_batches']}; --quick {QUICK['fisher_batches']}; 0: no proxy)",
+    )
+    p.add_argument(
+        "--fisher-len",
+        type=int,
+        default=None,
+        help=f"tokens per calibration sequence (default {FULL['fisher_len']}; --quick {QUICK['fisher_len']})",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N matrices (smoke runs)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="data folder (corpus/); default $EDKM_DATA_DIR, else ../shared/data")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="data folder (corpus/); default $EDKM_DATA_DIR, else ../shared/data"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="which train files become validation / calibration text")
     p.add_argument("--quick", action="store_true", help="smoke run (short sequences); results get a _quick suffix")
-    p.add_argument("--render", type=Path, default=None, metavar="JSON",
-                   help="run nothing: rewrite the markdown and PNG beside a results JSON this command wrote")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: rewrite the markdown and PNG beside a results JSON this command wrote",
+    )
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results/sensitivity)")
 
 
 # ---- data ---------------------------------------------------------------------------------------
+
 
 def split_train_files(train_files: Sequence, val_chars: int, calib_chars: int, seed: int):
     """(validation files, calibration files): the train files in a seeded order, the first ones
@@ -88,15 +112,18 @@ def split_train_files(train_files: Sequence, val_chars: int, calib_chars: int, s
 
 def blocks_from(tokenizer, files: Sequence, n: int, length: int, seed: int) -> torch.Tensor:
     from edkm.data import read_texts, token_blocks
+
     texts = read_texts(files)
     blocks = token_blocks(tokenizer, texts, length, max_blocks=n, seed=seed)
     if blocks.shape[0] < n:
-        raise ValueError(f"edkm bench sensitivity: the text gives {blocks.shape[0]} blocks of {length} "
-                         f"tokens, {n} are needed")
+        raise ValueError(
+            f"edkm bench sensitivity: the text gives {blocks.shape[0]} blocks of {length} tokens, {n} are needed"
+        )
     return blocks
 
 
 # ---- one matrix at a time -----------------------------------------------------------------------
+
 
 def layer_index(name: str) -> Optional[int]:
     m = re.search(r"\.layers\.(\d+)\.", name)
@@ -111,8 +138,9 @@ class LayerRunner:
         self.model, self.ids = model, ids
         self.layers = model.model.layers
         self.inputs: List[torch.Tensor] = [None] * len(self.layers)
-        hooks = [layer.register_forward_pre_hook(self._keeper(i), with_kwargs=True)
-                 for i, layer in enumerate(self.layers)]
+        hooks = [
+            layer.register_forward_pre_hook(self._keeper(i), with_kwargs=True) for i, layer in enumerate(self.layers)
+        ]
         try:
             with torch.no_grad():
                 self.base_logits = model(input_ids=ids, use_cache=False).logits.float()
@@ -125,6 +153,7 @@ class LayerRunner:
         def keep(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
             self.inputs[i] = h.detach().clone()
+
         return keep
 
     @torch.no_grad()
@@ -149,6 +178,7 @@ class LayerRunner:
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (ties get their average rank)."""
+
     def ranks(v):
         order = sorted(range(len(v)), key=lambda i: v[i])
         r = [0.0] * len(v)
@@ -161,6 +191,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
                 r[order[k]] = (i + j) / 2
             i = j + 1
         return r
+
     return pearson(ranks(list(x)), ranks(list(y)))
 
 
@@ -178,9 +209,21 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 def command(args) -> str:
     """The command that reproduces this run."""
     parts = ["edkm", "bench", "sensitivity"]
-    for key, default in (("model", "smollm2-135m"), ("bits", 3), ("group_size", None), ("init", "optimal"),
-                         ("seqs", None), ("seq_len", None), ("fisher_batches", None), ("fisher_len", None),
-                         ("limit", None), ("data_dir", None), ("threads", 0), ("seed", 0), ("out", None)):
+    for key, default in (
+        ("model", "smollm2-135m"),
+        ("bits", 3),
+        ("group_size", None),
+        ("init", "optimal"),
+        ("seqs", None),
+        ("seq_len", None),
+        ("fisher_batches", None),
+        ("fisher_len", None),
+        ("limit", None),
+        ("data_dir", None),
+        ("threads", 0),
+        ("seed", 0),
+        ("out", None),
+    ):
         v = getattr(args, key)
         if v != default:
             parts += ["--" + key.replace("_", "-"), str(v)]
@@ -231,8 +274,10 @@ def run(args) -> dict:
     replay = runner.logits(check_layer)
     replay_err = float((replay - runner.base_logits).abs().max())
     if replay_err > 1e-3:
-        raise RuntimeError(f"edkm bench sensitivity: rerunning from layer {check_layer} does not reproduce "
-                           f"the baseline logits (max diff {replay_err:g}); this model is not supported")
+        raise RuntimeError(
+            f"edkm bench sensitivity: rerunning from layer {check_layer} does not reproduce "
+            f"the baseline logits (max diff {replay_err:g}); this model is not supported"
+        )
 
     units = [u for u in clusterable_units(model, config) if u.config is not None]
     if args.limit is not None:
@@ -254,14 +299,26 @@ def run(args) -> dict:
         finally:
             with torch.no_grad():
                 w.copy_(orig)
-        rows.append({"name": u.name, "tied": list(u.names[1:]), "layer": layer_index(u.name),
-                     "type": u.name.rsplit(".", 1)[-1], "shape": list(u.shape), "kl": kl,
-                     "ppl": math.exp(nll), "sq_error": float(err.sum()),
-                     "fisher_proxy": float((f.double() * err).sum()) if f is not None else None,
-                     "seconds": time.perf_counter() - t1})
+        rows.append(
+            {
+                "name": u.name,
+                "tied": list(u.names[1:]),
+                "layer": layer_index(u.name),
+                "type": u.name.rsplit(".", 1)[-1],
+                "shape": list(u.shape),
+                "kl": kl,
+                "ppl": math.exp(nll),
+                "sq_error": float(err.sum()),
+                "fisher_proxy": float((f.double() * err).sum()) if f is not None else None,
+                "seconds": time.perf_counter() - t1,
+            }
+        )
 
-    summary = {"matrices": len(rows), "spearman_kl_fisher": None, "spearman_kl_sq_error":
-               spearman([r["kl"] for r in rows], [r["sq_error"] for r in rows])}
+    summary = {
+        "matrices": len(rows),
+        "spearman_kl_fisher": None,
+        "spearman_kl_sq_error": spearman([r["kl"] for r in rows], [r["sq_error"] for r in rows]),
+    }
     if sens is not None:
         kl = [r["kl"] for r in rows]
         proxy = [r["fisher_proxy"] for r in rows]
@@ -282,14 +339,28 @@ def run(args) -> dict:
         "benchmark": "sensitivity",
         **_results.stamp(),
         "command": command(args),
-        "settings": {"model": args.model, "bits": args.bits, "group_size": args.group_size, "init": args.init,
-                     "seqs": seqs, "seq_len": seq_len, "fisher_batches": fb, "fisher_len": fl,
-                     "seed": args.seed, "quick": bool(args.quick), "limit": args.limit,
-                     "threads": torch.get_num_threads(),
-                     "validation_files": [Path(f).name for f in val_files],
-                     "calibration_files": [Path(f).name for f in calib_files] if fb else []},
-        "baseline": {"ppl": math.exp(base_nll), "kl": base_kl, "replay_max_abs_diff": replay_err,
-                     "replay_from_layer": check_layer},
+        "settings": {
+            "model": args.model,
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "init": args.init,
+            "seqs": seqs,
+            "seq_len": seq_len,
+            "fisher_batches": fb,
+            "fisher_len": fl,
+            "seed": args.seed,
+            "quick": bool(args.quick),
+            "limit": args.limit,
+            "threads": torch.get_num_threads(),
+            "validation_files": [Path(f).name for f in val_files],
+            "calibration_files": [Path(f).name for f in calib_files] if fb else [],
+        },
+        "baseline": {
+            "ppl": math.exp(base_nll),
+            "kl": base_kl,
+            "replay_max_abs_diff": replay_err,
+            "replay_from_layer": check_layer,
+        },
         "summary": summary,
         "rows": rows,
         "seconds": time.perf_counter() - t0,
@@ -302,6 +373,7 @@ def run(args) -> dict:
 
 
 # ---- output -------------------------------------------------------------------------------------
+
 
 def _fmt(x: Optional[float], spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
@@ -346,12 +418,21 @@ def markdown(report: dict) -> str:
     for r in rows[:15]:
         tied = f" (tied: {', '.join(r['tied'])})" if r["tied"] else ""
         lines.append(f"| {r['name']}{tied} | {r['kl']:.4g} | {r['ppl']:.3f} | {_fmt(r['fisher_proxy'])} |")
-    lines += ["", "## All matrices", "", "| matrix | shape | KL | ppl | squared error | Fisher proxy | s |",
-              "|---|---|---|---|---|---|---|"]
-    for r in sorted(report["rows"], key=lambda r: (-1 if r["layer"] is None else r["layer"],
-                                                     TYPES.index(r["type"]) if r["type"] in TYPES else 99)):
-        lines.append(f"| {r['name']} | {'x'.join(map(str, r['shape']))} | {r['kl']:.4g} | {r['ppl']:.3f} | "
-                     f"{r['sq_error']:.4g} | {_fmt(r['fisher_proxy'], '.4g')} | {r['seconds']:.1f} |")
+    lines += [
+        "",
+        "## All matrices",
+        "",
+        "| matrix | shape | KL | ppl | squared error | Fisher proxy | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        report["rows"],
+        key=lambda r: (-1 if r["layer"] is None else r["layer"], TYPES.index(r["type"]) if r["type"] in TYPES else 99),
+    ):
+        lines.append(
+            f"| {r['name']} | {'x'.join(map(str, r['shape']))} | {r['kl']:.4g} | {r['ppl']:.3f} | "
+            f"{r['sq_error']:.4g} | {_fmt(r['fisher_proxy'], '.4g')} | {r['seconds']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -390,8 +471,9 @@ def _plot(report: dict, path: str) -> None:
         vals = [v for row in grid for v in row if v == v and v > 0]
         if not vals:
             continue
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=LogNorm(vmin=min(vals), vmax=max(vals)),
-                       interpolation="nearest")
+        im = ax.imshow(
+            grid, aspect="auto", cmap="viridis", norm=LogNorm(vmin=min(vals), vmax=max(vals)), interpolation="nearest"
+        )
         ax.set_xticks(range(len(types)), [t.replace("_proj", "") for t in types])
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_ylabel("decoder layer")
@@ -400,8 +482,11 @@ def _plot(report: dict, path: str) -> None:
     s = report["settings"]
     sm = report["summary"]
     rho = f"; Spearman(KL, proxy) = {sm['spearman_kl_fisher']:.2f}" if sm["spearman_kl_fisher"] is not None else ""
-    fig.suptitle(f"{s['model']}: one matrix clustered to {s['bits']} bits, the rest exact{rho}"
-                 + (" (quick)" if s["quick"] else ""), fontsize=10)
+    fig.suptitle(
+        f"{s['model']}: one matrix clustered to {s['bits']} bits, the rest exact{rho}"
+        + (" (quick)" if s["quick"] else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -438,10 +523,14 @@ def main(args) -> int:
     report = render(args.render) if args.render is not None else run(args)
     sm = report["summary"]
     worst = sorted(report["rows"], key=lambda r: -r["kl"])[:5]
-    print(f"baseline ppl {report['baseline']['ppl']:.3f}; {sm['matrices']} matrices; most damaging: "
-          + ", ".join(f"{r['name']} (KL {r['kl']:.3g})" for r in worst))
+    print(
+        f"baseline ppl {report['baseline']['ppl']:.3f}; {sm['matrices']} matrices; most damaging: "
+        + ", ".join(f"{r['name']} (KL {r['kl']:.3g})" for r in worst)
+    )
     if sm["spearman_kl_fisher"] is not None:
-        print(f"Spearman(KL, Fisher proxy) = {sm['spearman_kl_fisher']:.3f}; "
-              f"Spearman(KL, squared error) = {sm['spearman_kl_sq_error']:.3f}")
+        print(
+            f"Spearman(KL, Fisher proxy) = {sm['spearman_kl_fisher']:.3f}; "
+            f"Spearman(KL, squared error) = {sm['spearman_kl_sq_error']:.3f}"
+        )
     print("written: " + ", ".join(report["files"].values()))
     return 0

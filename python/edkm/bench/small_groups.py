@@ -8,6 +8,7 @@ row, 0 training steps). A step is forward + backward of the whole model on rando
 matrix takes (N-domain for small groups, U-domain otherwise) is the library's own choice unless
 ``--ndomain`` forces it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences per step, 1-4 (default 1)")
     p.add_argument("--tokens", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median; default 3)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--skip-init", action="store_true", help="skip the per-row initialization timing")
-    p.add_argument("--ndomain", choices=("auto", "always", "never"), default="auto",
-                   help="DKM domain for small groups (edkm.settings(ndomain=...); default auto)")
+    p.add_argument(
+        "--ndomain",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="DKM domain for small groups (edkm.settings(ndomain=...); default auto)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
 
@@ -92,13 +96,17 @@ def time_steps(args, group_size, progress) -> dict:
             times.append(dt)
         progress.update()
     del model
-    return {"group_size": group_size, "init_seconds": init_seconds,
-            "median_seconds": statistics.median(times), "seconds": times,
-            "peak_rss_bytes_so_far": _peak_rss()}
+    return {
+        "group_size": group_size,
+        "init_seconds": init_seconds,
+        "median_seconds": statistics.median(times),
+        "seconds": times,
+        "peak_rss_bytes_so_far": _peak_rss(),
+    }
 
 
 def _max_group_words(limit: int) -> str:
-    return "every size" if limit >= 2 ** 62 else f"<= {limit:,} weights"
+    return "every size" if limit >= 2**62 else f"<= {limit:,} weights"
 
 
 def run(args) -> dict:
@@ -109,11 +117,19 @@ def run(args) -> dict:
 
     names = _check(args)
     chosen = edkm.set_settings(ndomain=args.ndomain)
-    report = {"benchmark": "small_groups", "model": args.model, "bits": args.bits,
-              "batch": args.batch, "tokens": args.tokens, "timed_steps": args.steps,
-              "ndomain": args.ndomain, "ndomain_max_group": _C.ndomain_max_group(edkm.Config().cluster_dtype),
-              "ndomain_simd": _C.simd_attention() and _C.simd_attention_available(),
-              "torch_threads": torch.get_num_threads(), **_results.stamp()}
+    report = {
+        "benchmark": "small_groups",
+        "model": args.model,
+        "bits": args.bits,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "timed_steps": args.steps,
+        "ndomain": args.ndomain,
+        "ndomain_max_group": _C.ndomain_max_group(edkm.Config().cluster_dtype),
+        "ndomain_simd": _C.simd_attention() and _C.simd_attention_available(),
+        "torch_threads": torch.get_num_threads(),
+        **_results.stamp(),
+    }
     out = args.out or _results.default_results_dir()
     base = f"{out}/small_groups"
     report["steps"] = {}
@@ -142,35 +158,44 @@ def _write(report: dict, base: str) -> None:
 
 
 def table(report: dict) -> str:
-    lines = ["| LUTs | init (palettize_) | step median | steps | ratio to per-matrix | peak RSS so far |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| LUTs | init (palettize_) | step median | steps | ratio to per-matrix | peak RSS so far |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in report["steps"].items():
         ratio = r.get("ratio_to_per_matrix")
-        lines.append(f"| {name} | {r['init_seconds']:.1f} s | {r['median_seconds']:.2f} s | "
-                     f"{', '.join(f'{s:.2f}' for s in r['seconds'])} | "
-                     f"{'**%.2fx**' % ratio if ratio else '—'} | {r['peak_rss_bytes_so_far'] / 2**30:.2f} GiB |")
+        lines.append(
+            f"| {name} | {r['init_seconds']:.1f} s | {r['median_seconds']:.2f} s | "
+            f"{', '.join(f'{s:.2f}' for s in r['seconds'])} | "
+            f"{'**%.2fx**' % ratio if ratio else '—'} | {r['peak_rss_bytes_so_far'] / 2**30:.2f} GiB |"
+        )
     return "\n".join(lines)
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# Small LUT groups on {report['model']} (CPU), {report['bits']} bits",
-             "",
-             f"- date: {report['date']}",
-             f"- command: `{report['command']}`",
-             f"- machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {report['torch_threads']} threads",
-             f"- step: forward + backward, batch {report['batch']} x {report['tokens']} tokens, fp32 model "
-             f"clustered by palettize_; median of {report['timed_steps']} steps after a warm-up; all variants in one "
-             f"process (peak RSS is the process's running maximum)",
-             f"- DKM domain: {report['ndomain']} (the fp32 weights are clustered as bfloat16, Config's "
-             f"cluster_dtype; under auto the N-domain for bfloat16 groups of "
-             f"{_max_group_words(report['ndomain_max_group'])}; N-domain kernels: "
-             f"{'float32 AVX2' if report.get('ndomain_simd') else 'scalar float64'})",
-             ""]
+    lines = [
+        f"# Small LUT groups on {report['model']} (CPU), {report['bits']} bits",
+        "",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
+        f"- machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {report['torch_threads']} threads",
+        f"- step: forward + backward, batch {report['batch']} x {report['tokens']} tokens, fp32 model "
+        f"clustered by palettize_; median of {report['timed_steps']} steps after a warm-up; all variants in one "
+        f"process (peak RSS is the process's running maximum)",
+        f"- DKM domain: {report['ndomain']} (the fp32 weights are clustered as bfloat16, Config's "
+        f"cluster_dtype; under auto the N-domain for bfloat16 groups of "
+        f"{_max_group_words(report['ndomain_max_group'])}; N-domain kernels: "
+        f"{'float32 AVX2' if report.get('ndomain_simd') else 'scalar float64'})",
+        "",
+    ]
     if "init_per_row" in report:
         r = report["init_per_row"]
-        lines += [f"Per-row initialization (`palettize_(model, Config(bits={report['bits']}, group_size=1))`, "
-                  f"{r['luts']:,} LUTs): **{r['seconds']:.1f} s**", ""]
+        lines += [
+            f"Per-row initialization (`palettize_(model, Config(bits={report['bits']}, group_size=1))`, "
+            f"{r['luts']:,} LUTs): **{r['seconds']:.1f} s**",
+            "",
+        ]
     lines += [table(report), ""]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ its own distinct values, so the tables grow towards the weight's size. Each vari
 runs in a fresh process, so its peak RSS is its own (minus that of a process that only built the
 inputs). Times are medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,23 @@ def parse_case(text: str) -> tuple:
         per = int(rows_per_lut)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--case must look like ROWSxCOLS:ROWS_PER_LUT (e.g. 4096x4096:16), got {text!r}")
+            f"--case must look like ROWSxCOLS:ROWS_PER_LUT (e.g. 4096x4096:16), got {text!r}"
+        )
     if rows <= 0 or cols <= 0 or per <= 0 or rows % per:
         raise argparse.ArgumentTypeError(
-            f"--case: sizes must be positive and ROWS_PER_LUT must divide ROWS, got {text!r}")
+            f"--case: sizes must be positive and ROWS_PER_LUT must divide ROWS, got {text!r}"
+        )
     return rows, cols, per
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--case", type=parse_case, action="append", default=None,
-                   help="ROWSxCOLS:ROWS_PER_LUT, repeatable (default: " + ", ".join(DEFAULT_CASES) + ")")
+    p.add_argument(
+        "--case",
+        type=parse_case,
+        action="append",
+        default=None,
+        help="ROWSxCOLS:ROWS_PER_LUT, repeatable (default: " + ", ".join(DEFAULT_CASES) + ")",
+    )
     p.add_argument("--k", type=int, default=8, help="centroids per LUT (default 8)")
     p.add_argument("--iters", type=int, default=3, help="DKM iterations (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median; default 3)")
@@ -79,8 +87,14 @@ def _worker(variant, case, args, queue) -> None:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        queue.put({"variant": variant, "median_seconds": statistics.median(times), "seconds": times,
-                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+        queue.put(
+            {
+                "variant": variant,
+                "median_seconds": statistics.median(times),
+                "seconds": times,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
     except BaseException as e:  # report, never hang the parent
         queue.put({"variant": variant, "error": f"{type(e).__name__}: {e}"})
 
@@ -114,11 +128,19 @@ def run(args) -> dict:
                 r["peak_rss_above_inputs_bytes"] = r["peak_rss_bytes"] - base
                 row[v] = r
             row["time_ratio"] = row["aten"]["median_seconds"] / row["fused"]["median_seconds"]
-            row["memory_ratio"] = (max(row["aten"]["peak_rss_above_inputs_bytes"], 2**20)
-                                   / max(row["fused"]["peak_rss_above_inputs_bytes"], 2**20))
+            row["memory_ratio"] = max(row["aten"]["peak_rss_above_inputs_bytes"], 2**20) / max(
+                row["fused"]["peak_rss_above_inputs_bytes"], 2**20
+            )
             rows.append(row)
-    report = {"benchmark": "udomain_cpu", "k": args.k, "iters": args.iters, "repeats": args.repeats,
-              "torch_threads": torch.get_num_threads(), **_results.stamp(), "cases": rows}
+    report = {
+        "benchmark": "udomain_cpu",
+        "k": args.k,
+        "iters": args.iters,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        **_results.stamp(),
+        "cases": rows,
+    }
     out = args.out or _results.default_results_dir()
     base = f"{out}/udomain_cpu"
     _results.write_json(base + ".json", report)
@@ -140,35 +162,41 @@ def _memory_ratio(r: dict) -> str:
 
 
 def table(report: dict) -> str:
-    lines = ["| case (rows x cols : rows per LUT) | LUTs | fused | ATen ops | time ratio | peak RSS fused | "
-             "peak RSS ATen | memory ratio |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case (rows x cols : rows per LUT) | LUTs | fused | ATen ops | time ratio | peak RSS fused | "
+        "peak RSS ATen | memory ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["cases"]:
         lines.append(
             f"| {r['case']} | {r['groups']:,} | {r['fused']['median_seconds'] * 1e3:,.0f} ms | "
             f"{r['aten']['median_seconds'] * 1e3:,.0f} ms | **{r['time_ratio']:.2f}x** | "
             f"{_mb(r['fused']['peak_rss_above_inputs_bytes'])} | {_mb(r['aten']['peak_rss_above_inputs_bytes'])} | "
-            f"{_memory_ratio(r)} |")
+            f"{_memory_ratio(r)} |"
+        )
     return "\n".join(lines)
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    return "\n".join([
-        f"# U-domain on CPU: fused loops vs ATen ops — dkm forward+backward, bf16, K={report['k']}, "
-        f"{report['iters']} iterations",
-        "",
-        f"- date: {report['date']}",
-        f"- command: `{report['command']}`",
-        f"- machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {report['torch_threads']} threads",
-        f"- medians of {report['repeats']} runs after a warm-up; every variant in its own process; peak RSS "
-        "above a process that only built the inputs",
-        "",
-        table(report),
-        "",
-        "Ratios are ATen / fused (above 1: the fused loops are faster or smaller). The rest of dkm (slot "
-        "table, gather, scatter-add, the [LUTs, 65536] tables) is the same code in both variants.",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# U-domain on CPU: fused loops vs ATen ops — dkm forward+backward, bf16, K={report['k']}, "
+            f"{report['iters']} iterations",
+            "",
+            f"- date: {report['date']}",
+            f"- command: `{report['command']}`",
+            f"- machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {report['torch_threads']} threads",
+            f"- medians of {report['repeats']} runs after a warm-up; every variant in its own process; peak RSS "
+            "above a process that only built the inputs",
+            "",
+            table(report),
+            "",
+            "Ratios are ATen / fused (above 1: the fused loops are faster or smaller). The rest of dkm (slot "
+            "table, gather, scatter-add, the [LUTs, 65536] tables) is the same code in both variants.",
+            "",
+        ]
+    )
 
 
 def main(args) -> int:
