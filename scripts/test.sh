@@ -5,7 +5,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 env=$("$here/scripts/setup_env.sh")
 cd "$here"
 export PATH="$env/bin:$PATH"
-export PYTHONPATH="$here/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$here/python:$here${PYTHONPATH:+:$PYTHONPATH}"  # $here: the benchmarks package
 "$here/scripts/lint.sh"
 ctest --test-dir build --output-on-failure -j "${EDKM_TEST_JOBS:-2}"
 python -m pytest -q "$@"

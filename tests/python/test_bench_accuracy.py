@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import edkm
-from edkm.bench import accuracy as acc
+from benchmarks import accuracy as acc
 from test_evaluate import char_tokenizer
 
 TOK = char_tokenizer()

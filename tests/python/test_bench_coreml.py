@@ -16,7 +16,7 @@ import torch
 
 import edkm
 from edkm import coreml_env
-from edkm.bench import coreml
+from benchmarks import coreml
 from edkm.cli import build_parser
 
 

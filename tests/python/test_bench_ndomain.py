@@ -6,7 +6,7 @@ import json
 import pytest
 
 from edkm import _C
-from edkm.bench import ndomain
+from benchmarks import ndomain
 
 
 @pytest.mark.skipif(not _C.simd_attention_available(), reason="this CPU has no AVX2/FMA")

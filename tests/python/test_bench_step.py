@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from edkm.bench import step
-from edkm.bench.peak_memory import peak_bytes
+from benchmarks import step
+from benchmarks.peak_memory import peak_bytes
 
 
 def parse(*argv):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edkm.bench import study
+from benchmarks import study
 
 
 def test_parse_row_accepts_the_documented_names():

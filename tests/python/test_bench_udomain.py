@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edkm.bench import udomain
+from benchmarks import udomain
 
 
 def test_small_run_writes_results(tmp_path):

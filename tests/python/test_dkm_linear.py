@@ -176,7 +176,7 @@ def test_backward_needs_no_second_weight_sized_buffer():
     """The weight's gradient is written over the clustered weight's (one buffer, as F.linear
     allocates), and the recomputed clustered weight is freed before that buffer exists: the
     backward's peak stays within half a weight of F.linear's."""
-    from edkm.bench.peak_memory import peak_bytes
+    from benchmarks.peak_memory import peak_bytes
 
     torch.manual_seed(0)
     w = (torch.randn(1024, 1024) * 0.02).bfloat16().requires_grad_()
@@ -211,7 +211,7 @@ def test_bad_input():
 
 
 def test_inside_a_llama_decoder_layer_fused_equals_unfused():
-    from edkm.bench.llama_layer import decoder_layer, linear_variants, make_weights
+    from benchmarks.llama_layer import decoder_layer, linear_variants, make_weights
 
     weights = make_weights(64, 160, "cpu", dtype=torch.float64)
     x = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

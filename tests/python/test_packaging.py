@@ -134,3 +134,13 @@ def test_cli_bench_memory_quick_json(tmp_path):
     assert rows[1]["saved_device_bytes"] == 0  # M moved everything to the host
     assert kept["M+U"] < kept["M"] / 4 and kept["M+U+S"] < kept["M+U"] and kept["dkm"] < kept["M+U+S"]
     assert (tmp_path / "memory_cpu_quick.png").stat().st_size > 0
+
+
+def test_benchmarks_are_not_in_the_package_and_run_from_the_checkout():
+    assert not os.path.exists(os.path.join(ROOT, "python", "edkm", "bench"))
+    assert not glob.glob(os.path.join(ROOT, "python", "edkm", "*bench*"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.dkm", "--help"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert run.returncode == 0 and "python -m benchmarks.dkm" in run.stdout, run.stderr

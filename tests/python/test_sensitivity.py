@@ -280,7 +280,7 @@ def test_sensitivity_init_beats_optimal_on_fisher_weighted_error():
 
 
 def test_layer_runner_reruns_from_a_layer_exactly_as_the_full_model():
-    from edkm.bench.sensitivity import LayerRunner
+    from benchmarks.sensitivity import LayerRunner
 
     model = tiny_llama(layers=3).eval()
     ids = LLAMA_BATCHES[0]
@@ -302,7 +302,7 @@ def test_layer_runner_reruns_from_a_layer_exactly_as_the_full_model():
 
 
 def test_spearman_and_layer_index():
-    from edkm.bench.sensitivity import layer_index, spearman
+    from benchmarks.sensitivity import layer_index, spearman
 
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -312,7 +312,7 @@ def test_spearman_and_layer_index():
 
 
 def test_bench_report_renders(tmp_path):
-    from edkm.bench import sensitivity as bench
+    from benchmarks import sensitivity as bench
 
     rows = [
         {

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from edkm import _results
-    from edkm.bench.llama_layer import training_step_report
+    from benchmarks import _results
+    from benchmarks.llama_layer import training_step_report
 
     cuda = str(args.device).startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -82,7 +82,7 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    from edkm.bench.llama_layer import training_step_table
+    from benchmarks.llama_layer import training_step_table
 
     peak = (
         "tensor bytes allocated (profiler events) plus weights and input"
@@ -108,3 +108,11 @@ def main(args) -> int:
     report = run(args)
     print(json.dumps(report) if args.json else table(report))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("step"))

@@ -53,7 +53,7 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 def main(args) -> int:
     from edkm import ops
-    from edkm._results import default_results_dir, stamp, write_atomic, write_json
+    from benchmarks._results import default_results_dir, stamp, write_atomic, write_json
     from tqdm import tqdm
 
     if args.threads is not None:
@@ -126,3 +126,11 @@ def main(args) -> int:
     write_atomic(os.path.join(out, stem + ".md"), "\n".join(lines) + "\n")
     print(json.dumps(payload) if args.json else "\n".join(lines))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("lut"))

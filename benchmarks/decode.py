@@ -88,7 +88,7 @@ def _torch_row(model, tok, args, packed: bool, dtype_name: str) -> dict:
 
 
 def _llamacpp_row(gguf: str, args) -> dict:
-    from edkm.bench.study import use_study_extras
+    from benchmarks.study import use_study_extras
 
     Llama = use_study_extras("llama_cpp").Llama
     llm = Llama(
@@ -110,7 +110,7 @@ def _llamacpp_row(gguf: str, args) -> dict:
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         steps.append(time.perf_counter() - t)
         tokens.append(tok)
-    from edkm.bench.study import gguf_tensor_bytes
+    from benchmarks.study import gguf_tensor_bytes
 
     return {
         "prompt_tokens": len(ids),
@@ -131,7 +131,7 @@ def _gguf(qtype: str) -> str:
     directory, name = smollm2_path()
     if qtype == "Q4_1":
         return os.path.join(directory, name)
-    from edkm.bench.study import quantize_gguf
+    from benchmarks.study import quantize_gguf
 
     gdir = Path(os.environ.get("EDKM_CACHE") or Path.home() / ".cache" / "edkm") / "study-gguf"
     gdir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def main(args) -> int:
     if args.row:
         print(json.dumps(run_row(args.row, args)))
         return 0
-    from edkm._results import default_results_dir, stamp, write_atomic, write_json
+    from benchmarks._results import default_results_dir, stamp, write_atomic, write_json
     from tqdm import tqdm
 
     cache = Path(os.environ.get("EDKM_CACHE") or Path.home() / ".cache" / "edkm") / "decode-bench"
@@ -336,3 +336,11 @@ def _plot(rows, path: str, args) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("decode"))

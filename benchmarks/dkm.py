@@ -132,7 +132,7 @@ def _in_fresh_process(target, *a):
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from edkm import _results
+    from benchmarks import _results
 
     if args.k < 2:
         raise SystemExit("edkm bench dkm: --k must be >= 2")
@@ -218,3 +218,11 @@ def main(args) -> int:
     else:
         print(table(report))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("dkm"))

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _weights(scale: float, device: str):
-    from edkm.bench.layer import LAYER
+    from benchmarks.layer import LAYER
 
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -76,7 +76,7 @@ def _worker(variant: str, scale: float, device: str, queue, rank: int = 0, port:
             dist.init_process_group("gloo", rank=rank, world_size=SHARD_RANKS, timeout=datetime.timedelta(seconds=300))
             group = dist.group.WORLD
         import edkm
-        from edkm.bench.layer import quantile_centroids
+        from benchmarks.layer import quantile_centroids
         from edkm.measure import SavedBytes
 
         weights = _weights(scale, device)
@@ -158,8 +158,8 @@ def _fresh(target, *args, ranks: int = 1):
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from edkm import _results
-    from edkm.bench.layer import LAYER
+    from benchmarks import _results
+    from benchmarks.layer import LAYER
 
     scale = args.scale or (1 / 256 if args.quick else (1.0 if args.device.startswith("cuda") else 1 / 16))
     if not 0 < scale <= 1:
@@ -303,3 +303,11 @@ def main(args) -> int:
     else:
         print(table(report))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("memory"))

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from edkm.bench.dkm import _in_fresh_process  # one variant per spawned process, result by queue
+from benchmarks.dkm import _in_fresh_process  # one variant per spawned process, result by queue
 
 VARIANTS = ("fused", "aten")
 DEFAULT_CASES = ("4096x4096:4096", "4096x4096:16", "576x1536:16", "49152x576:16")
@@ -109,7 +109,7 @@ def _baseline(case, args, queue) -> None:
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from edkm import _results
+    from benchmarks import _results
 
     if args.k < 2 or args.iters < 1 or args.repeats < 1:
         raise ValueError("--k must be >= 2, --iters and --repeats >= 1")
@@ -207,3 +207,11 @@ def main(args) -> int:
         print(table(report))
         print(f"\nresults: {report['files']['md']}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("udomain"))

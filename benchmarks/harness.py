@@ -49,7 +49,7 @@ def compare(ours: dict, theirs: dict, samples: list) -> dict:
 def main(args) -> int:
     import torch
     from edkm import evaluate, lm_eval_harness
-    from edkm._results import default_results_dir, stamp, write_atomic, write_json
+    from benchmarks._results import default_results_dir, stamp, write_atomic, write_json
     from edkm.data import default_data_dir
     from edkm.hf_export import export_hf
     from edkm.models import load_model
@@ -127,3 +127,11 @@ def main(args) -> int:
     print("\n".join(lines))
     print(json.dumps(rows, indent=1))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("harness"))

@@ -312,7 +312,7 @@ class Context:
     def __init__(self, args):
         from edkm.data import corpus_split, default_data_dir, read_texts, token_blocks
         from edkm.evaluate import resolve_task
-        from edkm.bench.accuracy import TASKS, weight_count
+        from benchmarks.accuracy import TASKS, weight_count
         from edkm.models import load_model, smollm2_path
 
         self.args = args
@@ -339,7 +339,7 @@ class Context:
 def build(spec: dict, ctx: Context, tmp: str) -> dict:
     """(the row's model, its size facts, build facts) for one row spec."""
     import edkm
-    from edkm.bench import accuracy as acc
+    from benchmarks import accuracy as acc
 
     kind, info = spec["kind"], {}
     t0 = time.perf_counter()
@@ -447,7 +447,7 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
 
 
 def run_row(spec: dict, ctx: Context) -> dict:
-    from edkm.bench.accuracy import evaluate_model
+    from benchmarks.accuracy import evaluate_model
     from edkm.evaluate import teacher_agreement
 
     with tempfile.TemporaryDirectory(prefix="edkm-study-") as tmp:
@@ -478,7 +478,7 @@ def llama_cpp_check(ctx: Context, name: str, gguf: str, tokens: int) -> dict:
     """Perplexity of the first ``tokens`` held-out tokens by both harnesses: llama.cpp running
     the GGUF itself, and edkm.evaluate.perplexity on the GGUF as transformers dequantizes it
     (the model every other metric of the row comes from), on the same tokens and windows."""
-    from edkm.bench.accuracy import CONTEXT_LEN, STRIDE
+    from benchmarks.accuracy import CONTEXT_LEN, STRIDE
     from edkm.evaluate import perplexity, scored_stream, sliding_windows
     from edkm.models import load_model
 
@@ -591,7 +591,7 @@ def best_other(rows: Dict[str, dict], group: str) -> Optional[str]:
 
 
 def paired_tests(rows: Dict[str, dict]) -> List[dict]:
-    from edkm.bench.accuracy import PAIRED_METRICS, paired
+    from benchmarks.accuracy import PAIRED_METRICS, paired
 
     out = []
     for r in rows.values():
@@ -803,7 +803,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def report(out: Path, settings: dict) -> dict:
-    from edkm import _results
+    from benchmarks import _results
 
     rows = load_rows(out)
     if not rows:
@@ -826,7 +826,7 @@ def report(out: Path, settings: dict) -> dict:
 def main(args) -> int:
     from tqdm import tqdm
 
-    from edkm import _results
+    from benchmarks import _results
 
     specs = [parse_row(r) for r in args.rows]  # fail on a bad name before loading anything
     out = Path(args.out or os.path.join(_results.default_results_dir(), "study"))
@@ -878,3 +878,11 @@ def main(args) -> int:
         rep = report(out, settings)
         print(markdown(rep))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("study"))

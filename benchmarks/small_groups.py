@@ -113,7 +113,8 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     import edkm
-    from edkm import _C, _results
+    from edkm import _C
+    from benchmarks import _results
 
     names = _check(args)
     chosen = edkm.set_settings(ndomain=args.ndomain)
@@ -148,7 +149,7 @@ def run(args) -> dict:
 
 
 def _write(report: dict, base: str) -> None:
-    from edkm import _results
+    from benchmarks import _results
 
     base_time = report["steps"].get("per-matrix", {}).get("median_seconds")
     for r in report["steps"].values():
@@ -210,3 +211,11 @@ def main(args) -> int:
         print(table(report))
         print(f"\nresults: {report['files']['md']}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("small_groups"))

@@ -30,7 +30,7 @@ import time
 import torch
 
 from edkm import coreml_env
-from edkm.bench.dkm import parse_size
+from benchmarks.dkm import parse_size
 
 DTYPES = ("bfloat16", "float32")
 
@@ -512,7 +512,7 @@ def _finish_variant(r: dict, baseline: dict | None) -> dict:
 
 
 def run(args) -> dict:
-    from edkm import _results
+    from benchmarks import _results
     import edkm
 
     cfg = check_args(args)
@@ -782,3 +782,11 @@ def main(args) -> int:
     else:
         print(table(report))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("coreml"))

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from edkm.bench.layer import LAYER, quantile_centroids
+from benchmarks.layer import LAYER, quantile_centroids
 
 FLOOR_BYTES_PER_WEIGHT = {"deterministic": 18, "fast": 16}
 
@@ -77,7 +77,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     import edkm
-    from edkm import _results
+    from benchmarks import _results
 
     if not torch.cuda.is_available():
         raise SystemExit("edkm bench gpu: no CUDA device")
@@ -123,7 +123,7 @@ def run(args) -> dict:
             max(r["dkm_deterministic"]["peak_bytes"] for r in rows), 1
         )
     if not args.skip_layer_step:
-        from edkm.bench.llama_layer import training_step_report
+        from benchmarks.llama_layer import training_step_report
 
         report["training_step"] = training_step_report(tokens=args.tokens, repeats=args.repeats)
         torch.cuda.empty_cache()
@@ -169,7 +169,7 @@ def table(report: dict) -> str:
             f"peak-memory ratio (largest matrix) **{report['peak_memory_ratio']:.1f}x**"
         )
     if "training_step" in report:
-        from edkm.bench.llama_layer import training_step_table
+        from benchmarks.llama_layer import training_step_table
 
         lines += [
             "",
@@ -192,3 +192,11 @@ def main(args) -> int:
     report = run(args)
     print(json.dumps(report) if args.json else table(report))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("gpu"))

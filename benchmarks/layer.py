@@ -134,3 +134,11 @@ def main(args) -> int:
         f"(bf16: {total_n * 2 / 2**20:,.0f} MiB)."
     )
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("layer"))

@@ -49,7 +49,7 @@ def decoder_layer(x: torch.Tensor, linear: Callable[[torch.Tensor, str], torch.T
 def linear_variants(weights: Dict[str, torch.Tensor], k: int = 8, temperature: float = 1e-5, iters: int = 3):
     """name -> linear(x, projection) for: plain, dkm_linear (fused), dkm then F.linear."""
     import edkm
-    from edkm.bench.layer import quantile_centroids
+    from benchmarks.layer import quantile_centroids
 
     start = {n: quantile_centroids(w.detach(), k) for n, w in weights.items()}
     fused_c, unfused_c = dict(start), dict(start)  # each variant warm-starts from its own
@@ -93,7 +93,7 @@ def time_steps(
     the tensor bytes allocated during one more step (profiler events)."""
     import time
 
-    from edkm.bench.peak_memory import peak_bytes
+    from benchmarks.peak_memory import peak_bytes
 
     def step():
         zero()

@@ -410,7 +410,7 @@ def _settings(args) -> dict:
 
 
 def _machine() -> dict:
-    from edkm import _results
+    from benchmarks import _results
 
     m = _results.machine()
     try:
@@ -437,7 +437,7 @@ def run(args, loaded=None) -> dict:
     from tqdm import tqdm
 
     import edkm
-    from edkm import _results
+    from benchmarks import _results
     from edkm.data import corpus_split, default_data_dir, read_texts
     from edkm.evaluate import resolve_task
     from edkm.finetune import pick_texts
@@ -895,7 +895,7 @@ def _plot(report: dict, path: str) -> None:
 
 def render(json_path) -> dict:
     """Rewrite the markdown and PNG of a results JSON (from this command) beside it; returns it."""
-    from edkm import _results
+    from benchmarks import _results
 
     json_path = Path(json_path)
     report = json.loads(json_path.read_text())
@@ -944,3 +944,11 @@ def main(args) -> int:
     ck = report["checks"]
     ok = all(ck["reload_exact"].values()) and ck["same_layout"] and ck["same_file_bytes"]
     return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("accuracy"))

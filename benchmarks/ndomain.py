@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from edkm.bench.dkm import _in_fresh_process  # one variant per spawned process, result by queue
-from edkm.bench.udomain import parse_case
+from benchmarks.dkm import _in_fresh_process  # one variant per spawned process, result by queue
+from benchmarks.udomain import parse_case
 
 VARIANTS = ("avx2", "scalar", "udomain")
 LABELS = {"avx2": "N-domain AVX2", "scalar": "N-domain float64 loops", "udomain": "U-domain"}
@@ -117,7 +117,8 @@ def _baseline(case, dtype, args, queue) -> None:
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from edkm import _C, _results
+    from edkm import _C
+    from benchmarks import _results
 
     if args.k < 2 or args.k > 256 or args.iters < 1 or args.repeats < 1:
         raise ValueError("--k must be in 2..256, --iters and --repeats >= 1")
@@ -217,3 +218,11 @@ def main(args) -> int:
         print(table(report))
         print(f"\nresults: {report['files']['md']}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("ndomain"))

@@ -14,12 +14,8 @@ import torch
 
 
 def default_results_dir() -> str:
-    """benchmarks/results of the checkout this package runs from, else ./benchmarks/results."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    checkout = os.path.abspath(os.path.join(here, "..", ".."))
-    if os.path.isdir(os.path.join(checkout, "benchmarks")):
-        return os.path.join(checkout, "benchmarks", "results")
-    return os.path.join(os.getcwd(), "benchmarks", "results")
+    """benchmarks/results of this checkout."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def machine() -> dict:
@@ -34,8 +30,13 @@ def machine() -> dict:
     return info
 
 
+# How the running benchmark was invoked: `edkm bench NAME ...` by default; run_module sets
+# `python -m benchmarks.NAME` when it runs one directly.
+COMMAND_PREFIX = ["python", "-m", "edkm"]
+
+
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", "-m", "edkm"] + sys.argv[1:])
+    return " ".join(shlex.quote(a) for a in COMMAND_PREFIX + sys.argv[1:])
 
 
 def write_atomic(path: str, text: str) -> None:

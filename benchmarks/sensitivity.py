@@ -233,7 +233,7 @@ def command(args) -> str:
 
 
 def run(args) -> dict:
-    from edkm import _results
+    from benchmarks import _results
     from edkm.config import Config
     from edkm.data import corpus_split, default_data_dir
     from edkm.mixed_precision import clusterable_units, post_training_weight
@@ -506,7 +506,7 @@ def _plot(report: dict, path: str) -> None:
 
 def render(json_path) -> dict:
     """Rewrite the markdown and PNG of a results JSON (from this command) beside it; returns it."""
-    from edkm import _results
+    from benchmarks import _results
 
     json_path = Path(json_path)
     report = json.loads(json_path.read_text())
@@ -534,3 +534,11 @@ def main(args) -> int:
         )
     print("written: " + ", ".join(report["files"].values()))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("sensitivity"))

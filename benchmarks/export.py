@@ -58,7 +58,7 @@ def check_package(path: str, package: str) -> dict:
 
 def main(args) -> int:
     from edkm import format as fmt
-    from edkm._results import default_results_dir, stamp, write_atomic, write_json
+    from benchmarks._results import default_results_dir, stamp, write_atomic, write_json
     from edkm.coreml_export import export_coreml
     from edkm.hf_export import export_hf
 
@@ -129,3 +129,11 @@ def main(args) -> int:
     write_atomic(os.path.join(out, "export_sizes.md"), "\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks import run_module
+
+    sys.exit(run_module("export"))

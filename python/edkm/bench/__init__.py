@@ -1,1 +1,0 @@
-"""Benchmarks: `python -m edkm bench NAME` (or `edkm bench NAME`)."""

@@ -1,5 +1,0 @@
-import sys
-
-from edkm.cli import main
-
-sys.exit(main(["bench"] + sys.argv[1:]))
