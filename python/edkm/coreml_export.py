@@ -121,7 +121,7 @@ def prepare(path: str, layers: Optional[int] = None, seq_len: int = 64) -> Tuple
             src = cf.aliases.get(name, name)
             if src in cf.layouts:
                 lay = cf.layouts[src]
-                rows, cols = (lay.shape + (1,))[:2] if len(lay.shape) == 2 else (None, None)
+                rows, cols = lay.shape if len(lay.shape) == 2 else (0, 0)
                 d = lay.cluster_dim
                 if len(lay.shape) != 2 or cols % d or rows % lay.groups:
                     raise ValueError(

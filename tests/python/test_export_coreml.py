@@ -49,6 +49,9 @@ def test_graph_computes_transformers_logits(tmp_path, case, capsys):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
     assert ours.shape == ref.shape == (1, 12, 64)
+    # Both are float32 on the same weights; only the order of the sums differs (numpy's matmul vs
+    # torch's kernels, softmax and RMSNorm written out), which moves logits by ~1e-7 of their
+    # scale. A wrong graph (RoPE convention, head layout, a missing layer) moves them by O(1).
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     # one layer: the same as transformers with the other layers dropped
     spec1, arrays1 = ec.prepare(str(path), 1, 12)
