@@ -58,6 +58,10 @@ BENCHMARKS = {
         "small_groups",
         "per-row and small-group LUTs on SmolLM2-135M: initialization time, training-step time vs one LUT per matrix",
     ),
+    "gptq": (
+        "gptq",
+        "post-training clustering of SmolLM2-135M with nearest vs error-compensated (GPTQ) assignment: validation KL, top-1 and perplexity",
+    ),
     "study": (
         "study",
         "which tool at which size: SmolLM2-135M rows from round-to-nearest, k-means, SqueezeLLM-style, llama.cpp k-quants, HQQ and eDKM, evaluated alike; --report for tables and the Pareto chart",

@@ -80,6 +80,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=8,
         help="batches (2 x 256 tokens) for the Fisher sensitivity (default 8)",
     )
+    p.add_argument(
+        "--gptq",
+        action="store_true",
+        help="error-compensated assignment: each Linear's weights take the centroids that keep "
+        "its outputs closest on calibration text (GPTQ over the LUTs), not the nearest ones",
+    )
+    p.add_argument(
+        "--gptq-batches",
+        type=int,
+        default=32,
+        help="batches (2 x 256 tokens) for the input Hessians of --gptq (default 32)",
+    )
     t = p.add_argument_group("fine-tuning (--steps N)")
     t.add_argument("--steps", type=int, default=0, help="clustering-aware fine-tuning steps (default 0)")
     t.add_argument(
@@ -300,7 +312,7 @@ def compress_model(args, config: Config) -> Dict:
     n_weights = sum(p.numel() for p in model.parameters())
     tcfg = train_config(args)
     wants_texts = args.steps > 0 and tcfg.data_free_fraction < 1
-    calibrates = args.target_bits is not None or needs_sensitivity(model, config)
+    calibrates = args.target_bits is not None or needs_sensitivity(model, config) or args.gptq
     if (args.steps or calibrates) and tok is None:
         raise SystemExit(f"edkm compress: {args.model} has no tokenizer; fine-tuning and calibration need one")
     texts = vtexts = None
@@ -317,6 +329,8 @@ def compress_model(args, config: Config) -> Dict:
         validation_texts=vtexts,
         target_bits=args.target_bits,
         calibration_batches=args.calibration_batches,
+        gptq=args.gptq,
+        gptq_batches=args.gptq_batches,
         checkpoint=args.checkpoint,
         cache_dir=cache,
         progress=True,
@@ -337,6 +351,14 @@ def compress_model(args, config: Config) -> Dict:
     }
     if r.training:
         summary.update(validation=r.training.validation, tokens=r.training.tokens)
+    if r.gptq:
+        ratios = sorted(s.ratio for s in r.gptq.values())
+        summary["gptq_median_output_error_ratio"] = ratios[len(ratios) // 2]
+        print(
+            f"edkm compress: error-compensated assignment of {len(ratios)} matrices: median output "
+            f"error {ratios[len(ratios) // 2]:.3f}x nearest rounding's on the calibration text",
+            file=sys.stderr,
+        )
     if r.mixed_precision is not None:
         summary.update(
             target_bits=args.target_bits,
@@ -352,10 +374,16 @@ def main(args) -> int:
 
     config = make_config(args)
     if args.model == models.LLAMA7B_SYNTHETIC:
-        if args.steps or args.target_bits is not None or config.init == "sensitivity" or config.outlier_fraction:
+        if (
+            args.steps
+            or args.target_bits is not None
+            or config.init == "sensitivity"
+            or config.outlier_fraction
+            or args.gptq
+        ):
             raise SystemExit(
-                "edkm compress: llama-7b-synthetic is streamed without a forward pass: "
-                "--steps, --target-bits, --init sensitivity and --outlier-fraction do not apply to it"
+                "edkm compress: llama-7b-synthetic is streamed without a forward pass: --steps, "
+                "--target-bits, --init sensitivity, --outlier-fraction and --gptq do not apply to it"
             )
         summary = compress_synthetic(args.out, config, args.layers, args.seed)
     else:
@@ -363,6 +391,8 @@ def main(args) -> int:
             raise SystemExit("edkm compress: --layers applies to llama-7b-synthetic only")
         if args.target_bits is not None and args.embedding_bits != "same":
             raise SystemExit("edkm compress: --target-bits chooses every matrix's bits; drop --embedding-bits")
+        if isinstance(args.gptq_batches, bool) or args.gptq_batches < 1:
+            raise SystemExit(f"edkm compress: --gptq-batches must be >= 1, got {args.gptq_batches}")
         summary = compress_model(args, config)
     summary.update(bits=args.bits, group_size=args.group_size, embedding_bits=args.embedding_bits, out=str(args.out))
     if args.json:

@@ -1,14 +1,15 @@
 """The compression recipe behind `edkm compress` and `edkm demo`, in one call.
 
     teacher copy -> calibration blocks -> Fisher sensitivity -> bits per matrix for a budget
-    -> palettize_ (sensitivity-weighted k-means, outliers) -> fine-tuning (distillation,
-    data-free blocks) -> finalize
+    -> palettize_ (sensitivity-weighted k-means, outliers) -> error-compensated assignment
+    (GPTQ over the LUTs, optional) -> fine-tuning (distillation, data-free blocks) -> finalize
 
 Each stage runs only when something asks for it: the teacher when the fine-tuning distils or
 samples data-free blocks (or calibration has no texts); the Fisher sensitivity when a module's
 config uses it (``init="sensitivity"``, ``outlier_criterion="sensitivity"``) or a target
-bits/weight is given. Calibration blocks come from the training texts when there are some,
-else from the teacher's own samples, so a user with a model and no corpus can run all of it.
+bits/weight is given; the input Hessians when ``gptq=True``. Calibration blocks come from the
+training texts when there are some, else from the teacher's own samples, so a user with a
+model and no corpus can run all of it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class RecipeResult:
     mixed_precision: Optional[object] = None
     seconds: Dict[str, float] = field(default_factory=dict)
     teacher: Optional[nn.Module] = None
+    gptq: Optional[dict] = None  # weight name -> edkm.gptq.GptqStats, when gptq=True
 
 
 def needs_sensitivity(model: nn.Module, config: Config) -> bool:
@@ -116,6 +118,9 @@ def compress_model(
     checkpoint=None,
     cache_dir=None,
     keep_teacher: bool = False,
+    gptq: bool = False,
+    gptq_batches: int = 32,
+    gptq_damp: float = 0.01,
     progress: bool = True,
 ) -> RecipeResult:
     """Run the recipe on ``model`` in place (palettized, fine-tuned for ``steps``, finalized).
@@ -130,6 +135,10 @@ def compress_model(
     the train split; may be None when data_free_fraction is 1). teacher: the uncompressed model
     (default: a frozen copy of ``model`` made here, before clustering). checkpoint / cache_dir:
     the fine-tuning checkpoint file and the folder for teacher samples (both resume exactly).
+    gptq: after clustering, move each clustered Linear weight onto its LUT by error-compensated
+    assignment (:mod:`edkm.gptq`) instead of nearest rounding, from the input Hessians of the
+    uncompressed model over ``gptq_batches`` calibration batches (``gptq_damp``: the damping,
+    a fraction of the Hessian's mean diagonal); fine-tuning then starts from that assignment.
     """
     from edkm.finetune import finetune
     from edkm.palettize import finalize, palettize_
@@ -141,10 +150,14 @@ def compress_model(
         isinstance(target_bits, bool) or not isinstance(target_bits, (int, float)) or not target_bits > 0
     ):
         raise ValueError(f"edkm.compress_model: target_bits must be a number > 0, got {target_bits!r}")
+    if not isinstance(gptq, bool):
+        raise ValueError(f"edkm.compress_model: gptq must be True or False, got {gptq!r}")
+    if gptq and (isinstance(gptq_batches, bool) or not isinstance(gptq_batches, int) or gptq_batches < 1):
+        raise ValueError(f"edkm.compress_model: gptq_batches must be an integer >= 1, got {gptq_batches!r}")
     result = RecipeResult(config=config)
     sens_needed = target_bits is not None or needs_sensitivity(model, config)
     uses_teacher = steps > 0 and (train.alpha > 0 or train.data_free_fraction > 0)
-    if teacher is None and (uses_teacher or (sens_needed and not texts)):
+    if teacher is None and (uses_teacher or ((sens_needed or gptq) and not texts)):
         teacher = frozen_copy(model)
 
     sensitivity = None
@@ -174,10 +187,36 @@ def compress_model(
         config = result.config = mp.config
         result.seconds["mixed_precision"] = time.perf_counter() - t0
 
+    hessians = None
+    if gptq:
+        from edkm.gptq import input_hessians
+
+        t0 = time.perf_counter()
+        blocks = calibration_blocks(
+            tokenizer,
+            texts,
+            teacher,
+            gptq_batches,
+            calibration_batch_size,
+            calibration_block_len,
+            seed=train.seed + 7,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        hessians = input_hessians(model, blocks, progress=progress)
+        result.seconds["hessians"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     palettize_(model, config, sensitivity=sensitivity, progress=progress)
     result.seconds["palettize"] = time.perf_counter() - t0
     del sensitivity
+    if hessians is not None:
+        from edkm.gptq import gptq_
+
+        t0 = time.perf_counter()
+        result.gptq = gptq_(model, hessians, damp=gptq_damp, progress=progress)
+        result.seconds["gptq"] = time.perf_counter() - t0
+        del hessians
     if steps:
         t0 = time.perf_counter()
         result.training = finetune(

@@ -299,3 +299,19 @@ def test_compress_finds_the_default_corpus_without_data(tmp_path, monkeypatch, c
         == 0
     )
     assert len(json.loads(capsys.readouterr().out)["losses"]) == 1
+
+
+def test_compress_gptq_without_a_corpus(tmp_path, capsys):
+    """--gptq: input Hessians from the teacher's own samples, error-compensated assignment of
+    every Linear; the file holds weights on their LUTs, and the output error went down."""
+    d = _tiny_with_tokenizer(tmp_path)
+    out = tmp_path / "g.safetensors"
+    argv = ["compress", str(d), "--out", str(out), "--bits", "2", "--data", "none", "--json"]
+    assert main(argv + ["--gptq", "--gptq-batches", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["gptq_median_output_error_ratio"] < 1.0
+    assert "hessians" in summary["stage_seconds"] and "gptq" in summary["stage_seconds"]
+    r = edkm.info(out, verbose=False)
+    assert all(t.get("bits") == 2 for t in r["tensors"] if t["kind"] == "clustered")
+    with pytest.raises(SystemExit, match="--gptq-batches must be >= 1"):
+        main(argv + ["--gptq", "--gptq-batches", "0"])
