@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "rows",
         nargs="*",
-        help="rows to compute: baseline, rtnB, kmeansB, squeezellmB, hqqB (B = bits), "
+        help="rows to compute: baseline, rtnB, kmeansB, squeezellmB, gptqB, hqqB (B = bits), "
         + ", ".join(GGUF_TYPES)
         + ", edkm-ce, finetune, or NAME=PATH (an edkm file)",
     )
@@ -132,12 +132,12 @@ def parse_row(name: str) -> dict:
         return {"name": name, "kind": name}
     if name in GGUF_TYPES:
         return {"name": name, "kind": "gguf"}
-    m = re.fullmatch(r"(rtn|kmeans|squeezellm|hqq)([2-8])", name)
+    m = re.fullmatch(r"(rtn|kmeans|squeezellm|gptq|hqq)([2-8])", name)
     if m:
         return {"name": name, "kind": m.group(1), "bits": int(m.group(2))}
     raise ValueError(
         f"edkm bench study: unknown row {name!r}; expected baseline, rtnB, kmeansB, squeezellmB, "
-        f"hqqB (B = 2..8), {', '.join(GGUF_TYPES)}, edkm-ce, finetune or NAME=PATH"
+        f"gptqB, hqqB (B = 2..8), {', '.join(GGUF_TYPES)}, edkm-ce, finetune or NAME=PATH"
     )
 
 
@@ -149,6 +149,7 @@ def method_of(row_name: str) -> str:
         ("rtn", "round-to-nearest"),
         ("kmeans", "k-means (post-training)"),
         ("squeezellm", "SqueezeLLM-style (post-training)"),
+        ("gptq", "GPTQ over LUTs (post-training)"),
         ("hqq", "HQQ"),
         ("edkm-ce", "eDKM, old recipe (40 steps CE)"),
         ("finetune", "fine-tune control"),
@@ -156,7 +157,7 @@ def method_of(row_name: str) -> str:
     ):
         if row_name.startswith(prefix):
             return label
-    return "eDKM, new recipe"
+    return "eDKM, new recipe, GPTQ start" if "gptq" in row_name else "eDKM, new recipe"
 
 
 def size_group(bits: float) -> Optional[str]:
@@ -376,7 +377,7 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
         info.update(
             bytes=2 * ctx.n_weights, size_kind="bf16", train_losses=list(losses), train_tokens=EDKM_CE_STEPS * 4 * 256
         )
-    elif kind == "squeezellm":
+    elif kind in ("squeezellm", "gptq"):
         from edkm.finetune import TrainConfig
         from edkm.recipe import compress_model
 
@@ -388,7 +389,14 @@ def build(spec: dict, ctx: Context, tmp: str) -> dict:
 
         train, _val = train_validation_split(ctx.train_files, 0.05, 0)
         res = compress_model(
-            m, ctx.tok, cfg, steps=0, train=TrainConfig(), texts=read_texts(train[:40]), progress=ctx.progress
+            m,
+            ctx.tok,
+            cfg,
+            steps=0,
+            train=TrainConfig(),
+            texts=read_texts(train[:40]),
+            gptq=kind == "gptq",
+            progress=ctx.progress,
         )
         info["stage_seconds"] = res.seconds
         path = os.path.join(tmp, "row.safetensors")
@@ -748,14 +756,16 @@ def plot(report: dict, path: str) -> None:
                 "round-to-nearest",
                 "k-means (post-training)",
                 "SqueezeLLM-style (post-training)",
+                "GPTQ over LUTs (post-training)",
                 "llama.cpp k-quants",
                 "HQQ",
                 "eDKM, old recipe (40 steps CE)",
                 "eDKM, new recipe",
+                "eDKM, new recipe, GPTQ start",
                 "fine-tune control",
                 "baseline",
             ],
-            "v^sDPXo*h",
+            "v^s<DPXo>*h",
         )
     )
     fig, ax = plt.subplots(figsize=(8, 5.5))

@@ -6,8 +6,11 @@ text it writes (KL divergence and top-1 next-token agreement). With the corpus b
 project (``../shared/data`` or ``--data``), the held-out perplexity of the test split is added.
 
 1. load the model; a frozen copy is the teacher;
-2. post-training clustering (the recipe's clustering, no fine-tuning): quality and size;
-3. eDKM: the same clustering fine-tuned by distillation from the teacher on its own samples;
+2. post-training clustering (the recipe's clustering, no fine-tuning): each weight to its
+   nearest centroid, then (``--gptq``, the default) the same LUTs with the error-compensated
+   assignment of :mod:`edkm.gptq`, its input Hessians from more of the teacher's samples;
+   quality and size of each;
+3. eDKM: that clustering fine-tuned by distillation from the teacher on its own samples;
    finalized, saved, and loaded back into a fresh copy: what the file gives;
 4. a table (size, bits/weight, KL, top-1 agreement, perplexity) and three prompts completed
    by the original and the compressed model side by side.
@@ -41,6 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=20,
         help="distillation steps (default 20: the demo fits about 10 minutes on 2 cores; more steps, better model)",
+    )
+    p.add_argument(
+        "--gptq",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="error-compensated assignment (GPTQ over the LUTs) before the fine-tuning (default on)",
+    )
+    p.add_argument(
+        "--gptq-blocks",
+        type=int,
+        default=32,
+        help="teacher-written blocks for the input Hessians of --gptq (default 32)",
     )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -154,9 +169,35 @@ def main(args) -> int:
     ptq_size = edkm.save(ptq, ptq_path, metadata={"edkm.base_model": args.model})
     stages["post-training clustering"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rows.append(("post-training clustering", ptq_size, quality(ptq, "post-training clustering")))
+    label = "post-training, nearest centroid"
+    rows.append((label, ptq_size, quality(ptq, label)))
     stages["quality of post-training"] = time.perf_counter() - t0
     del ptq
+    if args.gptq:
+        from edkm.gptq import gptq_, input_hessians
+
+        t0 = time.perf_counter()
+        calib = generate_blocks(
+            teacher,
+            args.gptq_blocks,
+            args.block_len,
+            seed=args.seed + 20_000,
+            bos_token_id=tok.bos_token_id,
+            cache_dir=cache,
+            desc="edkm: calibration samples",
+        )
+        stats = gptq_(model, input_hessians(teacher, calib.split(4), progress=True), progress=True)
+        ratios = sorted(s.ratio for s in stats.values())
+        print(
+            f"  error-compensated assignment of {len(ratios)} matrices: median output error "
+            f"{ratios[len(ratios) // 2]:.3f}x nearest rounding's on {calib.numel():,} teacher-written tokens"
+        )
+        ptq = edkm.finalize(copy.deepcopy(model))
+        ptq_size = edkm.save(ptq, ptq_path, metadata={"edkm.base_model": args.model})
+        stages["error-compensated assignment (incl. sampling its text)"] = time.perf_counter() - t0
+        label = "post-training, GPTQ assignment"
+        rows.append((label, ptq_size, quality(ptq, label)))
+        del ptq
 
     training = None
     if args.steps:

@@ -13,6 +13,7 @@ def test_parse_row_accepts_the_documented_names():
     assert study.parse_row("baseline") == {"name": "baseline", "kind": "baseline"}
     assert study.parse_row("kmeans3") == {"name": "kmeans3", "kind": "kmeans", "bits": 3}
     assert study.parse_row("squeezellm4")["kind"] == "squeezellm"
+    assert study.parse_row("gptq3") == {"name": "gptq3", "kind": "gptq", "bits": 3}
     assert study.parse_row("hqq3") == {"name": "hqq3", "kind": "hqq", "bits": 3}
     assert study.parse_row("Q3_K_M") == {"name": "Q3_K_M", "kind": "gguf"}
     assert study.parse_row("Q4_0-pure") == {"name": "Q4_0-pure", "kind": "gguf"}
@@ -40,6 +41,8 @@ def test_size_groups_and_methods():
     assert study.method_of("squeezellm3") == "SqueezeLLM-style (post-training)"
     assert study.method_of("edkm-ce") == "eDKM, old recipe (40 steps CE)"
     assert study.method_of("edkm3") == "eDKM, new recipe"
+    assert study.method_of("gptq4") == "GPTQ over LUTs (post-training)"
+    assert study.method_of("edkm3g16-gptq") == "eDKM, new recipe, GPTQ start"
 
 
 def _row(name, bits, ppl, piqa, arc, lam, kl=0.5, top1=0.6):

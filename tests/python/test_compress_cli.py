@@ -247,8 +247,8 @@ def test_compress_steps_without_corpus_asks_for_data_free(tmp_path):
 
 
 def test_demo_runs_data_free_on_a_tiny_model(tmp_path, capsys):
-    """make demo's path without a corpus, end to end on a tiny random LLaMA: post-training and
-    eDKM rows with KL and top-1 agreement, perplexity skipped and said so, prompts side by side."""
+    """make demo's path without a corpus, end to end on a tiny random LLaMA: post-training
+    (nearest and GPTQ assignment) and eDKM rows with KL and top-1 agreement, perplexity skipped and said so, prompts side by side."""
     d = _tiny_with_tokenizer(tmp_path)
     out = tmp_path / "demo" / "m.safetensors"
     assert (
@@ -271,6 +271,8 @@ def test_demo_runs_data_free_on_a_tiny_model(tmp_path, capsys):
                 "3",
                 "--outlier-fraction",
                 "0.01",
+                "--gptq-blocks",
+                "2",
                 "--out",
                 str(out),
             ]
@@ -280,7 +282,13 @@ def test_demo_runs_data_free_on_a_tiny_model(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "held-out perplexity is skipped" in text and "skipped" in text.split("prompt completions")[0]
     assert "n/a" not in text
-    for label in ("original", "post-training clustering", "eDKM, 3 steps (from the file)"):
+    for label in (
+        "original",
+        "post-training, nearest centroid",
+        "post-training, GPTQ assignment",
+        "error-compensated assignment of 8 matrices",
+        "eDKM, 3 steps (from the file)",
+    ):
         assert label in text
     assert text.count("\n    compressed: ") == 3 and text.count("\n    original:   ") == 3
     assert out.exists() and edkm.info(out, verbose=False)["file_bytes"] == out.stat().st_size
