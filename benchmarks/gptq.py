@@ -9,6 +9,8 @@ calibration text from train files. The variants differ only in which centroid ea
   nearest   each weight's nearest centroid (what palettize_ + finalize do)
   gptq      edkm.gptq_: columns in decreasing Hessian-diagonal order, each column's rounding
             error spread over the columns not yet rounded (damping 1% of the mean diagonal)
+  refit     gptq, then twice: refit the LUTs to the assignment by least squares on the output
+            error and assign again (edkm.gptq_(..., refit_rounds=2))
 
 Measured on blocks of validation documents (5% of the train files, never the test split):
 KL(baseline || variant) and top-1 next-token agreement, and the variant's perplexity on the
@@ -34,7 +36,7 @@ SQUEEZELLM_OUTLIERS = 0.005
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", default="3,4", help="comma-separated bit widths (default 3,4)")
     p.add_argument("--group-size", type=int, default=None, help="output rows per LUT (default: one LUT per matrix)")
-    p.add_argument("--variants", default="nearest,gptq", help="comma-separated: nearest, gptq")
+    p.add_argument("--variants", default="nearest,gptq,refit", help="comma-separated: nearest, gptq, refit")
     p.add_argument("--val-tokens", type=int, default=8192, help="validation tokens (blocks of 512)")
     p.add_argument("--hessian-batches", type=int, default=32, help="calibration batches of 2 x 256 tokens")
     p.add_argument("--threads", type=int, default=None)
@@ -73,8 +75,8 @@ def main(args) -> int:
     bits_list = [int(b) for b in args.bits.split(",") if b]
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
-        if v not in ("nearest", "gptq"):
-            raise SystemExit(f"edkm bench gptq: unknown variant {v!r}; expected nearest or gptq")
+        if v not in ("nearest", "gptq", "refit"):
+            raise SystemExit(f"edkm bench gptq: unknown variant {v!r}; expected nearest, gptq or refit")
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
     if data_dir is None:
         raise SystemExit("edkm bench gptq: needs the corpus (--data-dir, or ../shared/data beside the checkout)")
@@ -107,7 +109,9 @@ def main(args) -> int:
             )
             t0 = time.perf_counter()
             edkm.palettize_(m, cfg, sensitivity=sens, progress=progress)
-            stats = gptq_(m, hess, progress=progress) if variant == "gptq" else {}
+            stats = {}
+            if variant != "nearest":
+                stats = gptq_(m, hess, refit_rounds=2 if variant == "refit" else 0, progress=progress)
             edkm.finalize(m)
             build_s = time.perf_counter() - t0
             m.eval()

@@ -219,6 +219,70 @@ def gptq_quantize(
 
 
 @torch.no_grad()
+def refit_luts(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantized: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    outliers: Optional[torch.Tensor] = None,
+    chunk_rows: int = 256,
+) -> torch.Tensor:
+    """The LUTs [G, K] (float64) that minimize the output error ``tr((W - Q) H (W - Q)^T)`` when
+    every weight keeps the LUT entry it has in ``quantized`` (an assignment onto ``centroids``)
+    and the outliers keep their values: per group the K x K normal equations
+    ``sum_r O_r^T H O_r c = sum_r O_r^T H (w_r - s_r)`` (O_r: row r's one-hot assignment, s_r:
+    its outliers). An entry no weight uses keeps its value; the entries keep their order, so
+    entry j of the result replaces entry j of ``centroids``."""
+    rows, cols = weight.shape
+    luts = centroids.detach().double().cpu()
+    g, k = luts.shape
+    per = rows // g
+    w = weight.detach().double().cpu()
+    qd = quantized.detach().double().cpu()
+    h = hessian.detach().double().cpu()
+    row_luts = _row_luts(luts, rows)
+    exact = torch.zeros(rows, cols, dtype=torch.bool)
+    if outliers is not None and outliers.numel():
+        exact.view(-1)[outliers.detach().cpu().long()] = True
+    idx = (qd[..., None] - row_luts[:, None, :]).abs().argmin(-1)  # [R, C]: the entry each weight holds
+    fixed = torch.where(exact, qd, torch.zeros_like(qd))  # s_r: the outliers' own values
+    a = torch.zeros(g, k, k, dtype=torch.float64)
+    b = torch.zeros(g, k, dtype=torch.float64)
+    eye = torch.eye(k, dtype=torch.float64)
+    for r0 in range(0, rows, chunk_rows):
+        r1 = min(r0 + chunk_rows, rows)
+        onehot = eye[idx[r0:r1]] * (~exact[r0:r1, :, None])  # [n, C, K], outliers in no cluster
+        ho = torch.einsum("ij,njk->nik", h, onehot)  # H O_r: [n, C, K]
+        grp = torch.arange(r0, r1) // per
+        a.index_add_(0, grp, torch.einsum("nik,nil->nkl", onehot, ho))
+        resid = w[r0:r1] - fixed[r0:r1]  # what the clustered part has to give: w_r - s_r
+        b.index_add_(0, grp, torch.einsum("nik,ni->nk", ho, resid))
+    used = torch.diagonal(a, dim1=1, dim2=2) > 0
+    out = luts.clone()
+    for gi in range(g):
+        u = used[gi]
+        if not bool(u.any()):
+            continue
+        sub = a[gi][u][:, u]
+        rhs = b[gi][u]
+        sub = sub + torch.eye(int(u.sum()), dtype=torch.float64) * 1e-12 * float(torch.diagonal(sub).mean())
+        sol = torch.linalg.lstsq(sub, rhs[:, None]).solution[:, 0]
+        if torch.isfinite(sol).all():
+            out[gi, u] = sol
+    return out
+
+
+def _with_luts(quantized: torch.Tensor, old: torch.Tensor, new: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """``quantized`` (an assignment onto the LUTs ``old``) with each weight's entry replaced by
+    the same entry of ``new``; the positions in ``exact`` (outliers) kept."""
+    rows = quantized.shape[0]
+    old_rows, new_rows = _row_luts(old, rows), _row_luts(new, rows)
+    idx = (quantized[..., None] - old_rows[:, None, :]).abs().argmin(-1)
+    return torch.where(exact, quantized, new_rows.gather(1, idx))
+
+
+@torch.no_grad()
 def gptq_(
     model: nn.Module,
     hessians: Mapping[str, torch.Tensor],
@@ -226,6 +290,7 @@ def gptq_(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
+    refit_rounds: int = 0,
     progress: bool = False,
 ) -> Dict[str, GptqStats]:
     """Write the error-compensated assignment (:func:`gptq_quantize`) into every clustered
@@ -234,13 +299,18 @@ def gptq_(
     weight shared by several Linear modules (tied) uses the sum of their Hessians; a tied
     weight read by an Embedding too is compensated for its Linear use (the embedding rows take
     the same values). Matrices clustered as vectors (cluster_dim > 1) are left to nearest
-    rounding. Returns the output errors per weight, by the name of the module that owns it."""
+    rounding. ``refit_rounds`` > 0: that many times, refit the LUTs to the assignment
+    (:func:`refit_luts`, least squares on the output error) and assign again with the refit
+    LUTs; the module's centroids become the LUTs of the lowest-error result. Returns the output
+    errors per weight, by the name of the module that owns it."""
     from edkm.modules import ClusteredLinear, ClusteredMixin
 
     if not isinstance(hessians, Mapping):
         raise TypeError(
             f"edkm.gptq_: hessians must be a mapping {{module name: tensor}}, got {type(hessians).__name__}"
         )
+    if isinstance(refit_rounds, bool) or not isinstance(refit_rounds, int) or refit_rounds < 0:
+        raise ValueError(f"edkm.gptq_: refit_rounds must be an integer >= 0, got {refit_rounds!r}")
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in hessians:
         if name not in modules:
@@ -276,9 +346,27 @@ def gptq_(
         src = owner.edkm_source().detach()
         idx = owner.edkm_outlier_positions
         w = src.double().cpu()
-        luts = owner.edkm_centroids
-        q, used = gptq_quantize(w, h, luts, outliers=idx, damp=damp, block_size=block_size, act_order=act_order)
         nearest = owner._hard_weight().double().cpu()
+        luts = owner.edkm_centroids.detach().double().cpu()
+        q, used = gptq_quantize(w, h, luts, outliers=idx, damp=damp, block_size=block_size, act_order=act_order)
+        if refit_rounds:
+            exact = torch.zeros(w.shape, dtype=torch.bool)
+            if idx is not None:
+                exact.view(-1)[idx.cpu()] = True
+            best = (output_error(w, q, h), q, luts)
+            for _ in range(refit_rounds):
+                new = refit_luts(w, h, q, luts, outliers=idx)
+                refit_q = _with_luts(q, luts, new, exact)
+                again, used = gptq_quantize(
+                    w, h, new, outliers=idx, damp=damp, block_size=block_size, act_order=act_order
+                )
+                for cand in (refit_q, again):
+                    err = output_error(w, cand, h)
+                    if err < best[0]:
+                        best = (err, cand, new)
+                q, luts = again, new
+            _, q, luts = best
+            owner.edkm_centroids.copy_(luts.sort(dim=1).values.to(owner.edkm_centroids))
         owner.weight.copy_(q.to(owner.weight.dtype).to(owner.weight.device))
         if idx is not None:  # the outliers as the file stores them (16-bit), so weight = hard weight
             flat = owner.weight.view(-1)

@@ -211,7 +211,7 @@ def test_gptq_then_training_steps():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert m.up.edkm_step == 3
 
@@ -252,3 +252,58 @@ def test_compress_model_gptq_uses_teacher_samples_without_texts():
     assert "hessians" in res.seconds and "gptq" in res.seconds
     with pytest.raises(ValueError, match="gptq must be True or False"):
         compress_model(LlamaForCausalLM(cfg), None, edkm.Config(bits=2), gptq="yes")
+
+
+def test_refit_luts_is_the_least_squares_solution():
+    from edkm.gptq import refit_luts
+
+    rows, cols, groups, k = 8, 12, 2, 4
+    x = correlated_inputs(300, cols, seed=21)
+    h = x.T @ x
+    w = torch.randn(rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    luts = sorted_luts(groups, k, seed=23)
+    outliers = torch.tensor([5, 30, 77])
+    q, _ = gptq_quantize(w, h, luts, outliers=outliers)
+    new = refit_luts(w, h, q, luts, outliers=outliers)
+    # Brute force: the output W X^T is linear in the 8 LUT entries; solve the least squares.
+    row_luts = luts.repeat_interleave(rows // groups, 0)
+    idx = (q[..., None] - row_luts[:, None, :]).abs().argmin(-1)
+    exact = torch.zeros(rows * cols, dtype=torch.bool)
+    exact[outliers] = True
+    exact = exact.view(rows, cols)
+    fixed = torch.where(exact, q, torch.zeros_like(q))
+    columns = []
+    for g in range(groups):
+        for j in range(k):
+            m = ((idx == j) & ~exact).double()
+            m[[r for r in range(rows) if r // (rows // groups) != g]] = 0
+            columns.append((m @ x.T).reshape(-1))
+    design = torch.stack(columns, 1)
+    target = ((w - fixed) @ x.T).reshape(-1)
+    ref = torch.linalg.lstsq(design, target[:, None]).solution[:, 0].view(groups, k)
+    torch.testing.assert_close(new, ref, rtol=1e-8, atol=1e-10)
+    from edkm.gptq import _with_luts
+
+    assert output_error(w, _with_luts(q, luts, new, exact), h) <= output_error(w, q, h)
+
+
+def test_gptq_with_refit_lowers_the_error_further():
+    def run(rounds):
+        m = TinyLM()
+        ids = torch.randint(0, 40, (8, 4, 12), generator=torch.Generator().manual_seed(1))
+        hs = input_hessians(m, ids, progress=False)
+        edkm.palettize_(m, edkm.Config(bits=2, group_size=4, outlier_fraction=0.02, outlier_criterion="magnitude"))
+        m.eval()
+        stats = gptq_(m, hs, refit_rounds=rounds)
+        for mod in (m.up, m.down):  # still on the (new) LUTs, which are sorted
+            torch.testing.assert_close(mod._hard_weight().double(), mod.weight.detach().double(), rtol=0, atol=0)
+            c = mod.centroids
+            assert torch.equal(c, c.sort(dim=1).values)
+        return stats
+
+    plain, refit = run(0), run(2)
+    for name in plain:
+        assert refit[name].gptq_error <= plain[name].gptq_error * (1 + 1e-9)
+    assert sum(s.gptq_error for s in refit.values()) < sum(s.gptq_error for s in plain.values())
+    with pytest.raises(ValueError, match="refit_rounds must be"):
+        gptq_(TinyLM(), {}, refit_rounds=-1)

@@ -4,9 +4,10 @@ distillation from the uncompressed model on train-split text), saved as an edkm 
 study.py evaluates. Every setting is fixed before the run (lr as in the demo, KD alpha=1 T=1 as
 chosen on validation loss in accuracy_part1/distill_study); validation = 5% of the *train* files.
 
-usage: python train_edkm.py TARGET_BITS STEPS OUT_DIR [THREADS] [GROUP_SIZE] [--gptq]
+usage: python train_edkm.py TARGET_BITS STEPS OUT_DIR [THREADS] [GROUP_SIZE] [--gptq] [--lr LR]
 (GROUP_SIZE: output rows per LUT; default one LUT per matrix. --gptq: start the fine-tuning
-from the error-compensated assignment, edkm.gptq, on 32 x 2 x 256 calibration tokens)
+from the error-compensated assignment, edkm.gptq, on 32 x 2 x 256 calibration tokens. --lr: the
+peak learning rate, default 1e-4)
 """
 
 import json
@@ -24,6 +25,11 @@ from edkm.recipe import compress_model
 
 use_gptq = "--gptq" in sys.argv
 argv = [a for a in sys.argv if a != "--gptq"]
+lr = 1e-4
+if "--lr" in argv:
+    i = argv.index("--lr")
+    lr = float(argv[i + 1])
+    del argv[i : i + 2]
 target, steps, out = float(argv[1]), int(argv[2]), Path(argv[3])
 torch.set_num_threads(int(argv[4]) if len(argv) > 4 else 1)
 out.mkdir(parents=True, exist_ok=True)
@@ -31,7 +37,7 @@ t0 = time.perf_counter()
 model, tok = load_model("smollm2-135m", torch.float32)
 train_files, _test = corpus_split(default_data_dir())  # the test split is never read here
 train = TrainConfig(
-    lr=1e-4,
+    lr=lr,
     schedule="cosine",
     warmup=0.1,
     batch_size=4,
