@@ -30,6 +30,7 @@ from edkm.format import FormatError, info, load, load_state_dict, save
 from edkm.hf_export import export_hf
 from edkm.coreml_export import export_coreml
 from edkm.sensitivity import calibration_batches, fisher
+from edkm.gptq import gptq_, gptq_quantize, input_hessians
 from edkm.mixed_precision import choose_bits, matrix_costs, mixed_precision_config
 from edkm.finetune import FinetuneResult, TrainConfig
 from edkm.distill import distillation_loss
@@ -74,6 +75,9 @@ __all__ = [
     "optimal_kmeans_1d_grouped",
     "calibration_batches",
     "fisher",
+    "gptq_",
+    "gptq_quantize",
+    "input_hessians",
     "choose_bits",
     "matrix_costs",
     "mixed_precision_config",
