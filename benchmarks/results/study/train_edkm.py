@@ -50,7 +50,8 @@ train = TrainConfig(
     checkpoint_interval=5,
     seed=0,
 )
-texts, vtexts = pick_train_and_validation_texts(train_files, steps, train)
+# STEPS 0 (post-training): the texts of 40 steps still serve the calibration (Fisher, Hessians)
+texts, vtexts = pick_train_and_validation_texts(train_files, max(steps, 40), train)
 group_size = int(argv[5]) if len(argv) > 5 else None
 cfg = edkm.Config(
     bits=3, init="sensitivity", outlier_fraction=0.005, outlier_criterion="sensitivity", group_size=group_size
