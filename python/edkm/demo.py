@@ -8,8 +8,8 @@ project (``../shared/data`` or ``--data``), the held-out perplexity of the test 
 1. load the model; a frozen copy is the teacher;
 2. post-training clustering (the recipe's clustering, no fine-tuning): each weight to its
    nearest centroid, then (``--gptq``, the default) the same LUTs with the error-compensated
-   assignment of :mod:`edkm.gptq`, its input Hessians from more of the teacher's samples;
-   quality and size of each;
+   assignment of :mod:`edkm.gptq`, its input Hessians from the distillation's teacher-written
+   blocks; quality and size of each;
 3. eDKM: that clustering fine-tuned by distillation from the teacher on its own samples;
    finalized, saved, and loaded back into a fresh copy: what the file gives;
 4. a table (size, bits/weight, KL, top-1 agreement, perplexity) and three prompts completed
@@ -54,8 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gptq-blocks",
         type=int,
-        default=32,
-        help="teacher-written blocks for the input Hessians of --gptq (default 32)",
+        default=80,
+        help="teacher-written blocks for the input Hessians of --gptq: the first of the "
+        "distillation's own (default 80, all of them at the default steps), or blocks of their "
+        "own with --steps 0",
     )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -173,19 +175,34 @@ def main(args) -> int:
     rows.append((label, ptq_size, quality(ptq, label)))
     stages["quality of post-training"] = time.perf_counter() - t0
     del ptq
+    train = TrainConfig(
+        lr=args.lr,
+        schedule="cosine",
+        batch_size=args.batch_size,
+        block_len=args.block_len,
+        seed=args.seed,
+        alpha=1.0,
+        data_free_fraction=1.0,
+    )
     if args.gptq:
+        from edkm.finetune import training_blocks
         from edkm.gptq import gptq_, input_hessians
 
         t0 = time.perf_counter()
-        calib = generate_blocks(
-            teacher,
-            args.gptq_blocks,
-            args.block_len,
-            seed=args.seed + 20_000,
-            bos_token_id=tok.bos_token_id,
-            cache_dir=cache,
-            desc="edkm: calibration samples",
-        )
+        # The Hessians come from the distillation's own teacher-written blocks (sampled once,
+        # cached for the fine-tuning), or from samples of their own when there is no training.
+        if args.steps:
+            calib = training_blocks(tok, None, args.steps, train, teacher, data_free_cache=cache)[: args.gptq_blocks]
+        else:
+            calib = generate_blocks(
+                teacher,
+                args.gptq_blocks,
+                args.block_len,
+                seed=args.seed + 20_000,
+                bos_token_id=tok.bos_token_id,
+                cache_dir=cache,
+                desc="edkm: calibration samples",
+            )
         stats = gptq_(model, input_hessians(teacher, calib.split(4), progress=True), progress=True)
         ratios = sorted(s.ratio for s in stats.values())
         print(
@@ -194,7 +211,7 @@ def main(args) -> int:
         )
         ptq = edkm.finalize(copy.deepcopy(model))
         ptq_size = edkm.save(ptq, ptq_path, metadata={"edkm.base_model": args.model})
-        stages["error-compensated assignment (incl. sampling its text)"] = time.perf_counter() - t0
+        stages["error-compensated assignment (incl. sampling the training text)"] = time.perf_counter() - t0
         label = "post-training, GPTQ assignment"
         rows.append((label, ptq_size, quality(ptq, label)))
         del ptq
@@ -202,15 +219,6 @@ def main(args) -> int:
     training = None
     if args.steps:
         t0 = time.perf_counter()
-        train = TrainConfig(
-            lr=args.lr,
-            schedule="cosine",
-            batch_size=args.batch_size,
-            block_len=args.block_len,
-            seed=args.seed,
-            alpha=1.0,
-            data_free_fraction=1.0,
-        )
         training = finetune(
             model, tok, None, args.steps, config=train, teacher=teacher, data_free_cache=cache, progress=True
         )

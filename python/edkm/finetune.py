@@ -234,6 +234,18 @@ def _bos_token_id(tokenizer, teacher) -> Optional[int]:
     return None if tid is None else int(tid)
 
 
+def training_blocks(
+    tokenizer, texts, steps: int, config: "TrainConfig", teacher=None, data_free_cache=None, progress=True
+):
+    """The [n, block_len] token blocks :func:`finetune` trains on for ``steps`` steps with
+    ``config`` (corpus blocks, teacher samples, mixed as finetune mixes them). With the same
+    ``data_free_cache`` the samples are made once: finetune then reads them from the cache."""
+    from edkm.distill import fingerprint_model
+
+    teacher_id = fingerprint_model(teacher) if teacher is not None and data_free_cache is not None else None
+    return _training_blocks(tokenizer, texts, steps, config, teacher, teacher_id, data_free_cache, progress)
+
+
 def _training_blocks(tokenizer, texts, steps, cfg, teacher, teacher_id, data_free_cache, progress):
     from edkm.data import token_blocks
     from edkm.datafree import generate_blocks, mix_blocks

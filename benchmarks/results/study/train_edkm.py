@@ -5,7 +5,8 @@ study.py evaluates. Every setting is fixed before the run (lr as in the demo, KD
 chosen on validation loss in accuracy_part1/distill_study); validation = 5% of the *train* files.
 
 usage: python train_edkm.py TARGET_BITS STEPS OUT_DIR [THREADS] [GROUP_SIZE] [--gptq] [--lr LR]
-(GROUP_SIZE: output rows per LUT; default one LUT per matrix. --gptq: start the fine-tuning
+(TARGET_BITS: a bits/weight budget for the mixed precision, or uB for B bits in every matrix;
+GROUP_SIZE: output rows per LUT; default one LUT per matrix. --gptq: start the fine-tuning
 from the error-compensated assignment, edkm.gptq, on 32 x 2 x 256 calibration tokens. --lr: the
 peak learning rate, default 1e-4)
 """
@@ -30,7 +31,8 @@ if "--lr" in argv:
     i = argv.index("--lr")
     lr = float(argv[i + 1])
     del argv[i : i + 2]
-target, steps, out = float(argv[1]), int(argv[2]), Path(argv[3])
+uniform = int(argv[1][1:]) if argv[1].startswith("u") else None
+target, steps, out = (None if uniform else float(argv[1])), int(argv[2]), Path(argv[3])
 torch.set_num_threads(int(argv[4]) if len(argv) > 4 else 1)
 out.mkdir(parents=True, exist_ok=True)
 t0 = time.perf_counter()
@@ -54,7 +56,11 @@ train = TrainConfig(
 texts, vtexts = pick_train_and_validation_texts(train_files, max(steps, 40), train)
 group_size = int(argv[5]) if len(argv) > 5 else None
 cfg = edkm.Config(
-    bits=3, init="sensitivity", outlier_fraction=0.005, outlier_criterion="sensitivity", group_size=group_size
+    bits=uniform or 3,
+    init="sensitivity",
+    outlier_fraction=0.005,
+    outlier_criterion="sensitivity",
+    group_size=group_size,
 )
 res = compress_model(
     model,
