@@ -65,7 +65,7 @@ def main(args) -> int:
     from benchmarks._results import command_line, default_results_dir, stamp, write_atomic
     from edkm.data import corpus_split, default_data_dir, read_texts, token_blocks, train_validation_split
     from edkm.evaluate import teacher_agreement
-    from edkm.gptq import gptq_, input_hessians
+    from edkm.gptq import gptq_, input_hessians, median_ratio
     from edkm.models import load_model
     from edkm.sensitivity import calibration_batches, fisher
 
@@ -117,7 +117,6 @@ def main(args) -> int:
             m.eval()
             agree = teacher_agreement(m, base, val_blocks, batch_size=2)
             ppl = block_perplexity(m, val_blocks)
-            ratios = sorted(s.ratio for s in stats.values())
             row = dict(
                 name=f"{variant}{bits}",
                 bits=bits,
@@ -126,13 +125,13 @@ def main(args) -> int:
                 kl=agree["kl"],
                 top1=agree["top1"],
                 build_seconds=build_s,
-                median_output_error_ratio=ratios[len(ratios) // 2] if ratios else None,
+                median_output_error_ratio=median_ratio(stats),
             )
             rows.append(row)
             print(
                 f"{row['name']}: validation ppl {ppl:.2f} ({ppl / base_ppl:.2f}x), KL {agree['kl']:.4f}, "
                 f"top-1 {100 * agree['top1']:.1f}%, built in {build_s:.0f} s"
-                + (f", median output error vs nearest {row['median_output_error_ratio']:.3f}" if ratios else ""),
+                + (f", median output error vs nearest {row['median_output_error_ratio']:.3f}" if stats else ""),
                 flush=True,
             )
             del m

@@ -352,11 +352,12 @@ def compress_model(args, config: Config) -> Dict:
     if r.training:
         summary.update(validation=r.training.validation, tokens=r.training.tokens)
     if r.gptq:
-        ratios = sorted(s.ratio for s in r.gptq.values())
-        summary["gptq_median_output_error_ratio"] = ratios[len(ratios) // 2]
+        from edkm.gptq import median_ratio
+
+        summary["gptq_median_output_error_ratio"] = median_ratio(r.gptq)
         print(
-            f"edkm compress: error-compensated assignment of {len(ratios)} matrices: median output "
-            f"error {ratios[len(ratios) // 2]:.3f}x nearest rounding's on the calibration text",
+            f"edkm compress: error-compensated assignment of {len(r.gptq)} matrices: median output "
+            f"error {median_ratio(r.gptq):.3f}x nearest rounding's on the calibration text",
             file=sys.stderr,
         )
     if r.mixed_precision is not None:

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=20,
-        help="distillation steps (default 20: the demo fits about 10 minutes on 2 cores; more steps, better model)",
+        help="distillation steps (default 20: the demo fits about 11 minutes on 2 cores; more steps, better model)",
     )
     p.add_argument(
         "--gptq",
@@ -186,7 +186,7 @@ def main(args) -> int:
     )
     if args.gptq:
         from edkm.finetune import training_blocks
-        from edkm.gptq import gptq_, input_hessians
+        from edkm.gptq import gptq_, input_hessians, median_ratio
 
         t0 = time.perf_counter()
         # The Hessians come from the distillation's own teacher-written blocks (sampled once,
@@ -204,10 +204,9 @@ def main(args) -> int:
                 desc="edkm: calibration samples",
             )
         stats = gptq_(model, input_hessians(teacher, calib.split(4), progress=True), progress=True)
-        ratios = sorted(s.ratio for s in stats.values())
         print(
-            f"  error-compensated assignment of {len(ratios)} matrices: median output error "
-            f"{ratios[len(ratios) // 2]:.3f}x nearest rounding's on {calib.numel():,} teacher-written tokens"
+            f"  error-compensated assignment of {len(stats)} matrices: median output error "
+            f"{median_ratio(stats):.3f}x nearest rounding's on {calib.numel():,} teacher-written tokens"
         )
         ptq = edkm.finalize(copy.deepcopy(model))
         ptq_size = edkm.save(ptq, ptq_path, metadata={"edkm.base_model": args.model})

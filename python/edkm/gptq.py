@@ -40,6 +40,12 @@ class GptqStats:
         return self.gptq_error / self.nearest_error if self.nearest_error > 0 else 1.0
 
 
+def median_ratio(stats: Mapping[str, GptqStats]) -> Optional[float]:
+    """The median over the weights of gptq_error / nearest_error (None for no weights)."""
+    ratios = sorted(st.ratio for st in stats.values())
+    return ratios[len(ratios) // 2] if ratios else None
+
+
 @torch.no_grad()
 def input_hessians(
     model: nn.Module,

@@ -64,6 +64,8 @@ def test_blocked_cholesky_equals_naive_obs(act_order, block_size):
     q, damp = gptq_quantize(w, h, luts, outliers=outliers, block_size=block_size, act_order=act_order)
     ref = naive_obs(w, h, luts, outliers, act_order=act_order)
     assert damp == 0.01
+    # Same algorithm, two float64 forms (explicit inverse with rank-1 downdates vs the Cholesky
+    # factor, blocked): they differ by summation order only; a wrong update moves q by a LUT step.
     torch.testing.assert_close(q, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -97,6 +99,7 @@ def test_diagonal_hessian_is_nearest_rounding():
     q, _ = gptq_quantize(w, h, luts)
     row_luts = luts.repeat_interleave(rows // 2, 0)
     near = row_luts.gather(1, (w[..., None] - row_luts[:, None, :]).abs().argmin(-1))
+    # Exact: with a diagonal H nothing propagates and each weight is compared with the same LUT.
     torch.testing.assert_close(q, near, rtol=0, atol=0)
 
 
@@ -162,6 +165,7 @@ def test_input_hessians_sum_xxT_per_linear():
     hs = input_hessians(m, ids, progress=False)
     assert set(hs) == {"up", "down", "lm_head"}
     x = m.embed(ids.reshape(-1)).detach().double()
+    # float64 sums of the same products, per batch then added vs all at once: summation order only.
     torch.testing.assert_close(hs["up"], x.T @ x, rtol=1e-12, atol=1e-12)
     assert m.training  # left as it was
 
@@ -193,7 +197,8 @@ def test_gptq_on_a_palettized_model_lowers_the_output_error_and_survives_save(tm
     edkm.save(m, str(path), plain_dtype="keep")  # the biases as they are (float32)
     fresh = TinyLM(seed=5)
     edkm.load(str(path), fresh)
-    torch.testing.assert_close(fresh(ids[0]).detach(), m(ids[0]).detach(), rtol=1e-5, atol=1e-5)
+    # The file holds exactly the finalized weights and float32 biases: the same model, bit for bit.
+    torch.testing.assert_close(fresh(ids[0]).detach(), m(ids[0]).detach(), rtol=0, atol=0)
 
 
 def test_gptq_then_training_steps():
@@ -281,6 +286,8 @@ def test_refit_luts_is_the_least_squares_solution():
     design = torch.stack(columns, 1)
     target = ((w - fixed) @ x.T).reshape(-1)
     ref = torch.linalg.lstsq(design, target[:, None]).solution[:, 0].view(groups, k)
+    # Normal equations (K x K) vs least squares on the 8-column design matrix: the same solution;
+    # squaring the conditioning in the normal equations costs digits, hence 1e-8, not 1e-12.
     torch.testing.assert_close(new, ref, rtol=1e-8, atol=1e-10)
     from edkm.gptq import _with_luts
 
@@ -295,7 +302,7 @@ def test_gptq_with_refit_lowers_the_error_further():
         edkm.palettize_(m, edkm.Config(bits=2, group_size=4, outlier_fraction=0.02, outlier_criterion="magnitude"))
         m.eval()
         stats = gptq_(m, hs, refit_rounds=rounds)
-        for mod in (m.up, m.down):  # still on the (new) LUTs, which are sorted
+        for mod in (m.up, m.down):  # still exactly on the (new) LUTs, which are sorted
             torch.testing.assert_close(mod._hard_weight().double(), mod.weight.detach().double(), rtol=0, atol=0)
             c = mod.centroids
             assert torch.equal(c, c.sort(dim=1).values)
